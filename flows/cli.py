@@ -57,11 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         flow = _load_flow("flows.demo", "demo_flow")
         result = flow(quick=args.quick, out=args.out)
     else:
-        module, function, _ = STAGES[args.command]
-        flow = _load_flow(module, function)
-        kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
-        if args.input_uri:
-            kwargs["input_uri"] = args.input_uri
         from tokencompose_core.config import ConfigError, load_config
 
         try:
@@ -69,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"tokencompose: {error}", file=sys.stderr)
             return 2
+        module, function, _ = STAGES[args.command]
+        flow = _load_flow(module, function)
+        kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
+        if args.input_uri:
+            kwargs["input_uri"] = args.input_uri
         result = flow(**kwargs)
     print(json.dumps(result, indent=2, default=str) if not isinstance(result, str) else result)
     return 0
