@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-call GPU check for a lent device machine (see docs/BENCHMARKS.md):
+# CUDA tests, then full-size random-weight benchmarks of the three GPU stages.
+# Results land in $OUT (default ./gpu-out). Budget: under 8 minutes in all.
+#
+# The device image has torch/transformers/accelerate but not diffusers,
+# segment-anything, groundingdino-py, pycocotools or pydantic: they travel as
+# wheels in .whl/ (see docs/BENCHMARKS.md for the download command).
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+run() {  # run NAME SECONDS CMD...: time-boxed step, log kept, failures recorded not fatal
+  local name=$1 seconds=$2; shift 2
+  echo "=== $name (limit ${seconds}s)"
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+  tail -n 15 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/summary.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/summary.txt"
+
+run cuda_tests 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+run train_step 150 python3 bench/train_step.py --device cuda --full --out "$OUT/train_step.json"
+run sample_throughput 100 python3 bench/sample_throughput.py --device cuda --full --out "$OUT/sample_throughput.json"
+run masks_throughput 100 python3 bench/masks_throughput.py --device cuda --full --out "$OUT/masks_throughput.json"
+cat "$OUT/summary.txt"
