@@ -137,6 +137,21 @@ class ScoreConfig(_Section):
     heldout_images: int = Field(100, ge=0)
 
 
+class OrchestrationConfig(_Section):
+    """How Prefect runs the stages: task runner, Dask cluster, where results persist."""
+
+    # "default": Prefect's thread pool in the flow's process; "dask": prefect-dask.
+    task_runner: Literal["default", "dask"] = "default"
+    max_workers: int | None = Field(None, gt=0)  # thread-pool size; None = Prefect's default
+    # Scheduler of an existing Dask cluster ("tcp://host:8786"); None starts a
+    # LocalCluster of ``dask_workers`` processes for the duration of the flow.
+    dask_address: str | None = None
+    dask_workers: int = Field(2, gt=0)
+    dask_threads_per_worker: int = Field(1, gt=0)
+    # Prefect task results and cache records: any fsspec URL; None = <storage.root>/_prefect/results.
+    result_storage: str | None = None
+
+
 class PipelineConfig(_Section):
     name: str = "default"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -146,6 +161,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @field_validator("name")
     @classmethod
