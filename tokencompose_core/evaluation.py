@@ -1,0 +1,309 @@
+"""Stage 5: OWLv2 detection, MultiGen / object-accuracy scores, attention-map mIoU.
+
+Detections are stored once, with every box above ``store_threshold`` (0.01), in
+the schema (prompt_id, image_index, category, score, box); thresholds are applied
+when scoring, so they can change without re-detecting. The synthetic demo's
+detector writes the same schema and uses the same scoring functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tokencompose_core import storage
+from tokencompose_core.config import ModelsConfig, PipelineConfig
+from tokencompose_core.sampling import Prompt, encode_prompts, png_bytes, resolve_device, resolve_dtype
+
+DETECTION_COLUMNS = ["prompt_id", "image_index", "category", "score", "box"]
+MAX_K = 5
+# Thresholds swept for "mIoU at the best threshold" (maps are min-max normalised per noun).
+SWEEP_THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def detection_query(category: str) -> str:
+    return f"a photo of a {category}"
+
+
+def read_image(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+
+
+@torch.no_grad()
+def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
+                 store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
+    """Run OWLv2 on every image of a sample index with its prompt's categories as queries;
+    writes ``out_uri/detections.parquet`` (one row per kept box) and returns its URI."""
+    from tokencompose_core.models import load_owlv2
+
+    index = storage.read_parquet(index_uri)
+    by_id = {p.prompt_id: p for p in prompts}
+    missing = sorted(set(index["prompt_id"]) - set(by_id))
+    if missing:
+        raise ValueError(f"index {index_uri} has prompt ids without a prompt: {missing[:5]}")
+    torch_device = resolve_device(device)
+    model, processor = load_owlv2(models, device=torch_device)
+    model.eval()
+    rows: list[tuple] = []
+    records = index.to_dict("records")
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        images = [read_image(r["image_uri"]) for r in batch]
+        queries = [[detection_query(c) for c in by_id[r["prompt_id"]].categories] for r in batch]
+        inputs = processor(text=queries, images=images, return_tensors="pt").to(torch_device)
+        outputs = model(**inputs)
+        # OWLv2 pads images to a square at the bottom/right: scale boxes to the padded side.
+        sides = [(max(im.size), max(im.size)) for im in images]
+        results = processor.image_processor.post_process_object_detection(
+            outputs, threshold=store_threshold, target_sizes=sides)
+        for record, query, result in zip(batch, queries, results):
+            categories = by_id[record["prompt_id"]].categories
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
+                                         result["boxes"].tolist()):
+                if label < len(query):  # labels past the prompt's own queries are padding
+                    rows.append((record["prompt_id"], record["image_index"], categories[label],
+                                 float(score), [float(v) for v in box]))
+    frame = pd.DataFrame(rows, columns=DETECTION_COLUMNS).astype(
+        {"prompt_id": "int64", "image_index": "int64", "score": "float32"})
+    uri = storage.join(out_uri, "detections.parquet")
+    storage.atomic_write_parquet(frame, uri)
+    return uri
+
+
+# ----------------------------------------------------------------------------- MultiGen
+
+
+def _categories_found(detections: pd.DataFrame, prompts: list[Prompt], threshold: float,
+                      images: pd.DataFrame | None) -> pd.DataFrame:
+    """Distinct prompt categories detected above ``threshold`` per (prompt_id, image_index).
+
+    The denominator is ``images`` (prompt_id, image_index), e.g. the sample index; when
+    None, every prompt in ``prompts`` at every image index seen in ``detections``.
+    Images without detections count as 0 categories.
+    """
+    if images is None:
+        indices = sorted(detections["image_index"].unique())
+        if not indices:
+            raise ValueError("no detections and no images frame: cannot tell which images exist")
+        images = pd.DataFrame([(p.prompt_id, i) for p in prompts for i in indices],
+                              columns=["prompt_id", "image_index"])
+    images = images[["prompt_id", "image_index"]].drop_duplicates().astype("int64")
+    allowed = pd.DataFrame([(p.prompt_id, c.lower()) for p in prompts for c in set(p.categories)],
+                           columns=["prompt_id", "category"])
+    kept = detections[detections["score"] > threshold][["prompt_id", "image_index", "category"]].copy()
+    kept["category"] = kept["category"].str.lower()
+    # Inner join with the prompt's own categories drops detections of other categories.
+    kept = kept.astype({"prompt_id": "int64", "image_index": "int64"}).merge(allowed, on=["prompt_id", "category"])
+    counts = kept.drop_duplicates().groupby(["prompt_id", "image_index"]).size().rename("found")
+    found = images.merge(counts.reset_index(), on=["prompt_id", "image_index"], how="left")
+    found["found"] = found["found"].fillna(0).astype(int)
+    return found
+
+
+def multigen_scores(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
+                    images: pd.DataFrame | None = None) -> pd.DataFrame:
+    """MG_k = percent of images with at least k distinct prompt categories detected with
+    score > ``threshold``; rows MG1..MG5, columns ``mean`` and ``std`` across image indices
+    (each index is the set of every prompt's image at that index; population std, ddof=0).
+
+    ``images`` (prompt_id, image_index) lists the images that exist (pass the sample
+    index); without it every prompt is assumed sampled at every image index present in
+    ``detections``.
+    """
+    found = _categories_found(detections, prompts, threshold, images)
+    rows = {}
+    for k in range(1, MAX_K + 1):
+        per_index = found.assign(hit=found["found"] >= k).groupby("image_index")["hit"].mean() * 100.0
+        rows[f"MG{k}"] = {"mean": float(per_index.mean()), "std": float(np.std(per_index.to_numpy()))}
+    return pd.DataFrame.from_dict(rows, orient="index")[["mean", "std"]]
+
+
+def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
+                    images: pd.DataFrame | None = None) -> dict[str, float]:
+    """VISOR-style object accuracy: percent of two-object prompts' images where both
+    objects are detected; mean and std across image indices."""
+    pairs = [p for p in prompts if len(set(p.categories)) == 2]
+    if not pairs:
+        raise ValueError("object accuracy needs two-object prompts; none were given")
+    ids = {p.prompt_id for p in pairs}
+    found = _categories_found(detections[detections["prompt_id"].isin(ids)], pairs, threshold,
+                              None if images is None else images[images["prompt_id"].isin(ids)])
+    per_index = found.assign(hit=found["found"] >= 2).groupby("image_index")["hit"].mean() * 100.0
+    return {"mean": float(per_index.mean()), "std": float(np.std(per_index.to_numpy()))}
+
+
+# ----------------------------------------------------------------------------- segmentation transfer
+
+
+def heldout_image_ids(image_ids: list[str], count: int) -> list[str]:
+    """A stable held-out subset: the ``count`` ids with the smallest SHA-1, so it does not
+    depend on cache order and grows by inclusion as ``count`` grows."""
+    return sorted(image_ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:count]
+
+
+def noun_maps(group_maps: list[torch.Tensor], token_positions: list[list[int]], size: tuple[int, int]
+              ) -> torch.Tensor:
+    """One image's per-noun maps (N, H, W) from a group's layers [(heads, HW, T)]:
+    mean over layers and heads, sum over the noun's tokens, bilinear to ``size``."""
+    attn = torch.stack([m.float().mean(0) for m in group_maps]).mean(0)  # (HW, T)
+    side = int(round(attn.shape[0] ** 0.5))
+    maps = torch.stack([attn[:, positions].sum(-1) for positions in token_positions])
+    maps = maps.reshape(-1, 1, side, side)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max per map to [0, 1], so one threshold means the same for every noun."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).reshape(maps.shape)
+
+
+def iou_at_thresholds(maps: torch.Tensor, masks: torch.Tensor, thresholds: np.ndarray) -> np.ndarray:
+    """IoU (N, K) of ``maps > t`` (normalised maps) against boolean ``masks`` for each t."""
+    masks = masks.bool().flatten(1)
+    out = np.zeros((maps.shape[0], len(thresholds)))
+    for k, t in enumerate(thresholds):
+        pred = maps.flatten(1) > float(t)
+        inter = (pred & masks).sum(1).double()
+        union = (pred | masks).sum(1).double()
+        # Empty prediction and empty mask agree perfectly.
+        out[:, k] = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).numpy()
+    return out
+
+
+def summarise_ious(ious: dict[str, np.ndarray], thresholds: np.ndarray, fixed: float) -> dict[str, Any]:
+    """Per group: mIoU at the fixed threshold and at the dataset-wide best one."""
+    fixed_k = int(np.argmin(np.abs(thresholds - fixed)))
+    summary = {}
+    for group, table in ious.items():
+        miou = table.mean(0) if len(table) else np.zeros(len(thresholds))
+        best = int(np.argmax(miou))
+        summary[group] = {"miou_fixed": float(miou[fixed_k] * 100), "fixed_threshold": float(thresholds[fixed_k]),
+                          "miou_best": float(miou[best] * 100), "best_threshold": float(thresholds[best]),
+                          "nouns": int(len(table))}
+    return summary
+
+
+def _noised_inputs(parts: Any, pixels: torch.Tensor, seeds: list[int], timestep: int) -> torch.Tensor:
+    """Clean image -> (latent) -> noise added at ``timestep`` by the model's noise scheduler."""
+    x0 = pixels
+    if parts.vae is not None:
+        x0 = parts.vae.encode(pixels.to(parts.vae.dtype)).latent_dist.mean * parts.latent_scaling
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator("cpu").manual_seed(s))
+                         for s in seeds]).to(x0.device, x0.dtype)
+    t = torch.full((len(seeds),), timestep, dtype=torch.long, device=x0.device)
+    return parts.scheduler.add_noise(x0, noise, t)
+
+
+def _image_seed(image_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _pixels(uri: str, side: int) -> torch.Tensor:
+    image = read_image(uri).resize((side, side), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, image_ids: list[str],
+                      unet_dir: str | None = None, overlays_uri: str | None = None,
+                      max_overlays: int = 0) -> dict[str, Any]:
+    """Attention-map mIoU on mask-cache images: noise each image to
+    ``config.score.segmentation_timestep``, one U-Net forward on its caption, and score each
+    noun's cross-attention map per supervised group and overall (the groups' maps averaged)
+    against its mask at ``segmentation_threshold`` and at the best swept threshold.
+
+    Returns {"groups": {group: scores}, "overall": scores, "images", "timestep",
+    "overlays": [{"title", "uri", "iou"}]} with mIoU in percent.
+    """
+    from tokencompose_core.attention import AttentionCapture, supervised_groups
+    from tokencompose_core.mask_cache import MaskCache
+    from tokencompose_core.models import load_diffusion
+
+    score = config.score
+    device = resolve_device(score.device)
+    parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device,
+                           dtype=resolve_dtype(config.sample.mixed_precision, device))
+    side = config.sample.resolution or parts.sample_size
+    groups = supervised_groups(parts.unet, list(config.train.grounding.layers), side // parts.vae_scale_factor)
+    if not groups:
+        raise ValueError("the model has no supervised cross-attention layers to score")
+    cache = MaskCache(cache_uri)
+    capture = AttentionCapture(parts.unet, groups)
+    ious: dict[str, list[np.ndarray]] = {name: [] for name in [*groups, "overall"]}
+    overlays: list[dict[str, Any]] = []
+    try:
+        for image_id in image_ids:
+            item = cache.get(image_id, size=(side, side))
+            if not item.nouns:
+                continue
+            image_maps = _image_attention(parts, capture, item, side, score.segmentation_timestep, device)
+            masks = torch.from_numpy(np.asarray(item.masks)).bool()
+            for name, maps in image_maps.items():
+                ious[name].append(iou_at_thresholds(maps, masks, SWEEP_THRESHOLDS))
+            if overlays_uri and len(overlays) < max_overlays:
+                overlays += write_overlays(item, image_maps["overall"], overlays_uri,
+                                           max_overlays - len(overlays), score.segmentation_threshold)
+    finally:
+        capture.remove()
+    tables = {name: np.concatenate(v) if v else np.zeros((0, len(SWEEP_THRESHOLDS))) for name, v in ious.items()}
+    summary = summarise_ious(tables, SWEEP_THRESHOLDS, score.segmentation_threshold)
+    overall = summary.pop("overall")
+    return {"groups": summary, "overall": overall, "images": len(image_ids),
+            "timestep": score.segmentation_timestep, "overlays": overlays}
+
+
+def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Normalised per-noun maps (N, side, side) per group and averaged over groups."""
+    dtype = next(parts.unet.parameters()).dtype
+    pixels = _pixels(item.image_uri, side)[None].to(device, dtype)
+    noisy = _noised_inputs(parts, pixels, [_image_seed(item.image_id)], timestep)
+    text = encode_prompts(parts, [item.caption]).to(dtype)
+    capture.clear()
+    t = torch.full((1,), timestep, dtype=torch.long, device=device)
+    parts.unet(noisy, t, encoder_hidden_states=text)
+    raw = {name: noun_maps([m[0] for m in layer_maps], item.token_positions, (side, side))
+           for name, layer_maps in capture.maps().items()}
+    out = {name: normalise(maps) for name, maps in raw.items()}
+    out["overall"] = normalise(torch.stack(list(raw.values())).mean(0))
+    return out
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, min_side: int = 128) -> np.ndarray:
+    """Three panels side by side: the image, the heat map over it, the mask."""
+    from matplotlib import colormaps
+
+    coloured = (colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
+    blended = (0.5 * image.astype(np.float32) + 0.5 * coloured).astype(np.uint8)
+    mask_rgb = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+    panels = np.concatenate([image, blended, mask_rgb], axis=1)
+    scale = max(1, -(-min_side // image.shape[0]))  # nearest upscaling keeps tiny images legible
+    return panels.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def write_overlays(item: Any, maps: torch.Tensor, out_uri: str, limit: int,
+                   threshold: float) -> list[dict[str, Any]]:
+    """Write up to ``limit`` per-noun overlay PNGs of one image; returns their entries."""
+    image = np.asarray(read_image(item.image_uri).resize(maps.shape[::-1][:2], Image.BICUBIC))
+    entries = []
+    for noun, heat, mask in list(zip(item.nouns, maps.cpu().numpy(), np.asarray(item.masks)))[:limit]:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{item.image_id}_{noun}")[:120] + ".png"
+        uri = storage.join(out_uri, name)
+        storage.atomic_write_bytes(uri, png_bytes(heatmap_overlay(image, heat, mask > 0)))
+        iou = iou_at_thresholds(torch.from_numpy(heat)[None], torch.from_numpy(mask > 0)[None],
+                                np.array([threshold]))
+        entries.append({"title": f"{item.caption} — {noun}", "uri": uri, "iou": float(iou[0, 0] * 100)})
+    return entries

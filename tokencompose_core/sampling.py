@@ -1,0 +1,376 @@
+"""Stage 4: prompt sources and batched, seeded, resumable sampling.
+
+Every image has its own seed, ``image_seed(base, prompt_id, image_index)``, and its
+initial noise is drawn on the CPU from a generator seeded with it, so any image can
+be regenerated alone (``sample`` with that single prompt) whatever batch it was
+first made in. Images go to ``out_uri/images/shard-NNNNN/p{prompt_id}_i{index}.png``
+(atomic writes); ``index.parquet`` lists them. A rerun skips images that exist; a
+rerun with another model or other sampling settings into the same folder is refused
+(``sample_meta.json`` holds the settings fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from tokencompose_core import storage
+from tokencompose_core.config import PipelineConfig
+
+MULTIGEN_SETS = {
+    "coco": "coco_obj_comp_5_1k.json",
+    "ade20k": "ade20k_obj_comp_5_1k.json",
+}
+_RESOURCES = Path(__file__).resolve().parent / "resources" / "multigen"
+INDEX_COLUMNS = ["prompt_id", "image_index", "seed", "prompt", "image_uri", "model_fingerprint"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: int
+    text: str
+    categories: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
+    """Prompts from ``multigen:coco``/``multigen:ade20k``, a .txt, a MultiGen .json,
+    or a JSONL/Parquet manifest with a ``caption`` or ``text`` column."""
+    if spec.startswith("multigen:"):
+        name = spec.split(":", 1)[1]
+        if name not in MULTIGEN_SETS:
+            raise ValueError(f"unknown MultiGen set {name!r}; known: {', '.join(MULTIGEN_SETS)}")
+        prompts = _multigen_prompts(json.loads((_RESOURCES / MULTIGEN_SETS[name]).read_text("utf-8")), spec)
+    else:
+        prompts = _file_prompts(spec)
+    if not prompts:
+        raise ValueError(f"no prompts found in {spec}")
+    return prompts[:max_prompts] if max_prompts is not None else prompts
+
+
+def prompt_set_name(spec: str) -> str:
+    """A short name for a prompt source: ``coco`` for multigen:coco, else the file stem."""
+    if spec.startswith("multigen:"):
+        return spec.split(":", 1)[1]
+    return Path(spec.rstrip("/")).name.split(".")[0] or "prompts"
+
+
+def _file_prompts(uri: str) -> list[Prompt]:
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"prompt file not found: {uri}")
+    suffix = Path(uri).suffix.lower()
+    raw = storage.read_bytes(uri)
+    if suffix == ".txt":
+        lines = [line.strip() for line in _decode(raw, uri).splitlines()]
+        return [Prompt(i, text) for i, text in enumerate(line for line in lines if line)]
+    if suffix == ".json":
+        try:
+            records = json.loads(_decode(raw, uri))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{uri} is not valid JSON: {error}") from None
+        return _multigen_prompts(records, uri)
+    if suffix in (".jsonl", ".parquet"):
+        return _manifest_prompts(raw, uri, suffix)
+    raise ValueError(f"unsupported prompt file {uri}: expected .txt, .json (MultiGen), .jsonl or .parquet")
+
+
+def _decode(raw: bytes, uri: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{uri} is not a UTF-8 text file") from None
+
+
+def _multigen_prompts(records: Any, source: str) -> list[Prompt]:
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "text" in r for r in records):
+        raise ValueError(f"{source} is not a MultiGen prompt file (a JSON list of objects with 'text')")
+    prompts = []
+    for position, record in enumerate(records):
+        keys = sorted((k for k in record if k.startswith("obj_") and k.endswith("_attributes")),
+                      key=lambda k: int(k.split("_")[1]))
+        categories = tuple(" ".join(record[k]) for k in keys)
+        prompts.append(Prompt(int(record.get("unique_id", position)), str(record["text"]), categories))
+    return prompts
+
+
+def _manifest_prompts(raw: bytes, uri: str, suffix: str) -> list[Prompt]:
+    try:
+        frame = pd.read_parquet(io.BytesIO(raw)) if suffix == ".parquet" else pd.read_json(
+            io.BytesIO(raw), lines=True)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{uri} is not a readable {suffix} manifest: {error}") from None
+    column = next((c for c in ("caption", "text", "captions", "prompt") if c in frame.columns), None)
+    if column is None:
+        raise ValueError(f"{uri} has no caption/text/captions/prompt column (columns: {list(frame.columns)})")
+    # A manifest row may hold several captions; the first one is the prompt.
+    texts = [v[0] if isinstance(v, (list, tuple, np.ndarray)) and len(v) else v for v in frame[column]]
+    return [Prompt(i, str(t)) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+
+
+# ----------------------------------------------------------------------------- seeds & schedulers
+
+
+def image_seed(base_seed: int, prompt_id: int, image_index: int) -> int:
+    """A 63-bit seed that depends only on (base seed, prompt, image index)."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _scheduler_classes() -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "ddim": diffusers.DDIMScheduler,
+        "ddpm": diffusers.DDPMScheduler,
+        "pndm": diffusers.PNDMScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+        "lms": diffusers.LMSDiscreteScheduler,
+        "dpm": diffusers.DPMSolverMultistepScheduler,
+        "unipc": diffusers.UniPCMultistepScheduler,
+    }
+
+
+def build_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler of kind ``name`` from the model's scheduler config."""
+    classes = _scheduler_classes()
+    if name not in classes:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(classes)}")
+    # StableDiffusionPipeline runs PNDM without the Runge-Kutta warm-up steps.
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}
+    return classes[name].from_config(base_config, **extra)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """fp16/bf16 on CUDA; always fp32 on the CPU (half precision there is slow and lossy)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+@dataclass(frozen=True)
+class _Item:
+    prompt: Prompt
+    image_index: int
+    seed: int
+    image_uri: str
+
+
+def encode_prompts(parts: Any, texts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states for ``texts`` padded to the tokenizer's max length."""
+    tokens = parts.tokenizer(texts, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+    device = next(parts.text_encoder.parameters()).device
+    with torch.no_grad():
+        return parts.text_encoder(tokens.input_ids.to(device))[0]
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Per-image noise drawn in fp32 on the CPU, so it is the same on every device and batch."""
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def denoise(parts: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
+            uncond: torch.Tensor | None, guidance_scale: float, steps: int,
+            generators: list[torch.Generator]) -> torch.Tensor:
+    """The sampling loop with classifier-free guidance (skipped when ``uncond`` is None)."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    text = cond if uncond is None else torch.cat([uncond, cond])
+    for t in scheduler.timesteps:
+        model_in = latents if uncond is None else torch.cat([latents, latents])
+        model_in = scheduler.scale_model_input(model_in, t)
+        out = parts.unet(model_in, t, encoder_hidden_states=text).sample
+        if uncond is not None:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        # Per-image generators keep stochastic schedulers (euler_a, ddpm) reproducible per image.
+        latents = scheduler.step(out, t, latents, generator=generators).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode_images(parts: Any, latents: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 from latents, or from pixels directly when the model has no VAE."""
+    if parts.vae is not None:
+        latents = parts.vae.decode(latents.to(parts.vae.dtype) / parts.latent_scaling).sample
+    pixels = (latents.float() / 2 + 0.5).clamp(0, 1)
+    return (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def model_fingerprint(model_dir: str, unet_dir: str | None = None) -> str:
+    """Identity of the weights: config contents, and size + mtime of the big weight files."""
+    digest = hashlib.sha256()
+    for root in [model_dir] + ([unet_dir] if unet_dir else []):
+        fs, base = storage.filesystem(root)
+        for path in sorted(fs.find(base)):
+            info = fs.info(path)
+            digest.update(path[len(base):].encode())
+            if info["size"] <= 1 << 20:
+                digest.update(fs.cat_file(path))
+            else:
+                digest.update(f"{info['size']}:{info.get('mtime', info.get('LastModified', ''))}".encode())
+    return digest.hexdigest()[:16]
+
+
+def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
+    """Everything that changes pixels: the model and the sampling settings (not batching)."""
+    cfg = config.sample
+    keys = (model_fp, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
+            cfg.mixed_precision, cfg.seed)
+    return hashlib.sha256(json.dumps(keys, default=str).encode()).hexdigest()[:16]
+
+
+def shard_items(prompts: list[Prompt], images_per_prompt: int, base_seed: int, out_uri: str,
+                shard: tuple[int, int]) -> list[_Item]:
+    """This shard's (prompt, image index) pairs: every n-th pair of the full list."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard} is not (i, n) with 0 <= i < n")
+    folder = storage.join(out_uri, "images", f"shard-{index:05d}")
+    pairs = [(p, i) for p in prompts for i in range(images_per_prompt)]
+    return [_Item(p, i, image_seed(base_seed, p.prompt_id, i), storage.join(folder, f"p{p.prompt_id}_i{i}.png"))
+            for k, (p, i) in enumerate(pairs) if k % count == index]
+
+
+def _batches(items: list[_Item], size: int) -> Iterator[list[_Item]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _check_settings(out_uri: str, meta: dict[str, Any]) -> None:
+    """Refuse to resume into a folder made with another model or other settings."""
+    meta_uri = storage.join(out_uri, "sample_meta.json")
+    if storage.exists(meta_uri):
+        old = storage.read_json(meta_uri)
+        if old.get("settings_fingerprint") != meta["settings_fingerprint"]:
+            raise ValueError(f"{out_uri} holds samples made with other settings or another model "
+                             f"({old.get('settings_fingerprint')} != {meta['settings_fingerprint']}); "
+                             "use a new output folder")
+    else:
+        storage.atomic_write_json(meta_uri, meta)
+
+
+def shard_index_uri(out_uri: str, shard: tuple[int, int]) -> str:
+    if shard[1] == 1:
+        return storage.join(out_uri, "index.parquet")
+    return storage.join(out_uri, "shards", f"index-{shard[0]:05d}-of-{shard[1]:05d}.parquet")
+
+
+def shard_stats_uri(out_uri: str, shard: tuple[int, int]) -> str:
+    if shard[1] == 1:
+        return storage.join(out_uri, "stats.json")
+    return storage.join(out_uri, "shards", f"stats-{shard[0]:05d}-of-{shard[1]:05d}.json")
+
+
+def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[Prompt],
+           unet_dir: str | None = None, shard: tuple[int, int] = (0, 1)) -> str:
+    """Generate ``images_per_prompt`` images per prompt; returns the index Parquet URI.
+
+    With ``shard=(i, n)``, n > 1, this worker makes every n-th image and writes
+    ``shards/index-i-of-n.parquet`` (and stats); :func:`merge_shards` joins them.
+    """
+    from tokencompose_core.models import load_diffusion
+
+    cfg = config.sample
+    fp = model_fingerprint(model_dir, unet_dir)
+    meta = {"settings_fingerprint": settings_fingerprint(config, fp), "model_fingerprint": fp,
+            "model_dir": model_dir, "unet_dir": unet_dir, "sample": cfg.model_dump(mode="json")}
+    _check_settings(out_uri, meta)
+    items = shard_items(prompts, cfg.images_per_prompt, cfg.seed, out_uri, shard)
+    todo = [item for item in items if not storage.exists(item.image_uri)]
+    seconds = 0.0
+    if todo:
+        device = resolve_device(cfg.device)
+        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device,
+                               dtype=resolve_dtype(cfg.mixed_precision, device))
+        seconds = _generate(parts, config, todo, device)
+    index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
+                          for it in items], columns=INDEX_COLUMNS)
+    index_uri = shard_index_uri(out_uri, shard)
+    storage.atomic_write_parquet(index, index_uri)
+    stats_uri = shard_stats_uri(out_uri, shard)
+    # A rerun with nothing left to do keeps the throughput measured by the run that sampled.
+    if todo or not storage.exists(stats_uri):
+        stats = {"images": len(todo), "seconds": seconds, "images_per_s": len(todo) / seconds if seconds else None,
+                 "skipped": len(items) - len(todo), "batch_size": cfg.batch_size}
+        storage.atomic_write_json(stats_uri, stats)
+    return index_uri
+
+
+def _generate(parts: Any, config: PipelineConfig, items: list[_Item], device: torch.device) -> float:
+    """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
+    from tqdm.auto import tqdm
+
+    cfg = config.sample
+    resolution = cfg.resolution or parts.sample_size
+    side = resolution // parts.vae_scale_factor
+    shape = (parts.latent_channels, side, side)
+    dtype = next(parts.unet.parameters()).dtype
+    use_cfg = cfg.guidance_scale > 1.0
+    uncond_one = encode_prompts(parts, [""]) if use_cfg else None
+    started = time.perf_counter()
+    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc="sample", unit="batch"):
+        seeds = [item.seed for item in batch]
+        cond = encode_prompts(parts, [item.prompt.text for item in batch])
+        uncond = uncond_one.expand(len(batch), -1, -1) if use_cfg else None
+        # Step generators are seeded apart from the initial noise (seed + 1) so they never repeat it.
+        generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
+        latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config),
+                          initial_noise(seeds, shape, device, dtype), cond, uncond,
+                          cfg.guidance_scale, cfg.num_inference_steps, generators)
+        for item, image in zip(batch, decode_images(parts, latents)):
+            storage.atomic_write_bytes(item.image_uri, png_bytes(image))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def merge_shards(out_uri: str, num_shards: int) -> str:
+    """Join the shards' indexes and stats into ``index.parquet`` and ``stats.json``."""
+    if num_shards == 1:
+        return storage.join(out_uri, "index.parquet")
+    shards = [(i, num_shards) for i in range(num_shards)]
+    index = pd.concat([storage.read_parquet(shard_index_uri(out_uri, s)) for s in shards], ignore_index=True)
+    index = index.sort_values(["prompt_id", "image_index"], ignore_index=True)
+    stats = [storage.read_json(shard_stats_uri(out_uri, s)) for s in shards]
+    images = sum(s["images"] for s in stats)
+    # Shards run in parallel: throughput is total images over the slowest shard's time.
+    seconds = max(s["seconds"] for s in stats)
+    merged = {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds else None,
+              "skipped": sum(s["skipped"] for s in stats), "batch_size": stats[0]["batch_size"],
+              "shards": num_shards}
+    index_uri = storage.join(out_uri, "index.parquet")
+    storage.atomic_write_parquet(index, index_uri)
+    storage.atomic_write_json(shard_stats_uri(out_uri, (0, 1)), merged)
+    return index_uri
