@@ -124,8 +124,11 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(7.5, ge=0)
     scheduler: str = "pndm"
     resolution: int | None = None
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 apply on CUDA only
     seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available
+    num_shards: int = Field(1, gt=0)  # parallel sample tasks (GPUs / Prefect workers)
+    tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
 
 
 class ScoreConfig(_Section):
@@ -133,8 +136,12 @@ class ScoreConfig(_Section):
     store_threshold: float = Field(0.01, ge=0, le=1)
     detector_batch_size: int = Field(8, gt=0)
     segmentation_timestep: int = Field(300, ge=0)
+    # Fixed threshold on maps min-max normalised per noun (0.5 = half their range).
     segmentation_threshold: float = Field(0.5, ge=0, le=1)
-    heldout_images: int = Field(100, ge=0)
+    heldout_images: int = Field(100, ge=0)  # mask-cache images scored for mIoU; 0 = skip
+    mask_cache: str | None = None  # None = <storage.root>/masks
+    report_overlays: int = Field(8, ge=0)  # per-noun attention heat maps in the HTML report
+    device: str = "auto"
 
 
 class OrchestrationConfig(_Section):
