@@ -1,0 +1,68 @@
+"""Reports: files exist, the table compares every run, the HTML points at real images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tokencompose_core import storage
+from tokencompose_core.reports import RunScores, load_run_scores, multigen_record, write_report
+from tokencompose_core.sampling import png_bytes
+
+
+def _mg_table(base: float) -> pd.DataFrame:
+    return pd.DataFrame({"mean": [base + 40, base + 30, base + 20, base + 10, base], "std": [1.0] * 5},
+                        index=[f"MG{k}" for k in range(1, 6)])
+
+
+def _samples(folder: Path) -> str:
+    rows = []
+    for prompt_id in range(2):
+        for index in range(2):
+            uri = str(folder / "images" / f"p{prompt_id}_i{index}.png")
+            storage.atomic_write_bytes(uri, png_bytes(np.full((16, 16, 3), 40 * index, dtype=np.uint8)))
+            rows.append((prompt_id, index, 0, f"a photo of thing {prompt_id}", uri, "fp"))
+    index_uri = str(folder / "index.parquet")
+    storage.atomic_write_parquet(pd.DataFrame(rows, columns=["prompt_id", "image_index", "seed", "prompt",
+                                                             "image_uri", "model_fingerprint"]), index_uri)
+    return index_uri
+
+
+def test_report_from_plain_data_and_from_scores_folders(tmp_path: Path) -> None:
+    overlay = str(tmp_path / "overlays" / "img_cat.png")
+    storage.atomic_write_bytes(overlay, png_bytes(np.zeros((8, 24, 3), dtype=np.uint8)))
+    miou = {"overall": {"miou_fixed": 41.5, "miou_best": 55.25, "best_threshold": 0.3},
+            "groups": {"up_16": {"miou_fixed": 40.0, "miou_best": 50.0, "best_threshold": 0.3},
+                       "mid_4": {"miou_fixed": 20.0, "miou_best": 25.0, "best_threshold": 0.6}},
+            "overlays": [{"title": "a cat — cat", "uri": overlay}]}
+    base = RunScores(multigen={"coco": _mg_table(1.0), "ade20k": _mg_table(2.0)}, images_per_s=3.5,
+                     samples={"coco": _samples(tmp_path / "base")})
+    # The second run comes from a scores folder, as the evaluate stage writes it.
+    scores_dir = str(tmp_path / "scores" / "tuned-coco")
+    storage.atomic_write_json(storage.join(scores_dir, "multigen.json"),
+                              multigen_record("tuned", "coco", _mg_table(5.0), _samples(tmp_path / "tuned"), 2.0))
+    storage.atomic_write_json(storage.join(scores_dir, "segmentation.json"), miou)
+    assert load_run_scores([scores_dir]).miou["overall"]["miou_best"] == 55.25
+
+    out = str(tmp_path / "report")
+    uris = write_report({"base": base, "tuned": scores_dir}, out)
+    for key in ("md", "html", "png_multigen", "png_miou"):
+        assert Path(uris[key]).is_file(), key
+    assert Path(uris["png_multigen"]).read_bytes()[:4] == b"\x89PNG"
+
+    markdown = Path(uris["md"]).read_text()
+    assert "| base | 32.00 ± 1.00 | 22.00 ± 1.00 |" in markdown  # ade20k sorts before coco
+    assert "35.00 ± 1.00" in markdown  # tuned coco MG2
+    assert "55.25" in markdown and "3.500" in markdown
+    assert "ade20k MG5" in markdown  # a prompt set one run lacks still gets its columns
+
+    page = Path(uris["html"]).read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    sample_refs = [s for s in sources if s.endswith(".png") and "/images/" in s]
+    assert len(sample_refs) == 8  # 2 runs x 2 prompts x 2 images
+    for src in sources:  # every referenced file exists relative to the report
+        assert (Path(out) / src).resolve().is_file(), src
+    assert "a cat — cat" in page and "overlays/img_cat.png" in page

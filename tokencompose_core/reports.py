@@ -1,0 +1,249 @@
+"""Reports people can read: a comparison table of any number of runs as Markdown, an
+HTML page with image grids and attention heat-map overlays, and PNG plots.
+
+Inputs are plain data (:class:`RunScores`: MultiGen tables, mIoU dicts, sample index
+URIs, overlay PNG URIs) or scores folders written by the evaluate stage, so the
+pipeline and the synthetic demo produce their reports with the same code.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from tokencompose_core import storage
+
+MG_ROWS = ["MG2", "MG3", "MG4", "MG5"]
+
+
+@dataclass
+class RunScores:
+    """Everything the report shows about one run (one model)."""
+
+    multigen: dict[str, pd.DataFrame] = field(default_factory=dict)  # prompt set -> MG1..MG5 x mean/std
+    object_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt set -> mean/std
+    miou: dict[str, Any] | None = None  # evaluation.segmentation_miou result
+    images_per_s: float | None = None
+    samples: dict[str, str] = field(default_factory=dict)  # prompt set -> sample index.parquet URI
+    overlays: list[dict[str, Any]] = field(default_factory=list)  # {"title", "uri"}
+
+
+def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
+                    images_per_s: float | None = None, object_accuracy: dict[str, float] | None = None
+                    ) -> dict[str, Any]:
+    """The JSON the evaluate stage writes as scores/<tag>/multigen.json."""
+    return {"model": model, "prompt_set": prompt_set, "scores": table.to_dict(orient="index"),
+            "index_uri": index_uri, "images_per_s": images_per_s, "object_accuracy": object_accuracy}
+
+
+def load_run_scores(scores_uris: list[str]) -> RunScores:
+    """One run's scores from its scores folders (multigen.json, optional segmentation.json)."""
+    run = RunScores()
+    for uri in scores_uris:
+        record = storage.read_json(storage.join(uri, "multigen.json"))
+        prompt_set = record["prompt_set"]
+        run.multigen[prompt_set] = pd.DataFrame.from_dict(record["scores"], orient="index")
+        if record.get("object_accuracy"):
+            run.object_accuracy[prompt_set] = record["object_accuracy"]
+        if record.get("index_uri"):
+            run.samples[prompt_set] = record["index_uri"]
+        if record.get("images_per_s") is not None:
+            run.images_per_s = record["images_per_s"]
+        segmentation_uri = storage.join(uri, "segmentation.json")
+        if storage.exists(segmentation_uri):
+            run.miou = storage.read_json(segmentation_uri)
+            run.overlays = run.miou.get("overlays", [])
+    return run
+
+
+def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:
+    if cell is None:
+        return "–"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
+    """One row per run: MG2..MG5 (mean ± std) per prompt set, object accuracy, mIoU, images/s."""
+    prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
+    accuracy_sets = sorted({s for run in runs.values() for s in run.object_accuracy})
+    rows = []
+    for name, run in runs.items():
+        row: dict[str, str] = {"run": name}
+        for prompt_set in prompt_sets:
+            table = run.multigen.get(prompt_set)
+            for k in MG_ROWS:
+                row[f"{prompt_set} {k}"] = _mean_std(table.loc[k] if table is not None else None)
+        for prompt_set in accuracy_sets:
+            row[f"{prompt_set} obj. acc."] = _mean_std(run.object_accuracy.get(prompt_set))
+        overall = (run.miou or {}).get("overall")
+        row["mIoU best"] = f"{overall['miou_best']:.2f}" if overall else "–"
+        row["mIoU fixed"] = f"{overall['miou_fixed']:.2f}" if overall else "–"
+        row["images/s"] = f"{run.images_per_s:.3f}" if run.images_per_s else "–"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _group_table(runs: dict[str, RunScores]) -> pd.DataFrame | None:
+    """mIoU per supervised layer group (fixed / best threshold), one row per run."""
+    rows = []
+    for name, run in runs.items():
+        if not run.miou:
+            continue
+        row = {"run": name}
+        for group, scores in run.miou["groups"].items():
+            row[group] = f"{scores['miou_fixed']:.1f} / {scores['miou_best']:.1f} (t={scores['best_threshold']})"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("–") if rows else None
+
+
+def _save_figure(figure: Any, uri: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    storage.atomic_write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def plot_multigen(runs: dict[str, RunScores], uri: str) -> str | None:
+    """Bars of MG2..MG5 with std error bars, one panel per prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
+    if not prompt_sets:
+        return None
+    figure, axes = plt.subplots(1, len(prompt_sets), figsize=(5 * len(prompt_sets), 3.5), squeeze=False)
+    width = 0.8 / max(len(runs), 1)
+    for ax, prompt_set in zip(axes[0], prompt_sets):
+        for offset, (name, run) in enumerate(runs.items()):
+            table = run.multigen.get(prompt_set)
+            if table is None:
+                continue
+            xs = [i + offset * width for i in range(len(MG_ROWS))]
+            ax.bar(xs, table.loc[MG_ROWS, "mean"], width, yerr=table.loc[MG_ROWS, "std"], label=name, capsize=2)
+        ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(MG_ROWS))], MG_ROWS)
+        ax.set_title(f"MultiGen {prompt_set}")
+        ax.set_ylabel("% of images")
+        ax.legend(fontsize=7)
+    try:
+        return _save_figure(figure, uri)
+    finally:
+        plt.close(figure)
+
+
+def plot_miou(runs: dict[str, RunScores], uri: str) -> str | None:
+    """Bars of mIoU (best threshold) per layer group and overall, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = {name: run.miou for name, run in runs.items() if run.miou}
+    if not scored:
+        return None
+    groups = sorted({g for m in scored.values() for g in m["groups"]}) + ["overall"]
+    figure, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) * max(1, len(scored)) / 2), 3.5))
+    width = 0.8 / len(scored)
+    for offset, (name, miou) in enumerate(scored.items()):
+        values = [(miou["groups"].get(g) if g != "overall" else miou["overall"]) or {} for g in groups]
+        ax.bar([i + offset * width for i in range(len(groups))], [v.get("miou_best", 0.0) for v in values],
+               width, label=name)
+    ax.set_xticks([i + width * (len(scored) - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylabel("mIoU (%) at best threshold")
+    ax.set_title("Cross-attention segmentation")
+    ax.legend(fontsize=7)
+    try:
+        return _save_figure(figure, uri)
+    finally:
+        plt.close(figure)
+
+
+def _link(target: str, report_dir: str) -> str:
+    """A src/href usable from the report: relative for local files, the URI otherwise."""
+    fs, path = storage.filesystem(target)
+    report_fs, report_path = storage.filesystem(report_dir)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local") and report_fs.protocol == fs.protocol:
+        return os.path.relpath(path, report_path)
+    return target
+
+
+def _image_grid(index_uri: str, report_dir: str, prompts: int, images: int) -> str:
+    index = storage.read_parquet(index_uri)
+    keep = sorted(index["prompt_id"].unique())[:prompts]
+    rows = []
+    for prompt_id in keep:
+        chosen = index[(index["prompt_id"] == prompt_id) & (index["image_index"] < images)].sort_values("image_index")
+        cells = "".join(f'<img src="{html.escape(_link(u, report_dir))}" alt="">' for u in chosen["image_uri"])
+        caption = html.escape(str(chosen["prompt"].iloc[0])) if len(chosen) else ""
+        rows.append(f'<div class="row"><div class="prompt">{caption}</div>{cells}</div>')
+    return "\n".join(rows)
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}
+.row{display:flex;align-items:center;gap:4px;margin:4px 0}.prompt{width:260px;font-size:12px}
+.row img{width:128px;height:128px;image-rendering:pixelated}figure{display:inline-block;margin:6px}
+figure img{height:128px;image-rendering:pixelated}figcaption{font-size:11px;max-width:400px}"""
+
+
+def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
+               runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<h2>Comparison</h2>", table.to_html(index=False, escape=True)]
+    if groups is not None:
+        parts += ["<h3>mIoU per layer group (fixed / best threshold)</h3>", groups.to_html(index=False)]
+    parts += [f'<p><img src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
+    for name, run in runs.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        for prompt_set, index_uri in sorted(run.samples.items()):
+            parts += [f"<h3>Samples: {html.escape(prompt_set)}</h3>", _image_grid(index_uri, report_dir, *grid)]
+        if run.overlays:
+            parts.append("<h3>Cross-attention per noun (image · heat map · mask)</h3>")
+            parts += [f'<figure><img src="{html.escape(_link(o["uri"], report_dir))}" alt="">'
+                      f'<figcaption>{html.escape(o["title"])}</figcaption></figure>' for o in run.overlays]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, title: str = "TokenCompose report",
+                 grid_prompts: int = 4, grid_images: int = 4) -> dict[str, str]:
+    """Write report.md, report.html and PNG plots under ``out_uri``; returns their URIs
+    (keys ``md``, ``html``, ``png_multigen``, ``png_miou`` when there is mIoU).
+
+    ``runs`` maps a run name to its :class:`RunScores` or to scores folder URI(s).
+    """
+    loaded = {name: run if isinstance(run, RunScores) else load_run_scores([run] if isinstance(run, str) else run)
+              for name, run in runs.items()}
+    table = comparison_table(loaded)
+    groups = _group_table(loaded)
+    uris: dict[str, str] = {}
+    for key, plot in (("png_multigen", plot_multigen), ("png_miou", plot_miou)):
+        written = plot(loaded, storage.join(out_uri, f"{key[4:]}.png"))
+        if written:
+            uris[key] = written
+    markdown = [f"# {title}", "", markdown_table(table), ""]
+    if groups is not None:
+        markdown += ["## mIoU per layer group (fixed / best threshold)", "", markdown_table(groups), ""]
+    markdown += [f"![{key}]({os.path.basename(uri)})" for key, uri in uris.items()]
+    uris["md"] = storage.join(out_uri, "report.md")
+    storage.atomic_write_bytes(uris["md"], ("\n".join(markdown) + "\n").encode("utf-8"))
+    page = _html_page(title, table, groups, [uris[k] for k in ("png_multigen", "png_miou") if k in uris],
+                      loaded, out_uri, (grid_prompts, grid_images))
+    uris["html"] = storage.join(out_uri, "report.html")
+    storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
+    return uris
