@@ -341,9 +341,12 @@ def _generate(parts: Any, config: PipelineConfig, items: list[_Item], device: to
     uncond_one = encode_prompts(parts, [""]) if use_cfg else None
     started = time.perf_counter()
     for batch in tqdm(list(_batches(items, cfg.batch_size)), desc="sample", unit="batch"):
-        seeds = [item.seed for item in batch]
-        cond = encode_prompts(parts, [item.prompt.text for item in batch])
-        uncond = uncond_one.expand(len(batch), -1, -1) if use_cfg else None
+        # A short batch is padded with repeats of its last item: kernels then always see the
+        # same shapes, which keeps each image bit-identical whichever batch it falls in.
+        padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))
+        seeds = [item.seed for item in padded]
+        cond = encode_prompts(parts, [item.prompt.text for item in padded])
+        uncond = uncond_one.expand(len(padded), -1, -1) if use_cfg else None
         # Step generators are seeded apart from the initial noise (seed + 1) so they never repeat it.
         generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
         latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config),
