@@ -1,53 +1,270 @@
-"""Shared task policy: what is cached, what is retried.
+"""Shared task policy: what is cached, what is retried, where tasks run.
 
 Every stage task is decorated with :func:`stage_task`, so caching and retries are
 decided in one place. Tasks take URIs and small values, never big objects, and a
-``fingerprint`` argument (models + the stage's config) so the cache key changes
-whenever a model or a parameter that matters changes.
+``fingerprint`` argument (:func:`stage_fingerprint`: the models plus the config of
+the stage and of every stage upstream of it) so the cache key changes whenever a
+model or a parameter that matters changes, and only downstream of that change.
+
+Where tasks run and where their results persist are chosen by the profile's
+``orchestration`` section: :func:`configured` applies both to a flow.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import importlib
+import inspect
+import json
+import sys
+import types
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
+from uuid import UUID
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect import Flow, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from tokencompose_core.config import ConfigError, PipelineConfig
+from tokencompose_core.storage import filesystem, join
+
+# ---------------------------------------------------------------------------
+# Retries: transient failures only, with backoff.
+# ---------------------------------------------------------------------------
 
 # Errors a second try can fix: I/O on network storage, timeouts, a busy GPU.
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EIO}
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.ECONNABORTED, errno.EPIPE, errno.EIO, errno.ENETUNREACH, errno.EHOSTUNREACH,
+    errno.ESTALE,
+}
+# Errors that will fail the same way again: bad configuration or bad data.
+_PERMANENT = (ConfigError, ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
+              PermissionError, IsADirectoryError, NotADirectoryError, NotImplementedError)
+
+# task run id -> how many times it ran out of GPU memory (read by retry_batch_size).
+_OOM_FAILURES: dict[UUID, int] = {}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's (CUDA) OutOfMemoryError, without importing torch."""
+    return any(cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch")
+               for cls in type(error).__mro__)
 
 
 def is_transient(error: BaseException) -> bool:
     """True for failures worth retrying; configuration and data errors are not."""
+    if is_out_of_memory(error):
+        return True
+    if isinstance(error, _PERMANENT):
+        return False
     if isinstance(error, (TimeoutError, ConnectionError)):
         return True
-    if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-        return True
-    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, PermissionError)):
+    if isinstance(error, OSError):
         return error.errno in _TRANSIENT_ERRNOS or error.errno is None
     return False
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only transient failures."""
+    """Prefect ``retry_condition_fn``: retry only transient failures.
+
+    A CUDA out-of-memory failure also halves the batch of the next attempt (see
+    :func:`retry_batch_size`) and releases the cached GPU blocks first.
+    """
     try:
         state.result()
     except BaseException as error:  # noqa: BLE001 - we classify, not swallow
+        if is_out_of_memory(error):
+            _OOM_FAILURES[task_run.id] = _OOM_FAILURES.get(task_run.id, 0) + 1
+            _empty_cuda_cache()
         return is_transient(error)
     return False
 
 
+def retry_batch_size(batch_size: int) -> int:
+    """The batch size for this attempt: halved after each out-of-memory failure.
+
+    Call it inside a stage task on the configured batch size. The cache key still
+    holds the configured value, which is right: results are per item and do not
+    depend on how items were batched.
+    """
+    context = TaskRunContext.get()
+    halvings = _OOM_FAILURES.get(context.task_run.id, 0) if context and context.task_run else 0
+    return max(1, batch_size >> halvings)
+
+
+def _empty_cuda_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# Caching: inputs (URIs, fingerprint) + the task's code + the library code it calls.
+# ---------------------------------------------------------------------------
+
+_LIBRARY = "tokencompose_core"
+
+
+@dataclass
+class LibrarySource(CachePolicy):
+    """Cache key part: the source of the ``tokencompose_core`` modules a task uses.
+
+    ``TASK_SOURCE`` sees only the thin task body; the work happens in the library,
+    so a change there must invalidate the cache too. The modules are those the
+    task's module refers to, followed transitively.
+    """
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any] | None,
+                    flow_parameters: dict[str, Any] | None, **kwargs: Any) -> str | None:
+        if not task_ctx:
+            return None
+        return _library_digest(task_ctx.task.fn.__module__)
+
+
+@lru_cache(maxsize=None)
+def _library_digest(module_name: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(_library_modules(module_name)):
+        digest.update(name.encode())
+        digest.update(Path(inspect.getfile(sys.modules[name])).read_bytes())
+    return digest.hexdigest()
+
+
+def _library_modules(module_name: str) -> set[str]:
+    """The library modules reachable from ``module_name``'s globals."""
+    seen: set[str] = set()
+    pending = [importlib.import_module(module_name)]
+    while pending:
+        module = pending.pop()
+        for value in vars(module).values():
+            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] == _LIBRARY and name not in seen:
+                seen.add(name)
+                pending.append(importlib.import_module(name))
+    return seen
+
+
+STAGE_CACHE_POLICY = INPUTS + TASK_SOURCE + LibrarySource()
+
+
 def stage_task(fn: Callable | None = None, **options: Any):
-    """``@task`` with the project's cache policy and retry rules."""
+    """``@task`` with the project's cache policy and retry rules.
+
+    Retries: two, after ~2 s then ~4 s (jittered so shards do not retry in lock
+    step), and only for transient errors (:func:`is_transient`); anything else
+    fails at once with its own message.
+    """
     defaults: dict[str, Any] = dict(
-        cache_policy=INPUTS + TASK_SOURCE,
+        cache_policy=STAGE_CACHE_POLICY,
         persist_result=True,
         retries=2,
-        retry_delay_seconds=[2, 10],
+        retry_delay_seconds=exponential_backoff(backoff_factor=2),
+        retry_jitter_factor=0.5,
         retry_condition_fn=retry_transient,
     )
     defaults.update(options)
     if fn is None:
         return lambda f: task(f, **defaults)
     return task(fn, **defaults)
+
+
+# Stages in pipeline order: a stage's results depend on its own section and every
+# section before it.
+STAGES = ("nouns", "masks", "train", "sample", "score")
+# Fields that change how a stage runs but not what it produces.
+_EXECUTION_ONLY = {
+    "masks": {"batch_size", "device"},
+    "train": {"num_workers", "log_every"},
+    "sample": {"batch_size", "device", "num_shards"},
+    "score": {"detector_batch_size", "device", "report_overlays"},
+}
+
+
+def stage_fingerprint(config: PipelineConfig, stage: str) -> str:
+    """Short hash of the models and the config of ``stage`` and every stage upstream.
+
+    Pass it as the ``fingerprint`` argument of the stage's tasks: a change to
+    ``train.learning_rate`` then reruns train, sample and score, never nouns or
+    masks. Fields that only affect speed (batch sizes of per-item work, devices)
+    are left out so changing them keeps the cache.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    from tokencompose_core.models import fingerprint as models_fingerprint
+
+    sections = {
+        name: getattr(config, name).model_dump(mode="json", exclude=_EXECUTION_ONLY.get(name, set()))
+        for name in STAGES[: STAGES.index(stage) + 1]
+    }
+    payload = json.dumps({"models": models_fingerprint(config.models), "sections": sections}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Where tasks run and where results persist: chosen by the profile.
+# ---------------------------------------------------------------------------
+
+
+def task_runner(config: PipelineConfig) -> TaskRunner:
+    """The profile's task runner: Prefect's thread pool, or Dask via prefect-dask.
+
+    With ``dask_address`` the flow connects to that existing cluster; without, it
+    starts a LocalCluster of ``dask_workers`` processes for its own duration.
+    """
+    settings = config.orchestration
+    if settings.task_runner == "default":
+        return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": settings.dask_workers,
+        "threads_per_worker": settings.dask_threads_per_worker,
+        "processes": True,
+        "dashboard_address": None,
+    })
+
+
+def result_storage_uri(config: PipelineConfig) -> str:
+    """Where task results and cache records live: the profile's URL or under the root."""
+    return config.orchestration.result_storage or join(config.storage.root, "_prefect", "results")
+
+
+def result_storage(config: PipelineConfig) -> Path | str:
+    """Prefect result storage for :func:`result_storage_uri` (any fsspec URL).
+
+    A local folder is passed as an absolute path (Dask workers and deployment runs
+    in other folders must agree). Prefect takes other storage only as a saved
+    block, so a URL is saved once as a ``remote-file-system`` block named after it
+    (credentials come from the environment, as for every fsspec read).
+    """
+    uri = result_storage_uri(config)
+    fs, path = filesystem(uri)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return Path(path).resolve()
+    name = f"tokencompose-results-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    RemoteFileSystem(basepath=uri).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def configured(flow: Flow, config: PipelineConfig) -> Flow:
+    """``flow`` with the profile's task runner and result storage.
+
+    Call the result as a subflow: ``configured(masks_flow, config)(profile, overrides)``.
+    Its tasks then run on that runner and persist (and find cached) results there.
+    """
+    return flow.with_options(
+        task_runner=task_runner(config),
+        result_storage=result_storage(config),
+        persist_result=True,
+    )

@@ -1,0 +1,187 @@
+"""Orchestration: cache hits on a re-run, precise invalidation, retries, runner choice."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import torch
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.filesystems import RemoteFileSystem
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import flows.pipeline as pipeline
+from tasks.common import (configured, is_transient, result_storage, retry_batch_size, stage_fingerprint,
+                          stage_task, task_runner)
+from tokencompose_core import storage
+from tokencompose_core.config import ConfigError, load_config
+
+# ---------------------------------------------------------------------------
+# A five-stage toy DAG with the real stages' contract: each stage flow loads the
+# profile, runs one stage task on the upstream URI and returns {"output_uri": ...}.
+# ---------------------------------------------------------------------------
+
+
+@stage_task
+def _toy_work(stage: str, upstream: str | None, out_uri: str, fingerprint: str) -> str:
+    previous = storage.read_bytes(upstream).decode() if upstream else "manifest"
+    storage.atomic_write_bytes(out_uri, f"{previous}>{stage}".encode())
+    return out_uri
+
+
+def _toy_stage(stage: str):
+    @flow(name=f"toy-{stage}")
+    def stage_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
+        config = load_config(profile, overrides)
+        out = storage.join(config.storage.root, stage, "out.txt")
+        fingerprint = stage_fingerprint(config, stage)
+        return {"output_uri": _toy_work.submit(stage, input_uri, out, fingerprint).result()}
+
+    return stage_flow
+
+
+TOY_STAGES = {stage: _toy_stage(stage) for stage in pipeline.STAGE_FLOWS}
+
+
+def _task_states(parent_run_id: UUID) -> dict[str, list[str]]:
+    """State names of the task runs of each stage subflow of a pipeline run."""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_run_id])))
+        states: dict[str, list[str]] = {}
+        for child in children:
+            name = client.read_flow(child.flow_id).name
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[child.id])))
+            states[name] = sorted(run.state.name for run in runs)
+    return states
+
+
+def _run_pipeline(overrides: list[str]) -> tuple[dict, dict[str, list[str]]]:
+    state = pipeline.pipeline_flow(profile="tiny", overrides=overrides, return_state=True)
+    return state.result(), _task_states(state.state_details.flow_run_id)
+
+
+def test_rerun_is_all_cache_hits_and_a_change_reruns_only_downstream(prefect_harness, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "stage_flow", TOY_STAGES.__getitem__)
+    base = [f"storage.root={tmp_path / 'root'}"]
+
+    summary, first = _run_pipeline(base)
+    assert first == {f"toy-{s}": ["Completed"] for s in pipeline.STAGE_FLOWS}
+    assert storage.read_bytes(summary["output_uri"]).decode() == "manifest>nouns>masks>train>sample>score"
+    results = Path(summary["result_storage"])
+    assert results.is_dir() and any(results.iterdir()), "results must persist under the profile's storage"
+
+    _, second = _run_pipeline(base)
+    assert second == {f"toy-{s}": ["Cached"] for s in pipeline.STAGE_FLOWS}
+
+    _, changed = _run_pipeline(base + ["train.learning_rate=3e-4"])
+    assert changed == {"toy-nouns": ["Cached"], "toy-masks": ["Cached"], "toy-train": ["Completed"],
+                       "toy-sample": ["Completed"], "toy-score": ["Completed"]}
+
+    # Speed-only fields keep the cache; the profile's result storage can live elsewhere.
+    _, faster = _run_pipeline(base + ["train.learning_rate=3e-4", "sample.batch_size=1"])
+    assert set(sum(faster.values(), [])) == {"Cached"}
+
+
+def test_bad_override_fails_before_any_stage(prefect_harness, monkeypatch):
+    monkeypatch.setattr(pipeline, "stage_flow", TOY_STAGES.__getitem__)
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        pipeline.pipeline_flow(profile="tiny", overrides=["train.learning_rate=-1"])
+
+
+# ---------------------------------------------------------------------------
+# Retries
+# ---------------------------------------------------------------------------
+
+
+def _flaky(errors: list[BaseException]):
+    """A task that raises the given errors in turn, then returns its attempt count."""
+    attempts: list[int] = []
+
+    @stage_task(retry_delay_seconds=0, cache_policy=None, persist_result=False)
+    def flaky_task() -> int:
+        attempts.append(1)
+        if len(attempts) <= len(errors):
+            raise errors[len(attempts) - 1]
+        return len(attempts)
+
+    @flow
+    def run() -> int:
+        return flaky_task()
+
+    return run, attempts
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EIO, "Input/output error"),
+    TimeoutError("read timed out"),
+    storage.StorageError(errno.ECONNRESET, "could not write s3://bucket/x: connection reset"),
+])
+def test_transient_errors_are_retried(prefect_harness, error):
+    run, attempts = _flaky([error, error])
+    assert run() == 3 and len(attempts) == 3
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("invalid configuration: masks.box_threshold"),
+    ValueError("caption is empty"),
+    FileNotFoundError(errno.ENOENT, "no such file", "/data/missing.jpg"),
+])
+def test_config_and_data_errors_fail_at_once(prefect_harness, error):
+    run, attempts = _flaky([error])
+    with pytest.raises(type(error)):
+        run()
+    assert len(attempts) == 1
+
+
+def test_out_of_memory_retries_with_a_smaller_batch(prefect_harness):
+    seen: list[int] = []
+
+    @stage_task(retry_delay_seconds=0, cache_policy=None, persist_result=False)
+    def batched(batch_size: int) -> int:
+        size = retry_batch_size(batch_size)
+        seen.append(size)
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return size
+
+    @flow
+    def run() -> int:
+        return batched(8)
+
+    assert run() == 2 and seen == [8, 4, 2]
+
+
+def test_error_classification():
+    assert is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(PermissionError(errno.EACCES, "denied"))
+    assert not is_transient(KeyError("image_id"))
+    assert not is_transient(RuntimeError("shape mismatch"))
+
+
+# ---------------------------------------------------------------------------
+# Runner and result storage chosen by the profile
+# ---------------------------------------------------------------------------
+
+
+def test_runner_and_storage_follow_the_profile(prefect_harness, tmp_path):
+    config = load_config("tiny", [f"storage.root={tmp_path}"])
+    assert isinstance(task_runner(config), ThreadPoolTaskRunner)
+    assert result_storage(config) == tmp_path / "_prefect" / "results"
+
+    remote = load_config("tiny", ["orchestration.result_storage=memory://bucket/results"])
+    slug = result_storage(remote)
+    block = RemoteFileSystem.load(slug.split("/", 1)[1])
+    assert block.basepath == "memory://bucket/results"
+
+    dask = load_config("tiny", ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://10.0.0.5:8786"])
+    runner = task_runner(dask)
+    assert type(runner).__name__ == "DaskTaskRunner" and runner.address == "tcp://10.0.0.5:8786"
+    flow_ = configured(TOY_STAGES["masks"], dask)
+    assert flow_.task_runner.address == "tcp://10.0.0.5:8786"
+    assert flow_.result_storage == Path("runs/tiny/_prefect/results").resolve()
