@@ -72,7 +72,7 @@ def empty_rejects() -> pd.DataFrame:
     return REJECT_SCHEMA.empty_table().to_pandas()
 
 
-def _write_table(table: pa.Table, uri: str) -> None:
+def write_table(table: pa.Table, uri: str) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.atomic_write_bytes(uri, buffer.getvalue())
@@ -108,8 +108,8 @@ def commit_shard(
         raise ValueError(f"shard {shard_name} mixes fingerprints {fingerprints}")
     reject_table = to_table(rejects if rejects is not None else empty_rejects(), REJECT_SCHEMA)
     shard_uri = storage.join(cache_uri, "shards", f"{shard_name}.parquet")
-    _write_table(reject_table, storage.join(cache_uri, "rejects", f"{shard_name}.parquet"))
-    _write_table(table, shard_uri)
+    write_table(reject_table, storage.join(cache_uri, "rejects", f"{shard_name}.parquet"))
+    write_table(table, shard_uri)
     record = {
         "rows": table.num_rows,
         "images": len(set(table.column("image_id").to_pylist())),
@@ -140,6 +140,17 @@ def completed_shards(cache_uri: str) -> dict[str, dict]:
     listed = storage.read_json(completed_uri) if storage.exists(completed_uri) else {}
     # A commit whose manifest rewrite raced another's is still in the markers.
     return {**listed, **_merged_markers(cache_uri)}
+
+
+def remove_shard(cache_uri: str, shard_name: str) -> None:
+    """Withdraw a shard (e.g. left over from a larger earlier input): marker first, then files."""
+    _check_name(shard_name)
+    for parts in ((_MARKERS, f"{shard_name}.json"), ("shards", f"{shard_name}.parquet"),
+                  ("rejects", f"{shard_name}.parquet")):
+        fs, path = storage.filesystem(storage.join(cache_uri, *parts))
+        if fs.exists(path):
+            fs.rm(path)
+    storage.atomic_write_json(storage.join(cache_uri, COMPLETED), _merged_markers(cache_uri))
 
 
 @dataclass
@@ -247,3 +258,52 @@ class MaskCache:
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get the index but not the parent's decoded tables.
         return {**self.__dict__, "_tables": OrderedDict()}
+
+
+def mask_box(mask: np.ndarray) -> list[float]:
+    """Tight x0, y0, x1, y1 pixel box of a non-empty mask (x1, y1 exclusive)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def shard_row(
+    image_id: str,
+    image_uri: str,
+    caption: str,
+    height: int,
+    width: int,
+    fingerprint: str,
+    noun: str | None = None,
+    token_positions: list[int] | None = None,
+    mask: np.ndarray | None = None,
+    box: list[float] | None = None,
+    score: float | None = None,
+) -> dict[str, Any]:
+    """One shard row; without ``noun`` it is the single row of an image with no grounded noun."""
+    return {
+        "image_id": image_id,
+        "image_uri": image_uri,
+        "caption": caption,
+        "noun": noun,
+        "token_positions": list(token_positions or []),
+        "mask_counts": rle.encode(mask) if mask is not None else None,
+        "height": int(height),
+        "width": int(width),
+        "box": box if box is not None else (mask_box(mask) if mask is not None else None),
+        "score": score,
+        "fingerprint": fingerprint,
+    }
+
+
+def reject_row(image_id: str, image_uri: str, stage: str, reason: str, noun: str | None = None) -> dict[str, Any]:
+    return {"image_id": image_id, "image_uri": image_uri, "noun": noun, "stage": stage, "reason": reason}
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=SHARD_SCHEMA.names)
+
+
+def rejects_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=REJECT_SCHEMA.names)

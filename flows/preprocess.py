@@ -1,0 +1,82 @@
+"""Stages 1-2 flows: captions -> nouns table -> Grounded-SAM mask cache.
+
+    tokencompose nouns -p tiny --input data/manifest.jsonl
+    tokencompose masks -p sd14 masks.box_threshold=0.3
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from prefect import flow
+
+from tasks.common import stage_fingerprint
+from tasks.preprocess import mask_shard_task, nouns_task
+from tokencompose_core import mask_cache, storage
+from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.grounding import masks_fingerprint, plan_shards, shard_inputs_digest
+from tokencompose_core.models import fingerprint as models_fingerprint
+
+
+def nouns_dir(config: PipelineConfig) -> str:
+    return storage.join(config.storage.root, "nouns")
+
+
+def masks_dir(config: PipelineConfig) -> str:
+    return storage.join(config.storage.root, "masks")
+
+
+@flow(name="nouns", log_prints=True)
+def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
+    """Stage 1. ``input_uri``: the manifest (default ``nouns.manifest`` of the profile)."""
+    config = load_config(profile, overrides)
+    manifest_uri = input_uri or config.nouns.manifest
+    if not manifest_uri:
+        raise ValueError("no manifest: pass --input <manifest.jsonl|.parquet> or set nouns.manifest")
+    digest = hashlib.sha256(storage.read_bytes(manifest_uri)).hexdigest()[:16]
+    result = nouns_task(manifest_uri, digest, nouns_dir(config), config.nouns.model_dump(mode="json"),
+                        config.models.model_dump(mode="json"), config.masks.max_image_pixels,
+                        stage_fingerprint(config, "nouns"))
+    print(f"nouns: {result['rows']} rows for {result['images']} images, {result['rejects']} rejects")
+    return {"manifest_uri": manifest_uri, **result}
+
+
+@flow(name="masks", log_prints=True)
+def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
+    """Stage 2, one task per shard. ``input_uri``: the nouns table (default: stage 1's output)."""
+    config = load_config(profile, overrides)
+    nouns_uri = input_uri or storage.join(nouns_dir(config), "nouns.parquet")
+    cache_uri = masks_dir(config)
+    shards = plan_shards(storage.read_parquet(nouns_uri), config.masks.shard_size)
+    fingerprint = masks_fingerprint(models_fingerprint(config.models), config.masks)
+    models, masks = config.models.model_dump(mode="json"), config.masks.model_dump(mode="json")
+    # Shards of an earlier, larger input would otherwise stay in the cache.
+    planned = {name for name, _ in shards}
+    for stale in sorted(set(mask_cache.completed_shards(cache_uri)) - planned):
+        mask_cache.remove_shard(cache_uri, stale)
+    futures = [
+        mask_shard_task.submit(nouns_uri, cache_uri, name, rows["image_id"].drop_duplicates().tolist(),
+                               shard_inputs_digest(rows), models, masks, fingerprint)
+        for name, rows in shards
+    ]
+    results = [future.result() for future in futures]
+    summary = {
+        "nouns_uri": nouns_uri,
+        "cache_uri": cache_uri,
+        "fingerprint": fingerprint,
+        "shards": len(results),
+        "shards_skipped": sum(bool(r["skipped"]) for r in results),
+        "images": sum(r["images"] for r in results),
+        "rows": sum(r["rows"] for r in results),
+        "rejects": sum(r["rejects"] for r in results),
+    }
+    print(f"masks: {summary}")
+    return summary
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
+    """Stages 1 and 2 chained: manifest -> nouns table -> mask cache."""
+    nouns = nouns_flow(profile, overrides, input_uri)
+    masks = masks_flow(profile, overrides, nouns["nouns_uri"])
+    return {"nouns": nouns, "masks": masks}

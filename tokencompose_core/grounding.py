@@ -1,0 +1,369 @@
+"""Grounded-SAM: GroundingDINO boxes for a caption's nouns -> SAM masks per noun.
+
+Per batch of images: one GroundingDINO forward, each image prompted with its own
+"noun1 . noun2 . noun3 ." caption. A query is kept when its best token logit is
+above ``box_threshold``; its phrase is the decoded text of the tokens above
+``text_threshold`` (groundingdino's ``get_phrases_from_posmap``), and the phrase
+is matched back to one of the caption's nouns (:func:`match_phrase`). Then per
+image: one SAM image embedding and ONE batched ``predict_torch`` call for all kept
+boxes; the masks of boxes matched to the same noun are unioned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from tokencompose_core import mask_cache
+
+# GroundingDINO's ImageNet normalisation and its 800/1333 short/long side ratio.
+_MEAN = [0.485, 0.456, 0.406]
+_STD = [0.229, 0.224, 0.225]
+_MAX_SIZE_RATIO = 1333 / 800
+
+
+@dataclass
+class Grounding:
+    """One noun grounded in one image."""
+
+    noun: str
+    mask: np.ndarray  # (H, W) bool, the union of the noun's boxes' masks
+    box: list[float]  # x0, y0, x1, y1 pixels: the union of the noun's boxes
+    score: float  # the best box score of the noun
+
+
+@dataclass
+class Detection:
+    """One kept GroundingDINO query, already matched to a noun."""
+
+    noun: str
+    box: list[float]  # x0, y0, x1, y1 pixels
+    score: float
+
+
+def _words(text: str) -> list[str]:
+    """Lowercased words, hyphens glued to their neighbours ("t - shirt" -> ["t-shirt"])."""
+    return re.sub(r"\s*-\s*", "-", text.lower()).split()
+
+
+def _contains(outer: list[str], inner: list[str]) -> bool:
+    return bool(inner) and any(outer[i : i + len(inner)] == inner for i in range(len(outer) - len(inner) + 1))
+
+
+def match_phrase(phrase: str, nouns: Sequence[str], noun_scores: Sequence[float] | None = None) -> str | None:
+    """The caption noun a predicted phrase stands for, or None.
+
+    Rules in order: exact; ignoring case; ignoring hyphen spacing (BERT decodes
+    "t-shirt" as "t - shirt"); sub-phrase (the phrase inside a noun, "glass" for
+    "wine glass", or a noun inside the phrase when the tokens above the text
+    threshold ran over several nouns). Ties go to the noun with the higher score.
+    """
+    if phrase in nouns:
+        return phrase
+    scores = list(noun_scores) if noun_scores is not None else [0.0] * len(nouns)
+    phrase_words = _words(phrase)
+    noun_words = [_words(noun) for noun in nouns]
+    for same in (
+        lambda words: words == phrase_words,
+        lambda words: _contains(words, phrase_words),
+        lambda words: _contains(phrase_words, words),
+    ):
+        candidates = [i for i, words in enumerate(noun_words) if same(words)]
+        if candidates:
+            return nouns[max(candidates, key=lambda i: scores[i])]
+    return None
+
+
+def detection_caption(nouns: Sequence[str]) -> str:
+    """GroundingDINO's prompt: lowercased nouns separated by " . ", ending in " ."."""
+    return " . ".join(noun.lower().strip() for noun in nouns) + " ."
+
+
+def noun_token_spans(caption: str, nouns: Sequence[str], tokenizer: Any, max_len: int) -> list[range]:
+    """Each noun's token positions in the detector's tokenization of ``caption`` ([CLS] at 0)."""
+    spans, cursor = [], 0
+    for noun in nouns:
+        word = noun.lower().strip()
+        start = caption.index(word, cursor)
+        cursor = start + len(word)
+        first = len(tokenizer(caption[:start], add_special_tokens=False)["input_ids"]) + 1
+        last = len(tokenizer(caption[:cursor], add_special_tokens=False)["input_ids"]) + 1
+        spans.append(range(min(first, max_len), min(last, max_len)))  # beyond the text limit: empty
+    return spans
+
+
+def _resize_for_detector(image: Image.Image, short_side: int) -> torch.Tensor:
+    """GroundingDINO's eval transform: short side to ``short_side`` (long side capped), normalise."""
+    width, height = image.size
+    max_size = short_side * _MAX_SIZE_RATIO
+    scale = min(short_side / min(width, height), max_size / max(width, height))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    tensor = TF.to_tensor(image.resize((size[1], size[0]), Image.BILINEAR))
+    return TF.normalize(tensor, _MEAN, _STD)
+
+
+def _cxcywh_to_pixels(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    scale = torch.tensor([width, height, width, height], dtype=xyxy.dtype)
+    return (xyxy * scale).clamp(min=torch.zeros(4), max=scale)
+
+
+def union_by_noun(detections: Sequence[Detection], masks: np.ndarray) -> list[Grounding]:
+    """Union the masks (K, H, W) and boxes of detections of the same noun, in first-seen order."""
+    grouped: dict[str, list[int]] = {}
+    for index, detection in enumerate(detections):
+        grouped.setdefault(detection.noun, []).append(index)
+    result = []
+    for noun, indices in grouped.items():
+        boxes = np.array([detections[i].box for i in indices])
+        box = [float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()), float(boxes[:, 3].max())]
+        score = max(detections[i].score for i in indices)
+        result.append(Grounding(noun, masks[indices].any(axis=0), box, float(score)))
+    return result
+
+
+class GroundedSam:
+    """GroundingDINO + SAM, batched; ``__call__(images, nouns)`` -> groundings per image."""
+
+    def __init__(
+        self,
+        dino: torch.nn.Module,
+        sam: torch.nn.Module,
+        box_threshold: float = 0.25,
+        text_threshold: float = 0.25,
+        image_size: int = 800,
+        device: str = "cpu",
+        mixed_precision: str = "no",
+        max_boxes: int | None = None,
+    ) -> None:
+        from segment_anything import SamPredictor
+
+        self.dino = dino.eval().to(device)
+        self.predictor = SamPredictor(sam.eval().to(device))
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.image_size = image_size
+        self.device = device
+        self.mixed_precision = mixed_precision
+        self.max_boxes = max_boxes
+        # SamPredictor holds the current image: shards grounded from several
+        # threads of one process take turns.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, models: Any, masks: Any, random_weights: bool = False) -> "GroundedSam":
+        """Build from a ``ModelsConfig`` and a ``MasksConfig`` (models via ``tokencompose_core.models``)."""
+        from tokencompose_core.models import load_grounding_dino, load_sam
+
+        device = resolve_device(masks.device)
+        options = {"random_weights": True} if random_weights else {}
+        return cls(
+            load_grounding_dino(models, device=device, **options),
+            load_sam(models, device=device, **options),
+            box_threshold=masks.box_threshold,
+            text_threshold=masks.text_threshold,
+            image_size=masks.image_size,
+            device=device,
+            mixed_precision=masks.mixed_precision,
+            max_boxes=masks.max_boxes,
+        )
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        if self.device.startswith("cuda") and self.mixed_precision in dtypes:
+            with torch.autocast("cuda", dtype=dtypes[self.mixed_precision]):
+                yield
+        else:
+            yield
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Detection]]:
+        """One GroundingDINO forward for the batch; kept boxes matched to each image's nouns."""
+        captions = [detection_caption(image_nouns) for image_nouns in nouns]
+        from groundingdino.util.misc import nested_tensor_from_tensor_list
+
+        # Images of different sizes are padded to one batch; the padding mask keeps
+        # each image's boxes relative to its own (unpadded) size.
+        batch = nested_tensor_from_tensor_list(
+            [_resize_for_detector(image, self.image_size).to(self.device) for image in images]
+        )
+        with self._autocast():
+            outputs = self.dino(batch, captions=captions)
+        logits = outputs["pred_logits"].float().sigmoid().cpu()  # (B, queries, text_len)
+        boxes = outputs["pred_boxes"].float().cpu()  # (B, queries, 4) cx, cy, w, h in [0, 1]
+        return [
+            self._match(logits[b], boxes[b], captions[b], list(nouns[b]), images[b].size)
+            for b in range(len(images))
+        ]
+
+    def _match(
+        self, logits: torch.Tensor, boxes: torch.Tensor, caption: str, nouns: list[str], size: tuple[int, int]
+    ) -> list[Detection]:
+        tokenizer = self.dino.tokenizer
+        input_ids = tokenizer(caption)["input_ids"][: logits.shape[-1]]
+        logits = logits[:, : len(input_ids)]
+        best = logits.max(dim=-1).values
+        kept = torch.nonzero(best > self.box_threshold).flatten()
+        if self.max_boxes is not None:
+            kept = kept[best[kept].argsort(descending=True)[: self.max_boxes]]
+        spans = noun_token_spans(caption, nouns, tokenizer, len(input_ids))
+        # Tokens that can name an object: not [CLS]/[SEP] and not the " . " separators.
+        wordy = torch.zeros(len(input_ids), dtype=torch.bool)
+        for span in spans:
+            wordy[list(span)] = True
+        pixels = _cxcywh_to_pixels(boxes[kept], height=size[1], width=size[0])
+        detections = []
+        for row, query in enumerate(kept.tolist()):
+            above = (logits[query] > self.text_threshold) & wordy
+            phrase = tokenizer.decode([input_ids[i] for i in torch.nonzero(above).flatten().tolist()])
+            scores = [float(logits[query, list(span)].max()) if len(span) else 0.0 for span in spans]
+            noun = match_phrase(phrase, nouns, scores)
+            if noun is not None:
+                detections.append(Detection(noun, pixels[row].tolist(), float(best[query])))
+        return detections
+
+    @torch.no_grad()
+    def segment(self, image: Image.Image, detections: Sequence[Detection]) -> list[Grounding]:
+        """One SAM embedding of ``image``, one batched mask prediction for all boxes."""
+        if not detections:
+            return []
+        array = np.asarray(image)
+        with self._autocast():
+            self.predictor.set_image(array)
+            boxes = torch.tensor([d.box for d in detections], dtype=torch.float32, device=self.device)
+            boxes = self.predictor.transform.apply_boxes_torch(boxes, array.shape[:2])
+            masks, _, _ = self.predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+        self.predictor.reset_image()
+        return union_by_noun(detections, masks[:, 0].cpu().numpy())
+
+    def __call__(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Grounding]]:
+        """Groundings of each image's nouns (nouns without a detection are absent)."""
+        with self._lock:
+            detections = self.detect(images, nouns)
+            return [self.segment(image, found) for image, found in zip(images, detections)]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+MASKS_STAGE = "masks"
+
+
+def masks_fingerprint(models_fingerprint: str, masks: Any) -> str:
+    """Hash of the models and every mask setting that changes the cache's content."""
+    settings = masks.model_dump(include={"box_threshold", "text_threshold", "image_size", "mixed_precision",
+                                         "max_boxes", "max_image_pixels"})
+    payload = json.dumps({"models": models_fingerprint, "masks": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def shard_inputs_digest(nouns_rows: pd.DataFrame) -> str:
+    """Digest of a shard's input rows: a completed shard is reused only for the same inputs."""
+    columns = ["image_id", "image_uri", "caption", "noun", "token_positions"]
+    payload = nouns_rows[columns].to_json(orient="values")
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _image_rows(nouns_rows: pd.DataFrame) -> list[tuple[str, str, str, list[str], dict[str, list[int]]]]:
+    """(image_id, image_uri, caption, nouns, positions by noun) per image, in table order."""
+    images = []
+    for image_id, group in nouns_rows.groupby("image_id", sort=False):
+        named = group[group["noun"].notna()]
+        positions = {noun: [int(p) for p in pos] for noun, pos in zip(named["noun"], named["token_positions"])}
+        first = group.iloc[0]
+        images.append((str(image_id), str(first["image_uri"]), str(first["caption"]), list(positions), positions))
+    return images
+
+
+def ground_shard(
+    nouns_rows: pd.DataFrame,
+    grounder: Callable[[Sequence[Image.Image], Sequence[Sequence[str]]], list[list[Grounding]]],
+    fingerprint: str,
+    batch_size: int,
+    max_image_pixels: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Shard rows and rejects for the images of ``nouns_rows`` (a slice of the nouns table).
+
+    Unreadable or too large images are rejected and skipped; a noun without a
+    detection is rejected but its image stays (with its other nouns, or as the
+    single noun-less row that still trains with the denoising loss).
+    """
+    from tokencompose_core.manifest import ImageError, open_image
+
+    rows, rejects, loaded = [], [], []
+    for image_id, image_uri, caption, nouns, positions in _image_rows(nouns_rows):
+        try:
+            image = open_image(image_uri, max_image_pixels)
+        except ImageError as error:
+            rejects.append(mask_cache.reject_row(image_id, image_uri, MASKS_STAGE, str(error)))
+            continue
+        loaded.append((image_id, image_uri, caption, nouns, positions, image))
+    with_nouns = [item for item in loaded if item[3]]
+    groundings: dict[str, list[Grounding]] = {item[0]: [] for item in loaded}
+    for start in range(0, len(with_nouns), batch_size):
+        batch = with_nouns[start : start + batch_size]
+        for item, found in zip(batch, grounder([b[5] for b in batch], [b[3] for b in batch])):
+            groundings[item[0]] = found
+    for image_id, image_uri, caption, nouns, positions, image in loaded:
+        found = {g.noun: g for g in groundings[image_id]}
+        head = (image_id, image_uri, caption, image.height, image.width, fingerprint)
+        for noun in nouns:
+            if noun not in found:
+                rejects.append(mask_cache.reject_row(image_id, image_uri, MASKS_STAGE, "noun without detection", noun))
+                continue
+            g = found[noun]
+            rows.append(mask_cache.shard_row(*head, noun, positions[noun], g.mask, g.box, g.score))
+        if not found:
+            rows.append(mask_cache.shard_row(*head))
+    return mask_cache.rows_frame(rows), mask_cache.rejects_frame(rejects)
+
+
+def plan_shards(nouns: pd.DataFrame, shard_size: int) -> list[tuple[str, pd.DataFrame]]:
+    """Split the nouns table into shards of ``shard_size`` images, in table order."""
+    image_ids = nouns["image_id"].drop_duplicates().tolist()
+    shards = []
+    for number, start in enumerate(range(0, len(image_ids), shard_size)):
+        chosen = set(image_ids[start : start + shard_size])
+        shards.append((f"shard-{number:05d}", nouns[nouns["image_id"].isin(chosen)]))
+    return shards
+
+
+def run_mask_shard(
+    nouns_rows: pd.DataFrame,
+    cache_uri: str,
+    shard_name: str,
+    grounder_factory: Callable[[], Callable],
+    fingerprint: str,
+    batch_size: int,
+    max_image_pixels: int,
+) -> dict[str, Any]:
+    """Ground one shard and commit it, unless it is already committed for the same inputs.
+
+    The models come from ``grounder_factory`` only when there is work to do, so a
+    resumed run loads nothing for its completed shards.
+    """
+    inputs = shard_inputs_digest(nouns_rows)
+    done = mask_cache.completed_shards(cache_uri).get(shard_name)
+    if done and done.get("fingerprint") == fingerprint and done.get("inputs") == inputs:
+        return {"shard": shard_name, "skipped": True, **done}
+    rows, rejects = ground_shard(nouns_rows, grounder_factory(), fingerprint, batch_size, max_image_pixels)
+    # A shard where every image was rejected still commits (its rejects say why).
+    mask_cache.commit_shard(cache_uri, shard_name, rows, rejects, inputs=inputs)
+    return {"shard": shard_name, "skipped": False, **mask_cache.completed_shards(cache_uri)[shard_name]}

@@ -1,0 +1,306 @@
+"""Manifests in, the reference's released format in and out, and safe image opening.
+
+A manifest is JSONL or Parquet (any fsspec URL) of rows
+``{image: path-or-URL, captions: str | list[str], id?: str}``; relative image
+paths are relative to the manifest's folder. The reference format is a
+``metadata.jsonl`` of ``{file_name, text, attn_list: [[noun, mask_png | null], ...]}``
+plus a folder of mask PNGs; :func:`import_reference` turns it into a mask cache
+(so the authors' COCO masks train here unchanged) and :func:`export_reference`
+writes a cache back out in that format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+
+from tokencompose_core import mask_cache, storage
+from tokencompose_core.text import CaptionSelector, choose_caption, extract_nouns_batch, token_positions
+
+MANIFEST_COLUMNS = ["id", "image", "captions"]
+REFERENCE_STAGE = "reference"
+NOUNS_STAGE = "nouns"
+# Stage 1 output: one row per image x noun; noun is null on the single row of an
+# image without a usable noun (it still trains with the denoising loss).
+NOUNS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("caption", pa.string()),
+        ("noun", pa.string()),
+        ("token_positions", pa.list_(pa.int32())),
+    ]
+)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``str(error)`` is the rejects-table reason."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(base_dir: str, path: str) -> str:
+    """``path`` as a URI: absolute paths and URLs as they are, others under ``base_dir``."""
+    if is_url(path) or path.startswith("/"):
+        return path
+    joined = posixpath.join(base_dir, path)
+    # normpath would fold the '//' of a URL scheme.
+    return joined if is_url(base_dir) else posixpath.normpath(joined)
+
+
+def _read_rows(uri: str) -> list[dict[str, Any]]:
+    if uri.endswith((".parquet", ".pq")):
+        return storage.read_parquet(uri).to_dict("records")
+    text = storage.read_bytes(uri).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _captions(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return [str(caption) for caption in value if str(caption).strip()]
+
+
+def read_manifest(uri: str) -> pd.DataFrame:
+    """Rows ``id`` (str), ``image`` (URI), ``captions`` (list[str]); ids default to the image stem."""
+    base_dir = posixpath.dirname(uri)
+    records = []
+    for number, row in enumerate(_read_rows(uri), start=1):
+        if not row.get("image"):
+            raise ValueError(f"{uri}: row {number} has no 'image'")
+        image = resolve(base_dir, str(row["image"]))
+        image_id = row.get("id")
+        image_id = str(image_id) if image_id not in (None, "") else posixpath.splitext(posixpath.basename(image))[0]
+        records.append({"id": image_id, "image": image, "captions": _captions(row.get("captions"))})
+    frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS)
+    duplicated = frame["id"][frame["id"].duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"{uri}: duplicate image ids {duplicated[:5]}; give each row a unique 'id'")
+    return frame
+
+
+def open_image(uri: str, max_pixels: int) -> Image.Image:
+    """The RGB image at ``uri``; :class:`ImageError` (with the reason) when it cannot be used."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as error:
+        raise ImageError(f"unreadable image: file not found ({uri})") from error
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image too large: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"unreadable image: {type(error).__name__}: {error}") from error
+    # The header gives the size before any pixel is decoded: refuse bombs early.
+    if image.width * image.height > max_pixels:
+        raise ImageError(f"image too large: {image.width}x{image.height} > {max_pixels} pixels")
+    try:
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt pixel data
+        raise ImageError(f"unreadable image: {type(error).__name__}: {error}") from error
+
+
+def image_size(uri: str) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding pixels."""
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+        return image.height, image.width
+
+
+def _read_mask_png(uri: str) -> np.ndarray:
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+        return np.asarray(image.convert("L")) > 0
+
+
+def _reference_image(
+    row: dict[str, Any], base_dir: str, image_root: str, tokenizer: Any, fingerprint: str
+) -> tuple[list[dict], list[dict]]:
+    """Shard rows and rejects of one ``metadata.jsonl`` row."""
+    image_uri = resolve(image_root, row["file_name"])
+    image_id = posixpath.splitext(posixpath.basename(row["file_name"]))[0]
+    caption = row["text"]
+    grounded, rejects, size = [], [], None
+    for noun, mask_path in row.get("attn_list", []):
+        if mask_path is None:
+            rejects.append(mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, "noun without detection", noun))
+            continue
+        positions = token_positions(caption, noun, tokenizer)
+        if not positions:
+            rejects.append(mask_cache.reject_row(
+                image_id, image_uri, REFERENCE_STAGE, f"token-span failure: {positions.reason}", noun))
+            continue
+        mask = _read_mask_png(resolve(base_dir, mask_path))
+        size = mask.shape
+        grounded.append((noun, positions, mask))
+    if size is None:
+        try:
+            size = image_size(image_uri)
+        except (OSError, SyntaxError, ValueError) as error:
+            reason = f"unreadable image: {type(error).__name__}: {error}"
+            return [], rejects + [mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, reason)]
+    height, width = size
+    rows = [
+        mask_cache.shard_row(image_id, image_uri, caption, height, width, fingerprint, noun, positions, mask, score=float("nan"))
+        for noun, positions, mask in grounded
+    ] or [mask_cache.shard_row(image_id, image_uri, caption, height, width, fingerprint)]
+    return rows, rejects
+
+
+def import_reference(
+    metadata_uri: str,
+    cache_uri: str,
+    tokenizer: Any,
+    image_root: str | None = None,
+    shard_size: int = 256,
+    fingerprint: str = "reference-import",
+) -> dict[str, Any]:
+    """Write a mask cache from the reference's ``metadata.jsonl`` + mask PNGs.
+
+    Mask paths are relative to the metadata file's folder, image file names to
+    ``image_root`` (default: that folder too). Nouns with a null mask go to the
+    rejects as "noun without detection"; the score column is NaN (none released).
+    """
+    base_dir = posixpath.dirname(metadata_uri)
+    rows = _read_rows(metadata_uri)
+    shards = []
+    for start in range(0, len(rows), shard_size):
+        shard_rows, shard_rejects = [], []
+        for row in rows[start : start + shard_size]:
+            grounded, rejects = _reference_image(row, base_dir, image_root or base_dir, tokenizer, fingerprint)
+            shard_rows += grounded
+            shard_rejects += rejects
+        name = f"shard-{start // shard_size:05d}"
+        mask_cache.commit_shard(cache_uri, name, mask_cache.rows_frame(shard_rows), mask_cache.rejects_frame(shard_rejects))
+        shards.append(name)
+    return {"cache_uri": cache_uri, "shards": shards, "images": len(rows)}
+
+
+def _safe_name(noun: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", noun).strip("_") or "noun"
+
+
+def _png_bytes(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def export_reference(cache_uri: str, out_uri: str, image_root: str | None = None) -> str:
+    """Write ``metadata.jsonl`` + ``seg/<id>/mask_<id>_<noun>.png`` from a mask cache.
+
+    File names are relative to ``image_root`` when the image lies under it, else
+    the image URI. Nouns rejected as "noun without detection" come back with a
+    null mask, as in the reference. Returns the metadata URI.
+    """
+    cache = mask_cache.MaskCache(cache_uri)
+    rejects = cache.rejects()
+    undetected = rejects[rejects["reason"] == "noun without detection"].groupby("image_id")["noun"].apply(list)
+    lines = []
+    for image_id in cache.image_ids():
+        image = cache.get(image_id)
+        attn_list = []
+        for noun, mask in zip(image.nouns, image.masks):
+            relative = f"seg/{image_id}/mask_{image_id}_{_safe_name(noun)}.png"
+            storage.atomic_write_bytes(storage.join(out_uri, relative), _png_bytes(mask))
+            attn_list.append([noun, relative])
+        attn_list += [[noun, None] for noun in undetected.get(image_id, [])]
+        file_name = image.image_uri
+        if image_root and file_name.startswith(image_root.rstrip("/") + "/"):
+            file_name = file_name[len(image_root.rstrip("/")) + 1 :]
+        lines.append(json.dumps({"file_name": file_name, "text": image.caption, "attn_list": attn_list}))
+    metadata_uri = storage.join(out_uri, "metadata.jsonl")
+    storage.atomic_write_bytes(metadata_uri, ("\n".join(lines) + "\n").encode("utf-8"))
+    return metadata_uri
+
+
+def _chosen_captions(manifest: pd.DataFrame, selector: CaptionSelector | None, max_image_pixels: int) -> list[str | None]:
+    """One caption per row (None when it has none); CLIP choice needs the image."""
+    chosen: list[str | None] = []
+    for row in manifest.itertuples(index=False):
+        if not row.captions:
+            chosen.append(None)
+        elif selector is None or len(row.captions) == 1:
+            chosen.append(choose_caption(row.captions))
+        else:
+            try:
+                chosen.append(choose_caption(row.captions, open_image(row.image, max_image_pixels), selector))
+            except ImageError:  # stage 2 rejects the image; any caption will do here
+                chosen.append(row.captions[0])
+    return chosen
+
+
+def nouns_table(
+    manifest: pd.DataFrame,
+    tokenizer: Any,
+    spacy_model: str | None = None,
+    batch_size: int = 256,
+    selector: CaptionSelector | None = None,
+    max_image_pixels: int = 50_000_000,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 1: manifest rows -> (nouns table, rejects).
+
+    Rejected: rows without a caption (dropped), captions without nouns and nouns
+    without a token span (kept as an image with no usable noun).
+    """
+    captions = _chosen_captions(manifest, selector, max_image_pixels)
+    with_caption = [caption for caption in captions if caption is not None]
+    nouns_iter = iter(extract_nouns_batch(with_caption, model=spacy_model, batch_size=batch_size))
+    rows, rejects = [], []
+    for row, caption in zip(manifest.itertuples(index=False), captions):
+        if caption is None:
+            rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, "no caption"))
+            continue
+        nouns = next(nouns_iter)
+        if not nouns:
+            rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, "no nouns"))
+        usable = []
+        for noun in nouns:
+            positions = token_positions(caption, noun, tokenizer)
+            if positions:
+                usable.append({"noun": noun, "token_positions": list(positions)})
+            else:
+                reason = f"token-span failure: {positions.reason}"
+                rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, reason, noun))
+        for item in usable or [{"noun": None, "token_positions": []}]:
+            rows.append({"image_id": row.id, "image_uri": row.image, "caption": caption, **item})
+    table = pd.DataFrame(rows, columns=NOUNS_SCHEMA.names)
+    return table, mask_cache.rejects_frame(rejects)
+
+
+def write_nouns(table: pd.DataFrame, rejects: pd.DataFrame, out_dir: str) -> dict[str, str]:
+    """Publish ``nouns.parquet`` and ``rejects.parquet`` under ``out_dir`` atomically."""
+    uris = {"nouns_uri": storage.join(out_dir, "nouns.parquet"), "rejects_uri": storage.join(out_dir, "rejects.parquet")}
+    mask_cache.write_table(mask_cache.to_table(rejects, mask_cache.REJECT_SCHEMA), uris["rejects_uri"])
+    mask_cache.write_table(mask_cache.to_table(table, NOUNS_SCHEMA), uris["nouns_uri"])
+    return uris
+
+
+def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_image_pixels: int) -> dict[str, Any]:
+    """Stage 1 end to end: read the manifest, write ``nouns.parquet`` + ``rejects.parquet``.
+
+    ``nouns`` is a ``NounsConfig``, ``models`` a ``ModelsConfig`` (its CLIP tokenizer
+    gives the token positions; its ``clip_selector`` the CLIP caption choice).
+    """
+    from tokencompose_core.models import clip_tokenizer
+
+    selector = None
+    if nouns.caption_choice == "clip":
+        if not models.clip_selector:
+            raise ValueError("nouns.caption_choice is 'clip' but models.clip_selector is not set")
+        selector = CaptionSelector.from_pretrained(models.clip_selector)
+    manifest = read_manifest(manifest_uri)
+    table, rejects = nouns_table(manifest, clip_tokenizer(), nouns.spacy_model, nouns.batch_size, selector,
+                                 max_image_pixels)
+    uris = write_nouns(table, rejects, out_dir)
+    return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}
