@@ -77,6 +77,9 @@ class MasksConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: str = "auto"
     max_image_pixels: int = Field(50_000_000, gt=0)  # decompression-bomb guard
+    # Keep at most this many top-scoring boxes per image (None: all, as the reference);
+    # a guard for untrained/random detectors whose every query passes the threshold.
+    max_boxes: int | None = Field(None, gt=0)
 
 
 class GroundingLayersConfig(_Section):
