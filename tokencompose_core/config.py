@@ -116,6 +116,11 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
     seed: int = 0
+    # Folder under <root>/train/; None = derived from the models, data and this config.
+    run_name: str | None = None
+    cache_samples: bool = False  # keep decoded images and latent-grid masks in memory
+    cache_text_embeddings: bool = True  # the text encoder is frozen: encode each caption once
+    exclude_heldout: bool = True  # skip the score.heldout_images images used for attention mIoU
 
 
 class SampleConfig(_Section):

@@ -1,0 +1,151 @@
+"""Stage 3 end to end on tiny models: outputs, exact resume, pixel space, the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tokencompose_core import rle
+from tokencompose_core.attention import CaptureAttnProcessor
+from tokencompose_core.config import load_config
+from tokencompose_core.data import ResumableBatchSampler
+from tokencompose_core.mask_cache import commit_shard
+from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.text import token_positions
+from tokencompose_core import train as train_module
+from tokencompose_core.train import checkpoint_steps, train
+
+COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
+
+
+def make_cache(root: Path, images: int = 10, side: int = 64) -> str:
+    """A mask cache of coloured boxes with exact masks; the last image has no grounded noun."""
+    tokenizer = clip_tokenizer()
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(images):
+        nouns = list(COLOURS)[: 1 + index % 3] if index < images - 1 else []
+        caption = "a photo of " + (" and ".join(f"a {noun}" for noun in nouns) or "an empty room")
+        canvas = np.full((side, side + 16, 3), 128, dtype=np.uint8)  # not square: exercises the crop
+        uri = str(root / "images" / f"img{index}.png")
+        base = dict(image_id=f"img{index:02d}", image_uri=uri, caption=caption, height=side, width=side + 16,
+                    box=[0.0, 0.0, 1.0, 1.0], score=0.9, fingerprint="fixture")
+        for noun in nouns:
+            y, x = rng.integers(0, side - 24, size=2) + (0, 8)
+            mask = np.zeros((side, side + 16), dtype=bool)
+            mask[y : y + 24, x : x + 24] = True
+            canvas[mask] = COLOURS[noun]
+            positions = list(token_positions(caption, noun, tokenizer))
+            rows.append({**base, "noun": noun, "token_positions": positions, "mask_counts": rle.encode(mask)})
+        if not nouns:
+            rows.append({**base, "noun": None, "token_positions": [], "mask_counts": None})
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas).save(uri)
+    cache = str(root / "masks")
+    commit_shard(cache, "shard-00000", pd.DataFrame(rows))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def cache_uri(tmp_path_factory) -> str:
+    return make_cache(tmp_path_factory.mktemp("cache"))
+
+
+def _config(tmp_path: Path, *overrides: str):
+    return load_config("tiny", [f"storage.root={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2",
+                                "train.log_every=2", *overrides])
+
+
+def _weights(unet_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+
+
+def test_sampler_resumes_mid_epoch_and_splits_between_processes():
+    full = ResumableBatchSampler(10, 2, seed=3)
+    first = [batch for _, batch in zip(range(12), iter(full))]
+    resumed = [batch for _, batch in zip(range(5), iter(ResumableBatchSampler(10, 2, seed=3, start=7)))]
+    assert resumed == first[7:12]  # crosses an epoch boundary (5 batches per epoch)
+    assert sorted(sum(first[:5], [])) == list(range(10))
+    shards = [next(iter(ResumableBatchSampler(10, 5, seed=3, rank=r, world_size=2))) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+
+
+def test_train_outputs_checkpoints_and_stock_pipeline(tmp_path, cache_uri):
+    config = _config(tmp_path, "train.checkpoints_total_limit=1")
+    result = train(config, cache_uri, str(tmp_path / "run"))
+    run = tmp_path / "run"
+    assert result.global_step == 4 and result.unet_uri == str(run / "unet")
+    assert checkpoint_steps(str(run)) == [4]  # total limit 1
+    assert not [name for name in os.listdir(run / "checkpoints") if name.startswith(".tmp")]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    groups = {"mid_2", "up_4", "up_8"}
+    assert {f"token/{g}" for g in groups} | {f"pixel/{g}" for g in groups} <= set(records[0])
+    assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    assert set(result.final_losses) >= {"loss", "denoise", "token/up_8"}
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "tensorboard").is_dir()
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from tokencompose_core.models import resolve_diffusion_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_diffusion_dir(config.models), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.unet = UNet2DConditionModel.from_pretrained(result.unet_uri)
+    assert not any(isinstance(p, CaptureAttnProcessor) for p in pipe.unet.attn_processors.values())
+    image = pipe("a photo of a square", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkeypatch):
+    settings = ("train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.caption_dropout=0.3",
+                "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
+    straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+
+    save = train_module._Trainer.save
+
+    def save_then_die(self, output_dir, step, state, keep):
+        save(self, output_dir, step, state, keep)
+        if step == 2:
+            raise _Interrupted("killed after checkpoint 2")
+
+    monkeypatch.setattr(train_module._Trainer, "save", save_then_die)
+    with pytest.raises(_Interrupted):
+        train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
+    monkeypatch.setattr(train_module._Trainer, "save", save)
+    resumed = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
+
+    assert resumed.global_step == 4
+    ours, theirs = _weights(resumed.unet_uri), _weights(straight.unet_uri)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_pixel_space_plain_fine_tune_from_init_unet(tmp_path, cache_uri):
+    overrides = ("models.diffusion=tiny-pixel", "train.resolution=16", "train.token_loss_weight=0",
+                 "train.pixel_loss_weight=0", "train.max_steps=2", "train.cache_samples=true")
+    base = train(_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
+    records = (tmp_path / "base" / "metrics.jsonl").read_text()
+    assert "token/" not in records and "denoise" in records
+    grounded = train(
+        _config(tmp_path, "models.diffusion=tiny-pixel", "train.resolution=16", "train.max_steps=2",
+                "train.grounding.layers=[up]", "train.grounding.group_weights={up_8: 0.0}"),
+        cache_uri, str(tmp_path / "grounded"), init_unet=base.unet_uri,
+    )
+    assert {key.split("/")[1] for key in grounded.final_losses if "/" in key} == {"up_16"}

@@ -1,0 +1,154 @@
+"""Training data from the stage-2 mask cache: images, captions, nouns and latent-grid masks.
+
+Each image is centre-cropped to a square and resized to the training
+resolution; its masks get the same crop and go straight to the latent grid
+(bilinear, then > 0, as METHOD.md), so a batch carries small masks only. The
+loss resizes them further to each supervised layer's resolution.
+
+Batches are drawn by :class:`ResumableBatchSampler`: an endless sequence of
+seeded per-epoch permutations, split between processes, that can start at any
+micro-batch, so resuming a run continues the exact data order.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokencompose_core import storage
+from tokencompose_core.evaluation import heldout_image_ids
+from tokencompose_core.mask_cache import MaskCache, resize_masks
+
+
+def load_image(uri: str) -> Image.Image:
+    """An RGB image from any fsspec URI."""
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+        return image.convert("RGB")
+
+
+def _center_square(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the central square crop."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
+def training_image_ids(cache: MaskCache, heldout: int) -> list[str]:
+    """The cache's images minus the ``heldout`` ones kept for attention-map scoring."""
+    excluded = set(heldout_image_ids(cache.image_ids(), heldout)) if heldout else set()
+    ids = [image_id for image_id in cache.image_ids() if image_id not in excluded]
+    if not ids:
+        raise ValueError(f"no training images in {cache.uri} after holding out {heldout}")
+    return ids
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """Examples ``{pixels (3, R, R) uint8, caption, masks (N, m, m) uint8, token_positions}``.
+
+    ``mask_size`` is the latent side (resolution / VAE factor). With
+    ``in_memory`` every example is decoded once and kept: worth it for small
+    images (the synthetic demo), where decoding would dominate the step.
+    """
+
+    def __init__(
+        self, cache: MaskCache, image_ids: list[str], resolution: int, mask_size: int, in_memory: bool = False
+    ) -> None:
+        self.cache = cache
+        self.image_ids = list(image_ids)
+        self.resolution = resolution
+        self.mask_size = mask_size
+        self._memory: dict[int, dict] | None = {} if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._memory is not None and index in self._memory:
+            return self._memory[index]
+        example = self._load(self.image_ids[index])
+        if self._memory is not None:
+            self._memory[index] = example
+        return example
+
+    def _load(self, image_id: str) -> dict:
+        grounded = self.cache.get(image_id)
+        image = load_image(grounded.image_uri)
+        top, left, side = _center_square(image.height, image.width)
+        image = image.crop((left, top, left + side, top + side))
+        if image.size != (self.resolution, self.resolution):
+            image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        # Masks are stored at the image's recorded size; crop the same square of them.
+        mtop, mleft, mside = _center_square(grounded.height, grounded.width)
+        masks = grounded.masks[:, mtop : mtop + mside, mleft : mleft + mside]
+        masks = resize_masks(masks, (self.mask_size, self.mask_size))
+        return {
+            "pixels": pixels,
+            "caption": grounded.caption,
+            "masks": torch.from_numpy(masks),
+            "token_positions": grounded.token_positions,
+        }
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (B, 3, R, R) float in [-1, 1]
+    captions: list[str]
+    masks: torch.Tensor  # (B, N, m, m) uint8, zero-padded nouns
+    token_positions: torch.Tensor  # (B, N, K) long, -1 padded
+
+
+def collate(examples: list[dict]) -> Batch:
+    """Stack images; pad nouns and token positions so each sample keeps its own."""
+    nouns = max(1, max(len(e["token_positions"]) for e in examples))
+    width = max(1, max((len(p) for e in examples for p in e["token_positions"]), default=1))
+    mask_size = examples[0]["masks"].shape[-2:]
+    masks = torch.zeros(len(examples), nouns, *mask_size, dtype=torch.uint8)
+    positions = torch.full((len(examples), nouns, width), -1, dtype=torch.long)
+    for b, example in enumerate(examples):
+        count = len(example["token_positions"])
+        if count:
+            masks[b, :count] = example["masks"]
+        for i, tokens in enumerate(example["token_positions"]):
+            positions[b, i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+    pixels = torch.stack([e["pixels"] for e in examples]).float().div_(127.5).sub_(1.0)
+    return Batch(pixels, [e["caption"] for e in examples], masks, positions)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of indices: epoch ``e`` is a permutation seeded by ``seed + e``.
+
+    Each of ``world_size`` processes takes every ``world_size``-th index of the
+    permutation (all get the same count), cut into full batches; ``start`` skips
+    that many of this process's batches, which is how a resumed run continues.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.batches_per_epoch = (num_samples // world_size) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_samples} training images cannot fill one batch of {batch_size} on {world_size} process(es)"
+            )
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[self.rank :: self.world_size]
+        order = order[: self.batches_per_epoch * self.batch_size].view(-1, self.batch_size)
+        return order.tolist()
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.batches_per_epoch)
+        while True:
+            yield from self._epoch(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
