@@ -225,7 +225,7 @@ def _hub_snapshot(repo_id: str, what: str, how: str) -> str:
     except Exception as error:  # not cached, or not a valid repo id (e.g. a missing local dir)
         raise MissingWeightsError(
             f"{what} {repo_id!r} is neither a local directory nor in the Hugging Face cache "
-            f"(models are read offline). Get it with `huggingface-cli download {repo_id}`{how}, "
+            f"(models are read offline). Get it with `huggingface-cli download {repo_id}{how}`, "
             f"or point the profile at a local copy. ({type(error).__name__})"
         ) from None
 
