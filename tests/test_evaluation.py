@@ -140,9 +140,8 @@ def test_segmentation_miou_perfect_maps_give_full_score(monkeypatch: pytest.Monk
 
     import tokencompose_core.attention as attention
     import tokencompose_core.mask_cache as mask_cache
-    import tokencompose_core.models as models
 
-    monkeypatch.setattr(models, "load_diffusion", lambda *a, **k: Parts())
+    monkeypatch.setattr(evaluation, "load_parts", lambda *a, **k: Parts())
     monkeypatch.setattr(attention, "supervised_groups", lambda unet, layers, size: {"up_8": ["a"], "mid_4": ["b"]})
     monkeypatch.setattr(attention, "AttentionCapture", Capture)
     monkeypatch.setattr(mask_cache, "MaskCache", Cache)

@@ -21,7 +21,14 @@ from PIL import Image
 
 from tokencompose_core import storage
 from tokencompose_core.config import ModelsConfig, PipelineConfig
-from tokencompose_core.sampling import Prompt, encode_prompts, png_bytes, resolve_device, resolve_dtype
+from tokencompose_core.sampling import (
+    Prompt,
+    encode_prompts,
+    load_parts,
+    png_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 
 DETECTION_COLUMNS = ["prompt_id", "image_index", "category", "score", "box"]
 MAX_K = 5
@@ -230,12 +237,9 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
     """
     from tokencompose_core.attention import AttentionCapture, supervised_groups
     from tokencompose_core.mask_cache import MaskCache
-    from tokencompose_core.models import load_diffusion
-
     score = config.score
     device = resolve_device(score.device)
-    parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device,
-                           dtype=resolve_dtype(config.sample.mixed_precision, device))
+    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(config.sample.mixed_precision, device))
     side = config.sample.resolution or parts.sample_size
     groups = supervised_groups(parts.unet, list(config.train.grounding.layers), side // parts.vae_scale_factor)
     if not groups:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ MULTIGEN_SETS = {
 }
 _RESOURCES = Path(__file__).resolve().parent / "resources" / "multigen"
 INDEX_COLUMNS = ["prompt_id", "image_index", "seed", "prompt", "image_uri", "model_fingerprint"]
+# transformers/diffusers build models under process-global init patches (meta device):
+# two threads loading at once (shards on a thread-pool task runner) corrupt each other.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,18 @@ def build_scheduler(name: str, base_config: Any) -> Any:
     # StableDiffusionPipeline runs PNDM without the Runge-Kutta warm-up steps.
     extra = {"skip_prk_steps": True} if name == "pndm" else {}
     return classes[name].from_config(base_config, **extra)
+
+
+def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    """:func:`tokencompose_core.models.load_diffusion`, one thread at a time."""
+    from tokencompose_core.models import load_diffusion
+
+    with _LOAD_LOCK:
+        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=dtype)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        if module is not None:
+            module.eval()
+    return parts
 
 
 def resolve_device(device: str) -> torch.device:
@@ -300,8 +316,6 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     With ``shard=(i, n)``, n > 1, this worker makes every n-th image and writes
     ``shards/index-i-of-n.parquet`` (and stats); :func:`merge_shards` joins them.
     """
-    from tokencompose_core.models import load_diffusion
-
     cfg = config.sample
     fp = model_fingerprint(model_dir, unet_dir)
     meta = {"settings_fingerprint": settings_fingerprint(config, fp), "model_fingerprint": fp,
@@ -312,8 +326,7 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     seconds = 0.0
     if todo:
         device = resolve_device(cfg.device)
-        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device,
-                               dtype=resolve_dtype(cfg.mixed_precision, device))
+        parts = load_parts(model_dir, unet_dir, device, resolve_dtype(cfg.mixed_precision, device))
         seconds = _generate(parts, config, todo, device)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
