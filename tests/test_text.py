@@ -1,0 +1,99 @@
+"""Noun phrases and their token positions in the SD (CLIP) tokenization."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.text import (
+    NOT_CONTIGUOUS,
+    NOT_FOUND,
+    TRUNCATED,
+    TokenPositions,
+    choose_caption,
+    extract_nouns,
+    extract_nouns_batch,
+    token_positions,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return clip_tokenizer()
+
+
+@pytest.mark.parametrize(
+    "caption, nouns",
+    [
+        ("A cat is lying on its back in a man's lap.", ["cat", "back", "man", "lap"]),
+        ("a wine glass next to a teddy bear and a t-shirt", ["wine glass", "teddy bear", "t-shirt"]),
+        ("A dog chases another dog near the Dog house.", ["dog", "Dog house"]),
+        ("A Smart Car parked next to a parking meter", ["Smart Car", "parking meter"]),
+        ("It is very big and red.", []),
+    ],
+)
+def test_extract_nouns(caption: str, nouns: list[str]) -> None:
+    assert extract_nouns(caption) == nouns
+
+
+def test_batch_matches_single() -> None:
+    captions = ["a bowl of apples", "two zebras on a field", "!!!"]
+    assert extract_nouns_batch(captions, batch_size=2) == [extract_nouns(c) for c in captions]
+
+
+def test_positions_of_a_multi_word_noun(tokenizer) -> None:
+    # [<start>, a, photo, of, a, wine, glass, <end>]
+    assert token_positions("a photo of a wine glass", "wine glass", tokenizer) == [5, 6]
+    assert token_positions("a photo of a wine glass", "photo", tokenizer) == [2]
+
+
+def test_positions_are_case_insensitive_and_hyphen_tolerant(tokenizer) -> None:
+    assert token_positions("A Photo of a Wine Glass", "wine glass", tokenizer) == [5, 6]
+    caption = "a man in a t-shirt"
+    assert token_positions(caption, "t - shirt", tokenizer) == token_positions(caption, "t-shirt", tokenizer)
+    assert len(token_positions(caption, "t-shirt", tokenizer)) == 3  # t, -, shirt
+
+
+def test_multi_piece_word_keeps_every_piece(tokenizer) -> None:
+    caption = "a teddybear on a bed"
+    positions = token_positions(caption, "teddybear", tokenizer)
+    pieces = tokenizer("teddybear", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and positions == list(range(2, 2 + len(pieces)))
+    assert tokenizer(caption)["input_ids"][positions[0] : positions[-1] + 1] == pieces
+
+
+def test_repeated_noun_takes_the_first_occurrence(tokenizer) -> None:
+    assert token_positions("a dog chases a dog", "dog", tokenizer) == [2]
+
+
+def test_failures_carry_a_reason(tokenizer) -> None:
+    typo = token_positions("a photo of a cat", "caat", tokenizer)
+    assert isinstance(typo, TokenPositions) and typo == [] and typo.reason == NOT_FOUND
+    # A whole-word match only: "bear" is not a word of "teddybear".
+    assert token_positions("a teddybear", "bear", tokenizer).reason == NOT_FOUND
+    long_caption = "a " * 80 + "dog"
+    cut = token_positions(long_caption, "dog", tokenizer)
+    assert cut == [] and cut.reason == TRUNCATED
+    assert token_positions("a " * 73 + "dog", "dog", tokenizer) == [74]  # 75 is the last usable
+    assert token_positions("a " * 74 + "dog", "dog", tokenizer) == [75]
+    assert token_positions("a " * 75 + "dog", "dog", tokenizer).reason == TRUNCATED
+    assert token_positions("a cat", "", tokenizer).reason == NOT_FOUND
+    assert token_positions("a cat", "cat", tokenizer).reason is None
+
+
+def test_span_straddling_a_token_is_not_contiguous() -> None:
+    class CharPairs:  # a tokenizer whose pieces are character pairs: "abcd" -> ab, cd
+        model_max_length = 77
+
+        def __call__(self, text, add_special_tokens=False, verbose=False):
+            squashed = text.replace(" ", "")
+            return {"input_ids": [squashed[i : i + 2] for i in range(0, len(squashed), 2)]}
+
+    assert token_positions("xab cd", "cd", CharPairs()).reason == NOT_CONTIGUOUS  # pieces xa, bc, d
+    assert token_positions("xa bc", "bc", CharPairs()) == [2]
+
+
+def test_choose_caption_defaults_to_the_first() -> None:
+    assert choose_caption(["one", "two"]) == "one"
+    with pytest.raises(ValueError):
+        choose_caption([])
