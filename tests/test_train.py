@@ -149,3 +149,19 @@ def test_pixel_space_plain_fine_tune_from_init_unet(tmp_path, cache_uri):
         cache_uri, str(tmp_path / "grounded"), init_unet=base.unet_uri,
     )
     assert {key.split("/")[1] for key in grounded.final_losses if "/" in key} == {"up_16"}
+
+
+def test_train_flow_names_the_run_and_caches(tmp_path, cache_uri, prefect_harness):
+    from flows.train import train_flow
+
+    overrides = [f"storage.root={tmp_path}", "train.max_steps=2"]
+    summary = train_flow("tiny", overrides, input_uri=cache_uri)
+    run = Path(summary["output_uri"])
+    assert run.parent == tmp_path / "train" and run.name.startswith("run-")
+    assert summary["global_step"] == 2 and summary["unet_uri"] == str(run / "unet")
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert train_flow("tiny", overrides, input_uri=cache_uri) == summary
+    assert weights.stat().st_mtime_ns == written  # second run: a cache hit, nothing retrained
+    other = train_flow("tiny", [*overrides, "train.learning_rate=3e-4"], input_uri=cache_uri)
+    assert other["output_uri"] != summary["output_uri"]

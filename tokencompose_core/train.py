@@ -35,7 +35,6 @@ import argparse
 import io
 import json
 import logging
-import hashlib
 import os
 import random
 import shutil
@@ -559,18 +558,6 @@ def _loop(config: PipelineConfig, trainer: _Trainer, model: _Model, loader, metr
     if writer is not None:
         writer.close()
     return global_step
-
-
-def run_name(config: PipelineConfig, cache_uri: str, model_fingerprint: str) -> str:
-    """``train.run_name``, else a short digest of what determines the trained weights."""
-    if config.train.run_name:
-        return config.train.run_name
-    ignored = {"resume", "num_workers", "log_every", "checkpoint_every", "checkpoints_total_limit", "run_name",
-               "cache_samples", "cache_text_embeddings"}
-    settings = config.train.model_dump(mode="json", exclude=ignored)
-    payload = json.dumps({"train": settings, "cache": cache_uri, "models": model_fingerprint,
-                          "heldout": config.score.heldout_images}, sort_keys=True)
-    return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def main(argv: list[str] | None = None) -> int:
