@@ -186,7 +186,7 @@ def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class _Item:
+class SampleItem:
     prompt: Prompt
     image_index: int
     seed: int
@@ -268,18 +268,18 @@ def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
 
 
 def shard_items(prompts: list[Prompt], images_per_prompt: int, base_seed: int, out_uri: str,
-                shard: tuple[int, int]) -> list[_Item]:
+                shard: tuple[int, int]) -> list[SampleItem]:
     """This shard's (prompt, image index) pairs: every n-th pair of the full list."""
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {shard} is not (i, n) with 0 <= i < n")
     folder = storage.join(out_uri, "images", f"shard-{index:05d}")
     pairs = [(p, i) for p in prompts for i in range(images_per_prompt)]
-    return [_Item(p, i, image_seed(base_seed, p.prompt_id, i), storage.join(folder, f"p{p.prompt_id}_i{i}.png"))
+    return [SampleItem(p, i, image_seed(base_seed, p.prompt_id, i), storage.join(folder, f"p{p.prompt_id}_i{i}.png"))
             for k, (p, i) in enumerate(pairs) if k % count == index]
 
 
-def _batches(items: list[_Item], size: int) -> Iterator[list[_Item]]:
+def _batches(items: list[SampleItem], size: int) -> Iterator[list[SampleItem]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -327,7 +327,7 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     if todo:
         device = resolve_device(cfg.device)
         parts = load_parts(model_dir, unet_dir, device, resolve_dtype(cfg.mixed_precision, device))
-        seconds = _generate(parts, config, todo, device)
+        seconds = generate_images(parts, config, todo, device)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
     index_uri = shard_index_uri(out_uri, shard)
@@ -341,7 +341,7 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     return index_uri
 
 
-def _generate(parts: Any, config: PipelineConfig, items: list[_Item], device: torch.device) -> float:
+def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem], device: torch.device) -> float:
     """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
     from tqdm.auto import tqdm
 
