@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from tokencompose_core import models as M
-from tokencompose_core.config import GroundingDinoConfig, ModelsConfig, SamConfig
+from tokencompose_core.config import GroundingDinoConfig, ModelsConfig, SamConfig, configs_dir
 from tokencompose_core.gdino_compat import BertModelWarper
 
 PRETRAINED = dict(
@@ -227,3 +227,19 @@ def test_fingerprint_tracks_config_seed_and_weight_files(tiny: ModelsConfig, tmp
     before = M.fingerprint(real)
     checkpoint.write_bytes(b"v2-longer")
     assert M.fingerprint(real) != before and len(before) == 16
+
+
+def test_arch_without_vae_is_a_pixel_space_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    arch = tmp_path / "configs" / "models" / "pixel-test"
+    shutil.copytree(configs_dir() / "models" / "tiny", arch, ignore=shutil.ignore_patterns("vae"))
+    unet_config = json.loads((arch / "unet" / "config.json").read_text())
+    unet_config.update(in_channels=3, out_channels=3, sample_size=16)
+    (arch / "unet" / "config.json").write_text(json.dumps(unet_config))
+    monkeypatch.setenv("TOKENCOMPOSE_CONFIGS", str(tmp_path / "configs"))
+    model_dir = M.resolve_diffusion_dir(ModelsConfig(diffusion="pixel-test", cache_dir=str(tmp_path / "cache")))
+    parts = M.load_diffusion(model_dir)
+    assert parts.vae is None and not os.path.exists(f"{model_dir}/vae")
+    assert (parts.sample_size, parts.vae_scale_factor, parts.latent_channels, parts.latent_scaling) == (16, 1, 3, 1.0)

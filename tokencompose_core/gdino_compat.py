@@ -54,10 +54,13 @@ class BertModelWarper(nn.Module):
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids
         )
-        encoded = self.encoder(hidden, attention_mask=additive_attention_mask(attention_mask, hidden.dtype))
+        mask = additive_attention_mask(attention_mask, hidden.dtype)
+        encoded = self.encoder(hidden, attention_mask=mask)
         sequence = encoded.last_hidden_state
         pooled = self.pooler(sequence) if self.pooler is not None else None
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=sequence, pooler_output=pooled)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence, pooler_output=pooled
+        )
 
 
 def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

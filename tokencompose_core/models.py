@@ -100,7 +100,11 @@ class DiffusionParts:
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP's reversible byte -> printable character table (in CLIP's vocab order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -184,7 +188,8 @@ def _library_versions() -> str:
     import transformers
 
     # Random init depends on library code, so it is part of a tiny model's identity.
-    return f"torch={torch.__version__};diffusers={diffusers.__version__};transformers={transformers.__version__}"
+    versions = (("torch", torch), ("diffusers", diffusers), ("transformers", transformers))
+    return ";".join(f"{name}={module.__version__}" for name, module in versions)
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -212,7 +217,8 @@ def _load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     if missing or unexpected:
         raise ValueError(
             f"{source} does not match the model architecture: "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+            f"{len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
         )
 
 
@@ -261,9 +267,9 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
 
 def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
     arch = _arch_dir(models.diffusion)
-    key = hashlib.sha256(f"{_tree_digest(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}".encode())
+    identity = f"{_tree_digest(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
     cache = Path(models.cache_dir).resolve()
-    target = cache / f"{models.diffusion}-{key.hexdigest()[:16]}"
+    target = cache / f"{models.diffusion}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     if (target / "model_index.json").is_file():
         return str(target)
     cache.mkdir(parents=True, exist_ok=True)
@@ -282,29 +288,31 @@ def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
 
 def _diffusion_parts(arch: Path) -> list[Path]:
     """The sub-folders of an architecture folder that make up the diffusion model."""
-    return [arch / part for part in ("unet", "vae", "text_encoder", "scheduler") if (arch / part).is_dir()]
+    parts = ("unet", "vae", "text_encoder", "scheduler")
+    return [arch / part for part in parts if (arch / part).is_dir()]
 
 
 def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
-    with _seeded(seed, "unet"):
-        UNet2DConditionModel.from_config(_read_json(arch / "unet" / "config.json")).save_pretrained(out / "unet")
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    if (arch / "vae" / "config.json").is_file():
-        with _seeded(seed, "vae"):
-            AutoencoderKL.from_config(_read_json(arch / "vae" / "config.json")).save_pretrained(out / "vae")
-        index["vae"] = ["diffusers", "AutoencoderKL"]
-    with _seeded(seed, "text_encoder"):
-        text_config = CLIPTextConfig.from_dict(_read_json(arch / "text_encoder" / "config.json"))
-        CLIPTextModel(text_config).save_pretrained(out / "text_encoder")
-    index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    components = [
+        ("unet", "diffusers", "UNet2DConditionModel", UNet2DConditionModel.from_config),
+        ("vae", "diffusers", "AutoencoderKL", AutoencoderKL.from_config),
+        ("text_encoder", "transformers", "CLIPTextModel", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
+    ]
+    for name, library, class_name, build in components:
+        config_file = arch / name / "config.json"
+        if name == "vae" and not config_file.is_file():
+            continue  # no VAE: a pixel-space model
+        with _seeded(seed, name):
+            module = build(_read_json(config_file))
+        module.save_pretrained(out / name)
+        index[name] = [library, class_name]
     clip_tokenizer().save_pretrained(out / "tokenizer")
     index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json")).save_pretrained(
-        out / "scheduler"
-    )
+    scheduler = DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json"))
+    scheduler.save_pretrained(out / "scheduler")
     index["scheduler"] = ["diffusers", "DDPMScheduler"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
@@ -326,7 +334,9 @@ def load_diffusion(
     vae = None
     if (root / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(
+        root / "text_encoder", dtype=dtype, local_files_only=True
+    )
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -354,7 +364,8 @@ def _parse_gdino_py_config(path: Path) -> dict[str, Any]:
     """Read a groundingdino ``.py`` config as data: only ``name = literal`` lines, never executed."""
     values: dict[str, Any] = {}
     for node in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        simple = isinstance(node, ast.Assign) and len(node.targets) == 1
+        if not (simple and isinstance(node.targets[0], ast.Name)):
             raise ValueError(f"{path}: line {node.lineno} is not a simple `name = value` assignment")
         values[node.targets[0].id] = ast.literal_eval(node.value)
     return values
@@ -365,7 +376,8 @@ def _gdino_args(config: str) -> types.SimpleNamespace:
         values = _read_json(_arch_dir(TINY) / "grounding_dino" / "config.json")
     else:
         if config == "swint_ogc":
-            path = Path(str(importlib.resources.files("groundingdino") / "config" / "GroundingDINO_SwinT_OGC.py"))
+            package_configs = importlib.resources.files("groundingdino") / "config"
+            path = Path(str(package_configs / "GroundingDINO_SwinT_OGC.py"))
         else:
             path = Path(config)
         if not path.is_file():
@@ -426,7 +438,8 @@ def load_grounding_dino(
         # Fail on a missing checkpoint before spending time building the model.
         if not spec.checkpoint or not Path(spec.checkpoint).is_file():
             raise MissingWeightsError(
-                f"GroundingDINO checkpoint {spec.checkpoint or 'models.grounding_dino.checkpoint (unset)'} "
+                f"GroundingDINO checkpoint "
+                f"{spec.checkpoint or 'models.grounding_dino.checkpoint (unset)'} "
                 f"not found. Download groundingdino_swint_ogc.pth from {GDINO_SWINT_OGC_URL} "
                 f"(releases: {GDINO_RELEASES}) and set models.grounding_dino.checkpoint to its path."
             )
@@ -447,7 +460,13 @@ def load_grounding_dino(
 
 
 def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     size, patch, dim = spec["img_size"], spec["patch_size"], spec["prompt_embed_dim"]
     # Same composition as segment_anything.build_sam._build_sam, at a small width.
@@ -475,7 +494,10 @@ def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(
-                depth=2, embedding_dim=dim, mlp_dim=spec["decoder_mlp_dim"], num_heads=spec["decoder_num_heads"]
+                depth=2,
+                embedding_dim=dim,
+                mlp_dim=spec["decoder_mlp_dim"],
+                num_heads=spec["decoder_num_heads"],
             ),
             transformer_dim=dim,
             iou_head_depth=3,
@@ -486,7 +508,9 @@ def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
     )
 
 
-def load_sam(models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False) -> nn.Module:
+def load_sam(
+    models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False
+) -> nn.Module:
     """segment-anything ``Sam`` in eval mode: tiny, vit_h/l/b checkpoint, or full-size random."""
     from segment_anything import sam_model_registry
 
@@ -496,13 +520,15 @@ def load_sam(models: ModelsConfig, device: str | torch.device = "cpu", random_we
             model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"))
         return model.to(device).eval()
     if spec.model_type not in SAM_CHECKPOINT_URLS:
-        raise ValueError(f"unknown SAM model_type {spec.model_type!r}; use tiny, {', '.join(SAM_CHECKPOINT_URLS)}")
+        known = ", ".join([TINY, *SAM_CHECKPOINT_URLS])
+        raise ValueError(f"unknown SAM model_type {spec.model_type!r}; use one of {known}")
     checkpoint = None
     if not random_weights:
         if not spec.checkpoint or not Path(spec.checkpoint).is_file():
             raise MissingWeightsError(
                 f"SAM checkpoint {spec.checkpoint or 'models.sam.checkpoint (unset)'} not found. "
-                f"Download {SAM_CHECKPOINT_URLS[spec.model_type]} and set models.sam.checkpoint to its path."
+                f"Download {SAM_CHECKPOINT_URLS[spec.model_type]} "
+                "and set models.sam.checkpoint to its path."
             )
         checkpoint = load_state_dict_file(spec.checkpoint)
     with _seeded(models.seed, "sam"):
@@ -538,7 +564,9 @@ def load_owlv2(
     elif random_weights:
         model, processor = _owlv2_from_arch(OWLV2_RANDOM_ARCH, models.seed)
     else:
-        source = models.owlv2 if os.path.isdir(models.owlv2) else _hub_snapshot(models.owlv2, "OWLv2 model", "")
+        source = models.owlv2
+        if not os.path.isdir(source):
+            source = _hub_snapshot(source, "OWLv2 model", "")
         model = Owlv2ForObjectDetection.from_pretrained(source, local_files_only=True)
         processor = Owlv2Processor.from_pretrained(source, local_files_only=True)
     return model.to(device).eval(), processor
