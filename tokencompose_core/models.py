@@ -145,7 +145,12 @@ def _owlv2_tokenizer() -> CLIPTokenizer:
 
 
 def _local_bert_tokenizer() -> BertTokenizer:
-    """Uncased WordPiece tokenizer from the vocabulary kept in the repo (no download)."""
+    """Uncased WordPiece tokenizer from the vocabulary kept in the repo (no download).
+
+    ``vocab.txt`` holds BERT's special tokens, ASCII punctuation, digits and letters
+    (with ``##`` continuations) and the words of the MultiGen prompts and of COCO
+    captions, so any lowercase ASCII caption tokenizes; rarer words split into letters.
+    """
     lines = (_arch_dir(TINY) / "grounding_dino" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     return BertTokenizer(vocab={token: index for index, token in enumerate(lines)}, do_lower_case=True)
 
