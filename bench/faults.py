@@ -1,0 +1,491 @@
+"""Fault injection: SIGKILL the mask stage, training and sampling at seeded points, rerun, check.
+
+    python bench/faults.py                          # full suite: 10 kill points per stage
+    python bench/faults.py --points 3 --stages masks sample --json faults.json
+
+Each stage runs as its library call (no Prefect) in a child process. Children are
+forked from a multiprocessing "forkserver" that imported torch and the pipeline
+once, so a kill point costs the stage's own work, not a 10-second import; each
+child still is a separate process that dies by SIGKILL with no chance to clean up.
+
+A kill point is seeded: the parent waits until the output holds ``k`` committed
+units (mask shards, checkpoints, images; ``k`` random), then sleeps a random
+fraction of the time the next unit took in the uninterrupted reference run, and
+sends SIGKILL. Then it checks:
+
+1. at the kill: every published artefact (parquet, json, safetensors, .pt, png)
+   reads back whole, and each committed unit is complete;
+2. a rerun to completion does not redo committed work (shards reported skipped,
+   images not rewritten, training resumed from the newest checkpoint);
+3. the result equals the reference run's: mask-cache rows equal, images
+   bit-identical, training ends at ``max_steps`` with bit-identical weights.
+
+Temporary files of interrupted writes (``*.tmp-*``) may stay behind; the check is
+that no reader ever lists one as an artefact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+STAGES = ("masks", "train", "sample")
+# Imported once by the fork server, before any child is forked.
+PRELOAD = ["torch", "tokencompose_core.grounding", "tokencompose_core.train", "tokencompose_core.sampling"]
+POLL_S = 0.002
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def stage_config(stage: str, work: Path) -> Any:
+    """The tiny profile, shrunk so a run has several units and takes seconds."""
+    from tokencompose_core.config import load_config
+
+    common = [f"storage.root={work}", f"models.cache_dir={work / 'models'}"]
+    per_stage = {
+        "masks": ["masks.shard_size=2", "masks.batch_size=2", "masks.image_size=64", "masks.max_boxes=4"],
+        "train": ["train.max_steps=8", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
+                  "train.log_every=1", "train.num_workers=0", "score.heldout_images=0"],
+        "sample": ["sample.max_prompts=4", "sample.images_per_prompt=2", "sample.batch_size=2",
+                   "sample.num_inference_steps=3"],
+    }
+    return load_config("tiny", common + per_stage[stage])
+
+
+def _shapes_image(seed: int, side: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.full((side, side, 3), rng.integers(60, 200, 3), dtype=np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, side - 20, 2)
+        image[y : y + 20, x : x + 20] = rng.integers(0, 256, 3)
+    return image
+
+
+def prepare(work: Path) -> dict[str, str]:
+    """Inputs of the three stages under ``work`` (idempotent): nouns table, mask cache, model."""
+    from tokencompose_core import storage
+    from tokencompose_core.config import WorldConfig
+    from tokencompose_core.manifest import nouns_table, write_nouns
+    from tokencompose_core.models import clip_tokenizer, resolve_diffusion_dir
+    from tokencompose_core.synthetic import png_bytes, train_samples, world_fingerprint, write_split
+
+    inputs = {"nouns": str(work / "inputs" / "nouns" / "nouns.parquet"),
+              "cache": str(work / "inputs" / "world" / "train-masks")}
+    if not storage.exists(inputs["nouns"]):
+        captions = ["a dog and a ball on the grass", "a red cup next to a laptop", "a cat under a chair"]
+        rows = []
+        for index in range(12):
+            uri = str(work / "inputs" / "images" / f"img{index:02d}.png")
+            storage.atomic_write_bytes(uri, png_bytes(_shapes_image(index)))
+            rows.append({"id": f"img{index:02d}", "image": uri, "captions": [captions[index % 3]]})
+        import pandas as pd
+
+        table, rejects = nouns_table(pd.DataFrame(rows), clip_tokenizer())
+        write_nouns(table, rejects, str(work / "inputs" / "nouns"))
+    if not storage.exists(storage.join(inputs["cache"], "_completed.json")):
+        world = WorldConfig(image_size=32, train_images=8, seed=3)
+        write_split(train_samples(world), str(work / "inputs" / "world"), "train", clip_tokenizer(),
+                    world_fingerprint(world))
+    inputs["model"] = resolve_diffusion_dir(stage_config("sample", work).models)
+    return inputs
+
+
+def run_stage(stage: str, work: Path, out: Path) -> dict[str, Any]:
+    """The stage's library call, as its Prefect task makes it; returns a small summary."""
+    config = stage_config(stage, work)
+    inputs = prepare(work)
+    if stage == "masks":
+        return _run_masks(config, inputs["nouns"], str(out))
+    if stage == "train":
+        from tokencompose_core.train import checkpoint_steps, train
+
+        before = checkpoint_steps(str(out))
+        result = train(config, inputs["cache"], str(out))
+        return {"resumed_from": before[-1] if before else 0, "global_step": result.global_step}
+    from tokencompose_core.sampling import load_prompts, sample
+
+    prompts = load_prompts(config.sample.prompts, config.sample.max_prompts)
+    return {"index_uri": sample(config, inputs["model"], str(out), prompts)}
+
+
+def _run_masks(config: Any, nouns_uri: str, cache_uri: str) -> dict[str, Any]:
+    from tokencompose_core import storage
+    from tokencompose_core.grounding import GroundedSam, masks_fingerprint, plan_shards, run_mask_shard
+    from tokencompose_core.models import fingerprint
+
+    grounder: list[GroundedSam] = []
+
+    def factory() -> GroundedSam:  # loaded once, and only when a shard has work
+        if not grounder:
+            grounder.append(GroundedSam.from_config(config.models, config.masks))
+        return grounder[0]
+
+    stage_fp = masks_fingerprint(fingerprint(config.models), config.masks)
+    results = [run_mask_shard(rows, cache_uri, name, factory, stage_fp, config.masks.batch_size,
+                              config.masks.max_image_pixels)
+               for name, rows in plan_shards(storage.read_parquet(nouns_uri), config.masks.shard_size)]
+    return {"skipped": sorted(r["shard"] for r in results if r["skipped"]), "shards": len(results)}
+
+
+def _child(stage: str, work: str, out: str, result_path: str) -> None:
+    """Child process entry: one thread, so every run computes bit-identical numbers."""
+    import torch
+
+    torch.set_num_threads(1)
+    result = run_stage(stage, Path(work), Path(out))
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- units and checks
+
+
+def units(stage: str, out: Path) -> int:
+    """Committed units so far: mask shards, checkpoints (by step), or finished images."""
+    if stage == "masks":
+        markers = out / "_completed"
+        return sum(1 for p in markers.glob("*.json")) if markers.is_dir() else 0
+    if stage == "train":
+        from tokencompose_core.train import checkpoint_steps
+
+        steps = checkpoint_steps(str(out))
+        return steps[-1] // 2 if steps else 0  # checkpoint_every=2
+    images = out / "images"
+    return sum(1 for p in images.rglob("*.png")) if images.is_dir() else 0
+
+
+def total_units(stage: str) -> int:
+    return {"masks": 6, "train": 4, "sample": 8}[stage]
+
+
+def is_temporary(path: Path, root: Path) -> bool:
+    """Leftovers of interrupted writes: ``x.tmp-<id>``, ``.tmp-*`` and ``.old-*`` folders."""
+    return any(".tmp-" in part or part.startswith(".old-") for part in path.relative_to(root).parts)
+
+
+def _read_back(path: Path) -> None:
+    """Read a published file completely; raises on any truncation or corruption."""
+    suffix = path.suffix
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.read_table(path)
+    elif suffix == ".json":
+        json.loads(path.read_text("utf-8"))
+    elif suffix == ".jsonl":
+        [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+    elif suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        load_file(str(path))
+    elif suffix == ".pt":
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_published(stage: str, out: Path) -> dict[str, int]:
+    """Every non-temporary artefact reads back; committed units are whole. Counts files."""
+    files = temporary = 0
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        if is_temporary(path, out):
+            temporary += 1
+            continue
+        if "tensorboard" in path.relative_to(out).parts:
+            continue  # event logs are appended, not published; not an artefact
+        try:
+            _read_back(path)
+        except Exception as error:  # any failure here is a corrupt artefact
+            raise AssertionError(f"{stage}: published file {path} does not read back: {error!r}") from error
+        files += 1
+    _check_units(stage, out)
+    return {"files": files, "temporary": temporary}
+
+
+def _check_units(stage: str, out: Path) -> None:
+    if stage == "masks":
+        from tokencompose_core import mask_cache
+
+        for name, record in mask_cache.completed_shards(str(out)).items():
+            rows = mask_cache._read_table(str(out / "shards" / f"{name}.parquet"))
+            assert len(rows) == record["rows"], f"shard {name}: {len(rows)} rows, marker says {record['rows']}"
+            assert (out / "rejects" / f"{name}.parquet").is_file(), f"shard {name} has no rejects file"
+    elif stage == "train":
+        from tokencompose_core.train import checkpoint_dir, checkpoint_steps
+
+        for step in checkpoint_steps(str(out)):
+            folder = Path(checkpoint_dir(str(out), step))
+            state = json.loads((folder / "state.json").read_text())
+            assert state["global_step"] == step, f"checkpoint-{step} says step {state['global_step']}"
+            for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng-0.pt"):
+                assert (folder / name).is_file(), f"checkpoint-{step} lacks {name}"
+
+
+def snapshot(stage: str, out: Path) -> dict[str, Any]:
+    """What the rerun must leave alone: committed shards, images (inode, mtime), newest checkpoint."""
+    if stage == "masks":
+        from tokencompose_core import mask_cache
+
+        return {"shards": sorted(mask_cache.completed_shards(str(out)))}
+    if stage == "train":
+        from tokencompose_core.train import checkpoint_steps
+
+        steps = checkpoint_steps(str(out))
+        return {"checkpoint": steps[-1] if steps else 0}
+    images = out / "images"
+    files = sorted(images.rglob("*.png")) if images.is_dir() else []
+    return {"images": {str(p.relative_to(out)): [p.stat().st_ino, p.stat().st_mtime_ns] for p in files}}
+
+
+def check_not_redone(stage: str, at_kill: dict[str, Any], result: dict[str, Any], out: Path) -> None:
+    if stage == "masks":
+        assert result["skipped"] == at_kill["shards"], f"skipped {result['skipped']}, committed {at_kill['shards']}"
+    elif stage == "train":
+        assert result["resumed_from"] == at_kill["checkpoint"], (
+            f"resumed from step {result['resumed_from']}, newest checkpoint was {at_kill['checkpoint']}")
+    else:
+        now = snapshot(stage, out)["images"]
+        rewritten = [name for name, stat in at_kill["images"].items() if now.get(name) != stat]
+        assert not rewritten, f"images rewritten by the rerun: {rewritten}"
+
+
+def check_equal(stage: str, out: Path, reference: Path) -> None:
+    """The rerun's final output equals the uninterrupted run's."""
+    if stage == "masks":
+        _equal_masks(out, reference)
+    elif stage == "train":
+        _equal_train(out, reference)
+    else:
+        _equal_samples(out, reference)
+
+
+def _equal_masks(out: Path, reference: Path) -> None:
+    from tokencompose_core import mask_cache
+
+    expected = mask_cache.completed_shards(str(reference))
+    assert set(mask_cache.completed_shards(str(out))) == set(expected), "different shard sets"
+    for name in expected:
+        for folder in ("shards", "rejects"):
+            got = mask_cache._read_table(str(out / folder / f"{name}.parquet"))
+            want = mask_cache._read_table(str(reference / folder / f"{name}.parquet"))
+            assert got.to_json() == want.to_json(), f"{folder}/{name} differs from the uninterrupted run"
+
+
+def _equal_train(out: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    import torch
+
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    want = load_file(str(reference / "unet" / "diffusion_pytorch_model.safetensors"))
+    different = [name for name in want if not torch.equal(got[name], want[name])]
+    assert got.keys() == want.keys() and not different, f"final weights differ: {different[:3]}"
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+    assert losses(out) == losses(reference), "metrics.jsonl steps or losses differ from the uninterrupted run"
+
+
+def _equal_samples(out: Path, reference: Path) -> None:
+    import pandas as pd
+
+    index = pd.read_parquet(out / "index.parquet")
+    ref_index = pd.read_parquet(reference / "index.parquet")
+    columns = ["prompt_id", "image_index", "seed", "prompt", "model_fingerprint"]
+    assert index[columns].equals(ref_index[columns]), "index.parquet differs from the uninterrupted run"
+    for uri, ref_uri in zip(index["image_uri"], ref_index["image_uri"]):
+        assert Path(uri).read_bytes() == Path(ref_uri).read_bytes(), f"{uri} is not bit-identical"
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Runner:
+    """Starts stage children from a fork server that already imported the pipeline."""
+
+    def __init__(self, work: Path) -> None:
+        if str(BENCH_DIR) not in sys.path:
+            sys.path.insert(0, str(BENCH_DIR))  # the fork server imports this module by name
+        self.work = work
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOAD + ["faults"])
+
+    def start(self, stage: str, out: Path) -> tuple[multiprocessing.Process, Path]:
+        result = out.parent / f"{out.name}.result-{time.monotonic_ns()}.json"
+        from faults import _child  # the fork server's copy of this function
+
+        process = self.context.Process(target=_child, args=(stage, str(self.work), str(out), str(result)))
+        process.start()
+        return process, result
+
+    def run(self, stage: str, out: Path, timeout: float = 600.0) -> tuple[dict[str, Any], list[float]]:
+        """Run to completion; returns the result and when each unit appeared (s after start)."""
+        started = time.monotonic()
+        process, result_path = self.start(stage, out)
+        times: list[float] = []
+        while process.is_alive() and time.monotonic() - started < timeout:
+            while units(stage, out) > len(times):
+                times.append(time.monotonic() - started)
+            time.sleep(POLL_S)
+        process.join(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        if process.exitcode != 0:
+            raise RuntimeError(f"{stage} run into {out} failed with exit code {process.exitcode}")
+        times += [time.monotonic() - started] * (total_units(stage) - len(times))
+        return json.loads(result_path.read_text()), times
+
+    def kill_at(self, stage: str, out: Path, unit: int, delay: float) -> dict[str, Any]:
+        """Start a run, SIGKILL it ``delay`` seconds after ``unit`` units exist; what was there."""
+        started = time.monotonic()
+        process, _ = self.start(stage, out)
+        while process.is_alive() and units(stage, out) < unit:
+            time.sleep(POLL_S)
+        time.sleep(delay)
+        finished = not process.is_alive()
+        if not finished:
+            os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        return {"killed_after_s": round(time.monotonic() - started, 3), "finished_first": finished,
+                "exitcode": process.exitcode}
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class KillPoint:
+    stage: str
+    point: int
+    unit: int  # committed units waited for before the delay
+    fraction: float  # of the reference time of the next unit
+    killed_after_s: float = 0.0
+    finished_first: bool = False  # the run ended before the kill landed
+    units_at_kill: int = 0
+    files_at_kill: int = 0
+    temporary_at_kill: int = 0
+    rerun_s: float = 0.0
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+def _checked(point: KillPoint, name: str, check: Callable[[], Any]) -> Any:
+    try:
+        value = check()
+    except AssertionError as error:
+        point.checks[name] = f"FAILED: {error}"
+        return None
+    point.checks[name] = "ok"
+    return value
+
+
+def kill_point(runner: Runner, stage: str, number: int, reference: Path, times: list[float],
+               rng: random.Random, kills: int = 1) -> KillPoint:
+    """``kills`` seeded SIGKILLs of one output folder, a rerun, and every check."""
+    out = runner.work / "points" / f"{stage}-{number:02d}"
+    point = KillPoint(stage, number, unit=0, fraction=0.0)
+    for _ in range(kills):
+        point.unit = rng.randrange(total_units(stage))
+        point.fraction = round(rng.random(), 3)
+        previous = times[point.unit - 1] if point.unit else 0.0
+        report = runner.kill_at(stage, out, point.unit, point.fraction * (times[point.unit] - previous))
+        point.killed_after_s, point.finished_first = report["killed_after_s"], report["finished_first"]
+        counts = _checked(point, "published artefacts read back", lambda: check_published(stage, out))
+        if counts:
+            point.files_at_kill, point.temporary_at_kill = counts["files"], counts["temporary"]
+    point.units_at_kill = units(stage, out)
+    at_kill = snapshot(stage, out)
+    started = time.monotonic()
+    result, _ = runner.run(stage, out)
+    point.rerun_s = round(time.monotonic() - started, 3)
+    _checked(point, "committed work not redone", lambda: check_not_redone(stage, at_kill, result, out))
+    _checked(point, "equal to the uninterrupted run", lambda: check_equal(stage, out, reference))
+    _checked(point, "final artefacts read back", lambda: check_published(stage, out))
+    if stage == "train":
+        _checked(point, "final step count", lambda: _assert(result["global_step"] == 8, result))
+    return point
+
+
+def _assert(condition: bool, detail: Any) -> None:
+    assert condition, detail
+
+
+def run_suite(work: Path, stages: list[str], points: int, seed: int, kills: int = 1) -> dict[str, Any]:
+    """Reference run per stage, then ``points`` kill points each; every record and timing."""
+    work.mkdir(parents=True, exist_ok=True)
+    prepare(work)
+    runner = Runner(work)
+    summary: dict[str, Any] = {"seed": seed, "points": points, "kills_per_point": kills, "stages": {}}
+    records = []
+    for stage in stages:
+        reference = work / "reference" / stage
+        started = time.monotonic()
+        _, times = runner.run(stage, reference)
+        rng = random.Random(f"{seed}:{stage}")
+        stage_records = [kill_point(runner, stage, n, reference, times, rng, kills) for n in range(points)]
+        records += stage_records
+        summary["stages"][stage] = {"reference_unit_times_s": [round(t, 3) for t in times],
+                                    "seconds": round(time.monotonic() - started, 1)}
+    summary["records"] = [asdict(record) for record in records]
+    summary["failures"] = [(r.stage, r.point, name, outcome) for r in records
+                           for name, outcome in r.checks.items() if outcome != "ok"]
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One line per stage: kill points, where they landed, what every check said."""
+    lines = ["| stage | kill points | units committed at kill (min-max of n) | runs finished before kill "
+             "| temp files left at kill (max) | checks failed | mean rerun s |", "|---|---|---|---|---|---|---|"]
+    for stage in summary["stages"]:
+        rows = [r for r in summary["records"] if r["stage"] == stage]
+        failed = sum(outcome != "ok" for r in rows for outcome in r["checks"].values())
+        checks = sum(len(r["checks"]) for r in rows)
+        landed = [r["units_at_kill"] for r in rows]
+        lines.append(f"| {stage} | {len(rows)} | {min(landed)}-{max(landed)} of {total_units(stage)} | "
+                     f"{sum(r['finished_first'] for r in rows)} | {max(r['temporary_at_kill'] for r in rows)} | "
+                     f"{failed} of {checks} | {np.mean([r['rerun_s'] for r in rows]):.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=10, help="kill points per stage")
+    parser.add_argument("--kills", type=int, default=1, help="SIGKILLs of one folder before its rerun")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "faults")
+    parser.add_argument("--json", type=Path, default=None, help="write every record here")
+    args = parser.parse_args(argv)
+    import shutil
+
+    shutil.rmtree(args.work / "points", ignore_errors=True)
+    shutil.rmtree(args.work / "reference", ignore_errors=True)
+    started = time.monotonic()
+    summary = run_suite(args.work, args.stages, args.points, args.seed, args.kills)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    print(markdown(summary))
+    print(f"{len(summary['records'])} kill points in {summary['seconds']} s; failures: {summary['failures'] or 'none'}")
+    return 1 if summary["failures"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
