@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from prefect import flow
+from prefect import Task, flow
 
 from tasks.common import stage_fingerprint
 from tasks.preprocess import mask_shard_task, nouns_task
@@ -16,6 +16,12 @@ from tokencompose_core import mask_cache, storage
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.grounding import masks_fingerprint, plan_shards, shard_inputs_digest
 from tokencompose_core.models import fingerprint as models_fingerprint
+
+
+def _refreshed_if(missing: bool, task: Task) -> Task:
+    """``task``, forced to run when its output is missing from storage (deleted by hand,
+    or a run killed before the commit) even if Prefect holds a cached result for it."""
+    return task.with_options(refresh_cache=True) if missing else task
 
 
 def nouns_dir(config: PipelineConfig) -> str:
@@ -34,7 +40,8 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     if not manifest_uri:
         raise ValueError("no manifest: pass --input <manifest.jsonl|.parquet> or set nouns.manifest")
     digest = hashlib.sha256(storage.read_bytes(manifest_uri)).hexdigest()[:16]
-    result = nouns_task(manifest_uri, digest, nouns_dir(config), config.nouns.model_dump(mode="json"),
+    out_dir = nouns_dir(config)
+    result = _refreshed_if(not storage.exists(storage.join(out_dir, "nouns.parquet")), nouns_task)(manifest_uri, digest, out_dir, config.nouns.model_dump(mode="json"),
                         config.models.model_dump(mode="json"), config.masks.max_image_pixels,
                         stage_fingerprint(config, "nouns"))
     print(f"nouns: {result['rows']} rows for {result['images']} images, {result['rejects']} rejects")
@@ -50,12 +57,12 @@ def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     shards = plan_shards(storage.read_parquet(nouns_uri), config.masks.shard_size)
     fingerprint = masks_fingerprint(models_fingerprint(config.models), config.masks)
     models, masks = config.models.model_dump(mode="json"), config.masks.model_dump(mode="json")
+    completed = mask_cache.completed_shards(cache_uri)
     # Shards of an earlier, larger input would otherwise stay in the cache.
-    planned = {name for name, _ in shards}
-    for stale in sorted(set(mask_cache.completed_shards(cache_uri)) - planned):
+    for stale in sorted(set(completed) - {name for name, _ in shards}):
         mask_cache.remove_shard(cache_uri, stale)
     futures = [
-        mask_shard_task.submit(nouns_uri, cache_uri, name, rows["image_id"].drop_duplicates().tolist(),
+        _refreshed_if(name not in completed, mask_shard_task).submit(nouns_uri, cache_uri, name, rows["image_id"].drop_duplicates().tolist(),
                                shard_inputs_digest(rows), models, masks, fingerprint)
         for name, rows in shards
     ]
