@@ -133,6 +133,14 @@ def checkpoint_steps(output_dir: str) -> list[int]:
     return sorted(steps)
 
 
+def _remove_partial_checkpoints(output_dir: str) -> None:
+    """Delete temporary folders a killed run left behind (they are never resumed from)."""
+    root = os.path.join(output_dir, "checkpoints")
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step}")
 
@@ -427,6 +435,8 @@ def train(
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same initial state on every process
 
+    if accelerator.is_main_process:
+        _remove_partial_checkpoints(output_dir)
     resume = _resume_checkpoint(output_dir, cfg.resume)
     model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
     unet_dir = os.path.join(resume, "unet") if resume else init_unet
@@ -549,9 +559,9 @@ def _loop(config: PipelineConfig, trainer: _Trainer, model: _Model, loader, metr
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 metrics.flush()
         if global_step % cfg.checkpoint_every == 0 or global_step >= cfg.max_steps:
-            trainer.save(output_dir, global_step, {"config": _config_digest(config)}, cfg.checkpoints_total_limit)
-            if metrics is not None:
+            if metrics is not None:  # before the checkpoint: a resumed run finds every earlier record
                 metrics.flush()
+            trainer.save(output_dir, global_step, {"config": _config_digest(config)}, cfg.checkpoints_total_limit)
         if global_step >= cfg.max_steps:
             break
     progress.close()
