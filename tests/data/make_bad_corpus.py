@@ -121,17 +121,20 @@ IMAGE_OUTCOMES = {
 }
 
 # Caption id -> (caption, what the nouns stage must do): "nouns" (at least one
-# usable noun), or the rejects reason of the image.
+# usable noun), "handled" (nouns or a rejects row: the tagger decides), or the
+# rejects reason of the image.
 CAPTIONS = {
     "cap-empty": ("", "no caption"),
     "cap-blank": ("   \t  ", "no caption"),
     "cap-punctuation": ("!!! ... ??? ,,, ;;; --- !!!", "no nouns"),
-    "cap-500-words": (" ".join(["a dog chases a ball across the wide green park"] * 50), "nouns"),
-    "cap-chinese": ("一只狗在公园里追一个红色的球", "no nouns"),
+    # 500 words; the giraffe lies past the 77-token limit and is rejected alone.
+    "cap-500-words": (" ".join(["a dog chases a ball across the wide green park"] * 49 + ["and then a giraffe"]),
+                      "nouns"),
+    "cap-chinese": ("一只狗在公园里追一个红色的球", "handled"),
     "cap-russian-with-latin": ("собака и мяч, a dog and a ball", "nouns"),
-    "cap-arabic": ("كلب يلعب بالكرة في الحديقة", "no nouns"),
+    "cap-arabic": ("كلب يلعب بالكرة في الحديقة", "handled"),
     "cap-emoji": ("🐶 a dog 🐕 with a 🎾 ball 😀😀😀", "nouns"),
-    "cap-only-emoji": ("🐶🎾😀🌳", "no nouns"),
+    "cap-only-emoji": ("🐶🎾😀🌳", "handled"),
     "cap-slash": ("a cat/dog on a mat/rug", "nouns"),
     "cap-dotdot": ("a ../../etc/passwd file next to a .. folder", "nouns"),
     "cap-nul": ("a cat\x00dog on a \x00 mat", "nouns"),
