@@ -1,0 +1,159 @@
+"""Security: pickled code is never run, configs are data, URIs stay under the configured roots."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokencompose_core import storage
+from tokencompose_core.config import ConfigError, load_config
+from tokencompose_core.models import UnsafeCheckpointError, load_grounding_dino, load_sam, load_state_dict_file
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("tokencompose_core", "tasks", "flows", "deployments", "bench")
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def _poisoned(path: Path, marker: Path) -> Path:
+    torch.save({"weight": torch.zeros(2), "extra": Payload(marker)}, path)
+    return path
+
+
+def test_pickle_payload_in_a_weights_file_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    checkpoint = _poisoned(tmp_path / "model.pth", marker)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*model.pth"):
+        load_state_dict_file(checkpoint)
+    assert not marker.exists()
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pth")  # tensors only: accepted
+    assert torch.equal(load_state_dict_file(tmp_path / "plain.pth")["weight"], torch.zeros(2))
+
+
+def test_poisoned_sam_and_groundingdino_checkpoints_are_refused_before_building(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    checkpoint = str(_poisoned(tmp_path / "sam_vit_b.pth", marker))
+    sam = load_config("tiny", ["models.sam.model_type=vit_b", f"models.sam.checkpoint={checkpoint}"])
+    with pytest.raises(UnsafeCheckpointError):
+        load_sam(sam.models)
+    dino = load_config("tiny", ["models.grounding_dino.config=swint_ogc",
+                                f"models.grounding_dino.checkpoint={checkpoint}"])
+    with pytest.raises(UnsafeCheckpointError):
+        load_grounding_dino(dino.models)
+    assert not marker.exists()
+
+
+def test_poisoned_training_checkpoint_is_refused(tmp_path: Path) -> None:
+    from tokencompose_core.train import _load_torch
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        _load_torch(str(_poisoned(tmp_path / "optimizer.pt", marker)))
+    assert not marker.exists()
+
+
+def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
+    """(dotted name, call) of every call whose function is a name or attribute chain."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            parts, func = [], node.func
+            while isinstance(func, ast.Attribute):
+                parts.append(func.attr)
+                func = func.value
+            if isinstance(func, ast.Name):
+                found.append((".".join([func.id, *reversed(parts)]), node))
+    return found
+
+
+def test_no_code_path_unpickles_or_evaluates_untrusted_data() -> None:
+    """Every torch.load is weights_only=True; no pickle/marshal loads, eval/exec, unsafe YAML."""
+    forbidden = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load",
+                 "yaml.full_load", "torch.jit.load", "numpy.load", "np.load", "dill.load", "joblib.load"}
+    problems = []
+    files = [path for folder in CODE_DIRS for path in sorted((REPO / folder).rglob("*.py"))]
+    assert len(files) > 20
+    for path in files:
+        for name, call in _calls(ast.parse(path.read_text("utf-8"), filename=str(path))):
+            where = f"{path.relative_to(REPO)}:{call.lineno}"
+            if name in forbidden:
+                problems.append(f"{where}: {name}")
+            if name == "torch.load":
+                flags = {k.arg: k.value for k in call.keywords}
+                if not (isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+    assert not problems, problems
+
+
+# ----------------------------------------------------------------------------- configs are data
+
+
+def test_yaml_python_tags_in_a_profile_are_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    profile = tmp_path / "evil.yaml"
+    profile.write_text(f"name: evil\ntrain:\n  max_steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    with pytest.raises((ConfigError, Exception), match="python/object"):
+        load_config(str(profile))
+    assert not marker.exists()
+
+
+def test_yaml_python_tags_in_an_override_are_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises((ConfigError, Exception), match="python/object"):
+        load_config("tiny", [f"train.max_steps=!!python/object/apply:builtins.open ['{marker}', 'w']"])
+    assert not marker.exists()
+
+
+def test_groundingdino_py_config_is_read_as_data_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil_gdino.py"
+    config.write_text(f"backbone = 'swin_T_224_1k'\nopen({str(marker)!r}, 'w')\n")
+    models = load_config("tiny", [f"models.grounding_dino.config={config}"]).models
+    with pytest.raises(ValueError, match="not a simple `name = value` assignment"):
+        load_grounding_dino(models, random_weights=True)
+    config.write_text(f"backbone = open({str(marker)!r}, 'w')\n")  # code in a value
+    with pytest.raises(ValueError):
+        load_grounding_dino(models, random_weights=True)
+    assert not marker.exists()
+
+
+def test_unknown_config_keys_are_errors() -> None:
+    with pytest.raises(ConfigError, match="train.max_stpes"):
+        load_config("tiny", ["train.max_stpes=3"])
+
+
+# ----------------------------------------------------------------------------- storage roots
+
+
+@pytest.mark.parametrize(
+    ("uri", "inside"),
+    [
+        ("/data/runs/x/nouns.parquet", True),
+        ("/data/runs", True),
+        ("/data/shared/manifest.jsonl", True),
+        ("/data/runs/../secret", False),
+        ("/data/runs-evil/x", False),  # a sibling sharing the prefix
+        ("/etc/passwd", False),
+        ("memory://data/runs/x", False),  # same path, other filesystem
+        ("/data/runs/a/../../shared/ok", True),
+    ],
+)
+def test_check_under_roots(uri: str, inside: bool) -> None:
+    roots = ["/data/runs", "/data/shared/"]
+    if inside:
+        assert storage.check_under_roots(uri, roots) == uri
+    else:
+        with pytest.raises(ValueError, match="outside the configured storage roots"):
+            storage.check_under_roots(uri, roots)
