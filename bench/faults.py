@@ -377,6 +377,104 @@ class Runner:
                 "exitcode": process.exitcode}
 
 
+# ----------------------------------------------------------------------------- storage faults
+
+
+class DiskFull:
+    """Make the ``n``-th file write through ``tokencompose_core.storage`` (1-based) put down half
+    its bytes and then fail with ENOSPC, as a disk that fills up mid-write; counts writes."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.fail_at = fail_at
+        self.writes = 0
+        self.failed_path: str | None = None
+
+    def __enter__(self) -> "DiskFull":
+        import builtins
+
+        from tokencompose_core import storage
+
+        def counting_open(path, mode="r", *args, **kwargs):
+            handle = builtins.open(path, mode, *args, **kwargs)
+            if "w" not in mode:
+                return handle
+            self.writes += 1
+            return _HalfThenFull(handle, self) if self.writes == self.fail_at else handle
+
+        storage.open = counting_open  # shadows the builtin inside storage only
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from tokencompose_core import storage
+
+        del storage.open
+
+
+class _HalfThenFull:
+    def __init__(self, handle: Any, owner: DiskFull) -> None:
+        self.handle, self.owner = handle, owner
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        self.handle.write(data[: len(data) // 2])
+        self.handle.flush()
+        self.owner.failed_path = self.handle.name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def __enter__(self) -> "_HalfThenFull":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.close()
+
+
+def storage_fault_point(stage: str, work: Path, number: int, fail_at: int, reference: Path) -> dict[str, Any]:
+    """ENOSPC at the ``fail_at``-th write of a fresh run; then the checks and a clean rerun."""
+    from tokencompose_core.storage import StorageError
+
+    out = work / "storage-faults" / f"{stage}-{number:02d}"
+    record: dict[str, Any] = {"stage": stage, "point": number, "fail_at_write": fail_at, "checks": {}}
+    point = KillPoint(stage, number, unit=0, fraction=0.0)
+    error: Exception | None = None
+    with DiskFull(fail_at) as disk:
+        try:
+            run_stage(stage, work, out)
+        except Exception as raised:  # judged below: it must be a StorageError that says what happened
+            error = raised
+    failed = disk.failed_path.split(".tmp-")[0] if disk.failed_path else None
+    record["failed_file"] = "/".join(Path(failed).parts[-2:]) if failed else None
+    named = (isinstance(error, StorageError) and "No space left on device" in str(error)
+             and str(record["failed_file"]) in str(error))
+    _checked(point, "error names the file and the cause", lambda: _assert(named, repr(error)))
+    counts = _checked(point, "published artefacts read back", lambda: check_published(stage, out))
+    record["temporary_left"] = counts["temporary"] if counts else None
+    run_stage(stage, work, out)
+    _checked(point, "equal to the uninterrupted run", lambda: check_equal(stage, out, reference))
+    record["checks"] = point.checks
+    return record
+
+
+def storage_sweep(work: Path, stages: list[str], points: int, seed: int) -> list[dict[str, Any]]:
+    """``points`` seeded write positions per stage (every write when there are fewer)."""
+    import torch
+
+    torch.set_num_threads(1)  # as the reference children, so reruns are bit-identical
+    records = []
+    for stage in stages:
+        with DiskFull() as counter:
+            run_stage(stage, work, work / "storage-faults" / f"{stage}-count")
+        positions = list(range(1, counter.writes + 1))
+        random.Random(f"{seed}:{stage}:storage").shuffle(positions)
+        reference = work / "reference" / stage
+        records += [storage_fault_point(stage, work, n, at, reference)
+                    for n, at in enumerate(sorted(positions[:points]))]
+    return records
+
+
 # ----------------------------------------------------------------------------- the suite
 
 
@@ -473,6 +571,19 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def storage_markdown(records: list[dict[str, Any]]) -> str:
+    """One line per stage: which writes failed, what was left, what the checks said."""
+    lines = ["| stage | ENOSPC points | files hit | temp files left (max) | checks failed |", "|---|---|---|---|---|"]
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        rows = [r for r in records if r["stage"] == stage]
+        hit = sorted({str(r["failed_file"]) for r in rows})
+        failed = sum(outcome != "ok" for r in rows for outcome in r["checks"].values())
+        left = max((r["temporary_left"] or 0) for r in rows)
+        lines.append(f"| {stage} | {len(rows)} | {', '.join(hit)} | {left} | "
+                     f"{failed} of {sum(len(r['checks']) for r in rows)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=10, help="kill points per stage")
@@ -488,10 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work / "reference", ignore_errors=True)
     started = time.monotonic()
     summary = run_suite(args.work, args.stages, args.points, args.seed, args.kills)
+    shutil.rmtree(args.work / "storage-faults", ignore_errors=True)
+    summary["storage"] = storage_sweep(args.work, args.stages, args.points, args.seed)
+    summary["failures"] += [(r["stage"], r["point"], name, outcome) for r in summary["storage"]
+                            for name, outcome in r["checks"].items() if outcome != "ok"]
     summary["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     print(markdown(summary))
+    print(storage_markdown(summary["storage"]))
     print(f"{len(summary['records'])} kill points in {summary['seconds']} s; failures: {summary['failures'] or 'none'}")
     return 1 if summary["failures"] else 0
 
