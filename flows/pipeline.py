@@ -21,27 +21,28 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from tasks.common import configured, result_storage_uri
 from tokencompose_core.config import load_config
 
-# stage -> (module, flow function); the order is the DAG's.
-STAGE_FLOWS: dict[str, tuple[str, str]] = {
-    "nouns": ("flows.preprocess", "nouns_flow"),
-    "masks": ("flows.preprocess", "masks_flow"),
-    "train": ("flows.train", "train_flow"),
-    "sample": ("flows.sample", "sample_flow"),
-    "score": ("flows.evaluate", "evaluate_flow"),
+# stage -> (module, flow function, summary key of its output); the order is the DAG's.
+STAGE_FLOWS: dict[str, tuple[str, str, str]] = {
+    "nouns": ("flows.preprocess", "nouns_flow", "nouns_uri"),  # nouns.parquet
+    "masks": ("flows.preprocess", "masks_flow", "cache_uri"),  # the mask cache folder
+    "train": ("flows.train", "train_flow", "output_uri"),  # the run folder holding unet/
+    "sample": ("flows.sample", "sample_flow", "output_uri"),  # the samples folder
+    "score": ("flows.evaluate", "evaluate_flow", "output_uri"),  # the reports folder
 }
 
 
 def stage_flow(stage: str) -> Flow:
     """The flow object of ``stage`` (imported on demand: stages pull heavy libraries)."""
-    module, function = STAGE_FLOWS[stage]
+    module, function, _ = STAGE_FLOWS[stage]
     return getattr(importlib.import_module(module), function)
 
 
 def output_uri(stage: str, summary: dict[str, Any]) -> str:
     """The URI a stage's summary names as its output: the next stage's input."""
-    uri = summary.get("output_uri") if isinstance(summary, dict) else None
+    key = STAGE_FLOWS[stage][2]
+    uri = summary.get(key) if isinstance(summary, dict) else None
     if not isinstance(uri, str) or not uri:
-        raise ValueError(f"stage {stage!r} returned no 'output_uri' in its summary: {summary!r}")
+        raise ValueError(f"stage {stage!r} returned no {key!r} in its summary: {summary!r}")
     return uri
 
 

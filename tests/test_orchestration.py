@@ -39,7 +39,7 @@ def _toy_stage(stage: str):
         config = load_config(profile, overrides)
         out = storage.join(config.storage.root, stage, "out.txt")
         fingerprint = stage_fingerprint(config, stage)
-        return {"output_uri": _toy_work.submit(stage, input_uri, out, fingerprint).result()}
+        return {pipeline.STAGE_FLOWS[stage][2]: _toy_work.submit(stage, input_uri, out, fingerprint).result()}
 
     return stage_flow
 
@@ -185,3 +185,49 @@ def test_runner_and_storage_follow_the_profile(prefect_harness, tmp_path):
     flow_ = configured(TOY_STAGES["masks"], dask)
     assert flow_.task_runner.address == "tcp://10.0.0.5:8786"
     assert flow_.result_storage == Path("runs/tiny/_prefect/results").resolve()
+
+
+# ---------------------------------------------------------------------------
+# The real five stages, demo-sized: tiny models, three photos, a few steps.
+# ---------------------------------------------------------------------------
+
+
+def _photo_manifest(folder: Path) -> str:
+    import json
+
+    import skimage.data
+    from PIL import Image
+
+    rows = []
+    for name, caption in [("astronaut", "An astronaut holding a flag."), ("chelsea", "A cat next to a wall."),
+                          ("coffee", "A cup of coffee with a spoon.")]:
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((64, 48)).save(folder / f"{name}.png")
+        rows.append({"image": f"{name}.png", "captions": [caption]})
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def test_real_pipeline_rerun_is_cached_and_a_train_change_reruns_downstream(prefect_harness, tmp_path):
+    manifest = _photo_manifest(tmp_path)
+    base = [f"storage.root={tmp_path / 'root'}", "masks.shard_size=2", "masks.batch_size=2",
+            "train.max_steps=2", "train.batch_size=1", "train.checkpoint_every=2", "train.resolution=32",
+            "sample.max_prompts=1", "sample.images_per_prompt=1", "sample.num_inference_steps=2",
+            "score.heldout_images=2", "score.report_overlays=0"]
+
+    def run(overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
+        state = pipeline.pipeline_flow(profile="tiny", overrides=overrides, input_uri=manifest, return_state=True)
+        states = _task_states(state.state_details.flow_run_id)
+        return state.result(), {stage: set(names) for stage, names in states.items()}
+
+    first, _ = run(base)
+    assert set(first["stages"]) == set(pipeline.STAGE_FLOWS)
+    assert storage.exists(storage.join(first["output_uri"], "report.md"))
+
+    _, again = run(base)
+    assert again == {stage: {"Cached"} for stage in pipeline.STAGE_FLOWS}, again
+
+    changed_summary, changed = run(base + ["train.learning_rate=2e-4"])
+    assert changed["nouns"] == {"Cached"} and changed["masks"] == {"Cached"}, changed
+    for stage in ("train", "sample", "score"):
+        assert "Completed" in changed[stage], (stage, changed)
+    assert changed_summary["stages"]["train"]["output_uri"] != first["stages"]["train"]["output_uri"]
