@@ -176,7 +176,7 @@ def test_detect_owlv2_tiny_writes_schema(tmp_path) -> None:
     index_uri = str(tmp_path / "index.parquet")
     storage.atomic_write_parquet(pd.DataFrame(rows, columns=["prompt_id", "image_index", "seed", "prompt",
                                                              "image_uri", "model_fingerprint"]), index_uri)
-    models = ModelsConfig(cache_dir=str(tmp_path / "cache"))
+    models = ModelsConfig()
     uri = evaluation.detect_owlv2(index_uri, PROMPTS, models, str(tmp_path / "scores"),
                                   store_threshold=0.0, batch_size=3)
     detections = storage.read_parquet(uri)

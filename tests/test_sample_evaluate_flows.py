@@ -51,8 +51,7 @@ def test_sample_then_score_flows(prefect_harness, tmp_path: Path) -> None:
     from flows.sample import sample_flow
 
     _mask_cache(tmp_path)
-    overrides = [f"storage.root={tmp_path}", f"models.cache_dir={tmp_path / 'models'}",
-                 "sample.max_prompts=2", "sample.images_per_prompt=2", "sample.num_inference_steps=2",
+    overrides = [f"storage.root={tmp_path}", "sample.max_prompts=2", "sample.images_per_prompt=2", "sample.num_inference_steps=2",
                  "sample.num_shards=2", "score.heldout_images=2", "score.report_overlays=2",
                  "score.store_threshold=0.0"]
     sampled = sample_flow(profile="tiny", overrides=overrides)

@@ -96,12 +96,12 @@ def test_image_seed_is_stable_and_distinct() -> None:
 # ----------------------------------------------------------------------------- the sampler
 
 
+# Tiny models are materialised once into the profile's shared cache (idempotent, atomic).
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def tiny_model_dir() -> str:
     from tokencompose_core.models import resolve_diffusion_dir
 
-    cache = tmp_path_factory.mktemp("models")
-    return resolve_diffusion_dir(load_config("tiny", [f"models.cache_dir={cache}"]).models)
+    return resolve_diffusion_dir(load_config("tiny").models)
 
 
 def _pixels(uri: str) -> np.ndarray:
@@ -162,12 +162,22 @@ def test_shards_cover_all_images_once(tiny_model_dir: str, tmp_path: Path) -> No
         sample(config, tiny_model_dir, out, prompts, shard=(2, 2))
 
 
-def test_pixel_space_model(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pixel_model_dir() -> str:
     from tokencompose_core.models import resolve_diffusion_dir
 
-    config = load_config("tiny", [*STEPS, "models.diffusion=tiny-pixel", f"models.cache_dir={tmp_path / 'c'}",
-                                  "sample.images_per_prompt=2", "sample.scheduler=dpm"])
-    model_dir = resolve_diffusion_dir(config.models)
-    index = storage.read_parquet(sample(config, model_dir, str(tmp_path / "pix"), [Prompt(0, "a red circle")]))
-    image = _pixels(index["image_uri"][0])
-    assert image.shape == (16, 16, 3)
+    return resolve_diffusion_dir(load_config("tiny", ["models.diffusion=tiny-pixel"]).models)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "dpm", "ddpm"])
+def test_pixel_space_model_with_each_scheduler(pixel_model_dir: str, tmp_path: Path, scheduler: str) -> None:
+    config = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", f"sample.scheduler={scheduler}"])
+    index = storage.read_parquet(sample(config, pixel_model_dir, str(tmp_path / "pix"), [Prompt(0, "a red circle")]))
+    first, second = (_pixels(u) for u in index["image_uri"])
+    assert first.shape == (16, 16, 3) and not np.array_equal(first, second)
+
+
+def test_unknown_scheduler_is_refused(pixel_model_dir: str, tmp_path: Path) -> None:
+    config = load_config("tiny", [*STEPS, "sample.scheduler=heun2"])
+    with pytest.raises(ValueError, match="unknown scheduler 'heun2'"):
+        sample(config, pixel_model_dir, str(tmp_path / "x"), [Prompt(0, "a red circle")])

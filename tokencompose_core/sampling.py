@@ -12,6 +12,7 @@ rerun with another model or other sampling settings into the same folder is refu
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import threading
@@ -216,6 +217,9 @@ def denoise(parts: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tenso
     """The sampling loop with classifier-free guidance (skipped when ``uncond`` is None)."""
     scheduler.set_timesteps(steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
+    # Only stochastic schedulers (euler_a, ddpm, ...) take a generator: the per-image
+    # generators keep their noise reproducible per image.
+    extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     text = cond if uncond is None else torch.cat([uncond, cond])
     for t in scheduler.timesteps:
         model_in = latents if uncond is None else torch.cat([latents, latents])
@@ -224,8 +228,7 @@ def denoise(parts: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tenso
         if uncond is not None:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
-        # Per-image generators keep stochastic schedulers (euler_a, ddpm) reproducible per image.
-        latents = scheduler.step(out, t, latents, generator=generators).prev_sample
+        latents = scheduler.step(out, t, latents, **extra).prev_sample
     return latents
 
 
