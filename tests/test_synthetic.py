@@ -72,21 +72,51 @@ def test_heldout_combinations_never_train_and_lead_the_test_prompts() -> None:
         synthetic.heldout_combinations(WorldConfig(heldout_combinations={5: 6}))
 
 
-def test_config_rejects_worlds_that_cannot_be_drawn() -> None:
-    with pytest.raises(ValueError):
-        WorldConfig(image_size=8, max_objects=2)
+def test_impossible_worlds_are_refused() -> None:
     with pytest.raises(ValueError):
         WorldConfig(min_objects=3, max_objects=2)
-    assert len(synthetic.place_objects([c.name for c in CATEGORIES[:5]], 16, random.Random(0)).objects) == 5
+    with pytest.raises(RuntimeError):
+        synthetic.place_objects(["circle", "square"], 8, random.Random(0))
+    five = synthetic.place_objects([c.name for c in CATEGORIES[:5]], 16, random.Random(0))
+    assert len(five.objects) == 5
 
 
 def test_multi_token_names_exist() -> None:
     # The world needs nouns that are several CLIP tokens (hour+glass, bow+tie).
-    from open_clip.tokenizer import SimpleTokenizer
+    from tokencompose_core.models import clip_tokenizer
 
-    tokenizer = SimpleTokenizer()
-    lengths = {c.name: len(tokenizer.encode(c.name)) for c in CATEGORIES}
+    tokenizer = clip_tokenizer()
+    lengths = {c.name: len(tokenizer(c.name, add_special_tokens=False).input_ids) for c in CATEGORIES}
     assert min(lengths.values()) == 1 and max(lengths.values()) >= 2
+
+
+def test_written_split_is_a_normal_manifest_nouns_table_and_mask_cache(tmp_path) -> None:
+    from tokencompose_core import manifest, storage
+    from tokencompose_core.mask_cache import MaskCache
+    from tokencompose_core.models import clip_tokenizer
+
+    config = WorldConfig(train_images=40, seed=5)
+    samples = list(synthetic.train_samples(config))
+    tokenizer = clip_tokenizer()
+    out = synthetic.write_split(samples, str(tmp_path), "train", tokenizer, "fp-test", shard_size=16)
+    assert out["images"] == 40 and out["nouns"] == sum(len(s.scene.objects) for s in samples)
+    rows = manifest.read_manifest(out["manifest_uri"])
+    assert list(rows["id"]) == [s.image_id for s in samples]
+    assert [c[0] for c in rows["captions"]] == [s.caption for s in samples]
+    nouns = storage.read_parquet(out["nouns_uri"])
+    assert set(nouns["image_id"]) == set(rows["id"])
+    cache = MaskCache(out["cache_uri"])
+    assert len(cache.shards) == 3 and len(cache) == 40
+    for sample, image_uri in zip(samples, rows["image"]):
+        item = cache.get(sample.image_id)
+        assert item.image_uri == image_uri and item.caption == sample.caption
+        assert np.array_equal(np.asarray(manifest.open_image(image_uri, 10_000)), sample.scene.image())
+        for obj in sample.scene.objects:
+            i = item.nouns.index(obj.category.name)
+            assert np.array_equal(item.masks[i].astype(bool), obj.mask(config.image_size))
+            ids = tokenizer(sample.caption).input_ids
+            name_ids = tokenizer(obj.category.name, add_special_tokens=False).input_ids
+            assert [ids[p] for p in item.token_positions[i]] == name_ids
 
 
 def _degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +134,7 @@ def test_detector_accuracy_on_heldout_ground_truth() -> None:
     config = WorldConfig(max_objects=5, seed=11)
     rng = np.random.default_rng(0)
     correct = errors = 0
-    for scene in synthetic.test_scenes(config, 400):
+    for scene in (s.scene for s in synthetic.test_samples(config, 400)):
         found = synthetic.detect(_degrade(scene.image(), rng), DetectorConfig())
         matched: set[int] = set()
         for obj in scene.objects:

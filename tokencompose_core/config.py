@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIGS_ENV = "TOKENCOMPOSE_CONFIGS"
 
@@ -167,6 +167,54 @@ class OrchestrationConfig(_Section):
     result_storage: str | None = None
 
 
+class WorldConfig(_Section):
+    """The synthetic demo world (tokencompose_core.synthetic); same config, same world."""
+
+    image_size: int = Field(16, ge=5)
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(4, ge=1, le=6)  # six categories
+    train_images: int = Field(20_000, gt=0)
+    # Category combinations of these sizes never appear as a whole training scene,
+    # so test prompts can measure composition of unseen combinations.
+    heldout_combinations: dict[int, int] = Field(default_factory=lambda: {3: 4, 4: 3})
+    freeform_fraction: float = Field(0.2, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "WorldConfig":
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        return self
+
+
+class DetectorConfig(_Section):
+    """The synthetic world's colour detector."""
+
+    tolerance: float = Field(70.0, gt=0)  # RGB distance for a pixel to take a palette colour
+    min_pixels: int = Field(5, ge=1)  # smaller regions are leftover noise, not objects
+    reach: int = Field(2, ge=1)  # same-colour pixels this close (Chebyshev) are one object
+
+
+class DemoPhaseConfig(_Section):
+    steps: int = Field(400, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+
+
+class DemoConfig(_Section):
+    """The embedded demo (flows/demo.py): world, base pre-training, paired fine-tunes.
+
+    Every other training/sampling/scoring setting is the profile's own stage section."""
+
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    test_images: int = Field(200, gt=0)  # held-out scenes with exact masks, for attention mIoU
+    prompt_object_counts: list[int] = Field(default_factory=lambda: [3, 4])
+    prompts_per_count: int = Field(20, gt=0)
+    base: DemoPhaseConfig = Field(default_factory=lambda: DemoPhaseConfig(steps=1200, learning_rate=1e-3))
+    finetune: DemoPhaseConfig = Field(default_factory=DemoPhaseConfig)
+    finetune_seeds: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+
+
 class PipelineConfig(_Section):
     name: str = "default"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -176,6 +224,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @field_validator("name")

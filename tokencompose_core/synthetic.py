@@ -14,18 +14,24 @@ writes the same detections schema as the OWLv2 path.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import random
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokencompose_core import mask_cache, storage
+from tokencompose_core.config import DetectorConfig, WorldConfig
+from tokencompose_core.manifest import NOUNS_SCHEMA
+from tokencompose_core.text import token_positions
 
 BACKGROUND = (128, 128, 128)
 STENCIL_SIZE = 5
@@ -50,34 +56,6 @@ CATEGORIES: tuple[Category, ...] = (
     Category("bowtie", (40, 205, 215), ("#...#", "##.##", "#####", "##.##", "#...#")),
 )
 CATEGORY_BY_NAME = {category.name: category for category in CATEGORIES}
-
-
-class WorldConfig(BaseModel):
-    """Everything that defines a world; the same config always gives the same world."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_size: int = Field(16, ge=STENCIL_SIZE)
-    min_objects: int = Field(1, ge=1)
-    max_objects: int = Field(4, ge=1, le=len(CATEGORIES))
-    train_images: int = Field(20_000, gt=0)
-    # Category combinations of these sizes never appear as a whole training scene,
-    # so test prompts can measure composition of unseen combinations.
-    heldout_combinations: dict[int, int] = Field(default_factory=lambda: {3: 4, 4: 3})
-    freeform_fraction: float = Field(0.2, ge=0, le=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _sizes_fit(self) -> "WorldConfig":
-        if self.min_objects > self.max_objects:
-            raise ValueError("min_objects must be <= max_objects")
-        cells = (self.image_size // STENCIL_SIZE) ** 2
-        if self.max_objects > cells:
-            raise ValueError(f"{self.max_objects} objects do not fit a {self.image_size}px canvas")
-        for size in self.heldout_combinations:
-            if not 1 <= size <= len(CATEGORIES):
-                raise ValueError(f"held-out combination size {size} is out of range")
-        return self
 
 
 @dataclass(frozen=True)
@@ -122,7 +100,8 @@ class Scene:
 
 def _window_sums(occupied: np.ndarray) -> np.ndarray:
     """Occupied pixels under the stencil at every (top, left), via an integral image."""
-    integral = np.pad(occupied.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    integral = np.zeros((occupied.shape[0] + 1, occupied.shape[1] + 1), dtype=np.int32)
+    integral[1:, 1:] = occupied.cumsum(0).cumsum(1)
     k = STENCIL_SIZE
     return integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
 
@@ -243,28 +222,20 @@ def test_prompts(config: WorldConfig, object_counts: Sequence[int], per_count: i
     return prompts
 
 
-def test_scenes(config: WorldConfig, count: int) -> list[Scene]:
-    """Held-out ground truth for the detector: a seed stream training never uses."""
-    rng = random.Random(f"detector-test-{config.seed}")
+def test_samples(config: WorldConfig, count: int) -> list[WorldSample]:
+    """Held-out ground truth (detector accuracy, attention mIoU): a seed stream
+    training never uses, MultiGen captions."""
+    rng = random.Random(f"test-scenes-{config.seed}")
     names = [category.name for category in CATEGORIES]
-    return [
-        place_objects(rng.sample(names, rng.randint(config.min_objects, config.max_objects)), config.image_size, rng)
-        for _ in range(count)
-    ]
+    samples = []
+    for index in range(count):
+        chosen = rng.sample(names, rng.randint(config.min_objects, config.max_objects))
+        scene = place_objects(chosen, config.image_size, rng)
+        samples.append(WorldSample(f"test-{config.seed}-{index:06d}", scene, multigen_caption(chosen)))
+    return samples
 
 
 # ---------------------------------------------------------------- detector
-
-
-class DetectorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # RGB distance under which a pixel takes its nearest palette colour.
-    tolerance: float = Field(70.0, gt=0)
-    # Objects smaller than this are leftover noise, not objects.
-    min_pixels: int = Field(5, ge=1)
-    # Same-colour pixels up to this far apart belong to one object.
-    reach: int = Field(2, ge=1)
 
 
 @dataclass(frozen=True)
@@ -368,8 +339,77 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def manifest_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode("utf-8")
+def world_fingerprint(config: WorldConfig) -> str:
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return f"synthetic-world:{digest[:16]}"
 
 
-TokenPositions = Callable[[str, str], list[int]]
+class _SpanCache:
+    """Token spans memoised per (caption, noun): the world repeats its captions."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.spans: dict[tuple[str, str], list[int]] = {}
+
+    def __call__(self, caption: str, noun: str) -> list[int]:
+        key = (caption, noun)
+        if key not in self.spans:
+            positions = token_positions(caption, noun, self.tokenizer)
+            if not positions:  # the generator writes every name into the caption
+                raise ValueError(f"{noun!r} has no token span in {caption!r} ({positions.reason})")
+            self.spans[key] = list(positions)
+        return self.spans[key]
+
+
+def _grounded_rows(sample: WorldSample, image_uri: str, spans: _SpanCache, fingerprint: str) -> list[dict[str, Any]]:
+    """Mask-cache rows of one scene: every object with its exact mask and token span."""
+    size = sample.scene.size
+    return [mask_cache.shard_row(sample.image_id, image_uri, sample.caption, size, size, fingerprint,
+                                 noun=obj.category.name, token_positions=spans(sample.caption, obj.category.name),
+                                 mask=obj.mask(size), box=obj.box(), score=1.0)
+            for obj in sample.scene.objects]
+
+
+def _write_image(uri_and_image: tuple[str, np.ndarray]) -> None:
+    storage.atomic_write_bytes(uri_and_image[0], png_bytes(uri_and_image[1]))
+
+
+def _chunks(items: Iterable[WorldSample], size: int) -> Iterable[list[WorldSample]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def write_split(samples: Iterable[WorldSample], out_uri: str, split: str, tokenizer: Any,
+                fingerprint: str, shard_size: int = 4096) -> dict[str, Any]:
+    """Write one split as a pipeline would have: images, ``manifest.jsonl``
+    (first caption = the grounded one), ``nouns/nouns.parquet`` and the exact masks
+    as a mask cache under ``<split>-masks``. Returns the URIs and counts."""
+    image_dir = storage.join(out_uri, "images", split)
+    cache_uri = storage.join(out_uri, f"{split}-masks")
+    spans = _SpanCache(tokenizer)
+    manifest, nouns, shards = [], [], 0
+    # Thousands of tiny files: each atomic write waits on fsync, so many wait at once.
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for chunk in _chunks(samples, shard_size):
+            uris = [storage.join(image_dir, f"{sample.image_id}.png") for sample in chunk]
+            written = pool.map(_write_image, [(uri, sample.scene.image()) for uri, sample in zip(uris, chunk)])
+            shard_rows = []
+            for sample, uri in zip(chunk, uris):
+                # The other caption form is kept as a second caption, as real datasets have several.
+                alternate = multigen_caption(sample.scene.names)
+                captions = [sample.caption] + ([alternate] if alternate != sample.caption else [])
+                manifest.append({"id": sample.image_id, "image": f"images/{split}/{sample.image_id}.png",
+                                 "captions": captions})
+                shard_rows += _grounded_rows(sample, uri, spans, fingerprint)
+            list(written)  # every image is published before its shard is committed
+            nouns += [{k: row[k] for k in NOUNS_SCHEMA.names} for row in shard_rows]
+            mask_cache.commit_shard(cache_uri, f"shard-{shards:05d}", mask_cache.rows_frame(shard_rows))
+            shards += 1
+    manifest_uri = storage.join(out_uri, f"{split}-manifest.jsonl")
+    storage.atomic_write_bytes(manifest_uri, "".join(json.dumps(row) + "\n" for row in manifest).encode())
+    nouns_uri = storage.join(out_uri, f"{split}-nouns", "nouns.parquet")
+    mask_cache.write_table(mask_cache.to_table(pd.DataFrame(nouns, columns=NOUNS_SCHEMA.names), NOUNS_SCHEMA),
+                           nouns_uri)
+    return {"manifest_uri": manifest_uri, "nouns_uri": nouns_uri, "cache_uri": cache_uri,
+            "images": len(manifest), "nouns": len(nouns)}

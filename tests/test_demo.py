@@ -1,0 +1,113 @@
+"""The embedded demo: library pieces, and the quick variant end to end through Prefect."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tokencompose_core import demo, storage
+from tokencompose_core.config import load_config
+
+
+def test_profiles_load_and_differ_only_in_size() -> None:
+    full, quick = load_config("demo"), load_config("demo-quick")
+    assert full.models.diffusion == quick.models.diffusion == "tiny-pixel"
+    assert len(full.demo.finetune_seeds) >= 2 and len(quick.demo.finetune_seeds) >= 2
+    assert full.demo.world.train_images > quick.demo.world.train_images
+    assert full.train.token_loss_weight > 0 and full.train.pixel_loss_weight > 0
+    assert demo.load_demo_config(True, "/tmp/elsewhere").storage.root == "/tmp/elsewhere"
+
+
+def test_fine_tunes_differ_only_in_the_grounding_weights() -> None:
+    config = load_config("demo")
+    base = demo.phase_config(config, "base").train
+    assert base.token_loss_weight == base.pixel_loss_weight == 0
+    assert base.max_steps == config.demo.base.steps
+    plain, grounded = (demo.phase_config(config, f"{kind}-s2").train for kind in ("plain", "grounded"))
+    assert plain.seed == grounded.seed == 2 and plain.max_steps == config.demo.finetune.steps
+    assert plain.model_dump(exclude={"token_loss_weight", "pixel_loss_weight"}) == grounded.model_dump(
+        exclude={"token_loss_weight", "pixel_loss_weight"})
+    assert plain.token_loss_weight == 0 and grounded.token_loss_weight == config.train.token_loss_weight
+    # Folder names follow the settings: a changed fine-tune never reuses a stale run.
+    changed = load_config("demo", ["demo.finetune.steps=7"])
+    assert demo.model_paths(changed, "plain-s1")["train"] != demo.model_paths(config, "plain-s1")["train"]
+    assert demo.model_paths(changed, "base") == demo.model_paths(config, "base")
+
+
+def _scores(mg3: float, miou: float) -> dict:
+    table = {f"MG{k}": {"mean": mg3 if k == 3 else 50.0, "std": 1.0} for k in range(1, 6)}
+    return {"multigen": {"3 objects": table}, "reported_ks": {"3 objects": [2, 3]},
+            "segmentation": {"overall": {"miou_fixed": miou}}}
+
+
+def test_paired_differences_and_verdict() -> None:
+    scores = {"base": _scores(10, 5), "plain-s1": _scores(20, 10), "grounded-s1": _scores(30, 60),
+              "plain-s2": _scores(25, 12), "grounded-s2": _scores(20, 50)}
+    rows = {r["metric"]: r for r in demo.paired_differences(scores, [1, 2])}
+    assert rows["3 objects MG3"]["per_seed"] == [10.0, -5.0] and rows["3 objects MG3"]["mean"] == 2.5
+    assert rows["attention mIoU"]["per_seed"] == [50.0, 38.0]
+    assert "3 objects MG4" not in rows
+    sentence = demo.verdict(list(rows.values()))
+    assert "1 of 3 metrics (attention mIoU)" in sentence and "disagree" in sentence and "3 objects MG3" in sentence
+    table = demo.results_table(scores)
+    assert list(table.columns) == ["model", "3 objects MG2", "3 objects MG3", "attn mIoU"]
+
+
+def test_multigen_groups_use_the_shared_scorer() -> None:
+    records = [{"prompt_id": 0, "text": "", "categories": ["circle", "square", "cross"], "heldout": True},
+               {"prompt_id": 1, "text": "", "categories": ["circle", "square", "cross", "bowtie"], "heldout": False}]
+    index = pd.DataFrame({"prompt_id": [0, 0, 1, 1], "image_index": [0, 1, 0, 1]})
+    detections = pd.DataFrame({"prompt_id": [0, 0, 0, 1, 1], "image_index": [0, 0, 1, 0, 0],
+                               "category": ["circle", "square", "cross", "bowtie", "ring"],
+                               "score": [0.9, 0.9, 0.05, 0.9, 0.9], "box": [[0, 0, 1, 1]] * 5})
+    groups = demo.multigen_by_group(detections, index, records, threshold=0.1)
+    assert set(groups) == {"3 objects", "4 objects", "unseen"}
+    assert groups["3 objects"]["MG2"]["mean"] == 50.0  # image 0 has 2 objects, image 1 none above 0.1
+    assert groups["4 objects"]["MG1"]["mean"] == 50.0  # "ring" is not a prompt category
+    assert demo.reported_ks(records) == {"3 objects": [2, 3], "4 objects": [2, 3, 4], "unseen": [2, 3]}
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> None:
+    """The CI smoke test: every artefact exists, scores are in range, a rerun is all cache hits."""
+    from flows.demo import demo_flow
+
+    out = tmp_path / "demo"
+    started = time.perf_counter()
+    summary = demo_flow(quick=True, out=str(out))
+    first = time.perf_counter() - started
+    assert first < 180, f"quick demo took {first:.0f} s"
+    config = demo.load_demo_config(True, str(out))
+    reports = summary["reports"]
+    for key in ("md", "html", "png_multigen", "png_miou", "png_loss_curves", "results_md", "results_json"):
+        assert Path(reports[key]).is_file() and Path(reports[key]).stat().st_size > 0, key
+    results = json.loads(Path(reports["results_json"]).read_text())
+    assert set(results["scores"]) == set(demo.model_names(config))
+    for model, record in results["scores"].items():
+        paths = demo.model_paths(config, model)
+        assert (Path(paths["train"]) / "unet" / "config.json").is_file()
+        assert (Path(paths["train"]) / "loss_curve.png").is_file()
+        assert Path(reports[f"png_grid_{model}"]).is_file()
+        index = storage.read_parquet(record["index_uri"])
+        assert len(index) == 6 * config.sample.images_per_prompt
+        assert all(Path(uri).is_file() for uri in index["image_uri"])
+        assert Path(record["detections_uri"]).is_file()
+        for table in record["multigen"].values():
+            assert all(0 <= cell["mean"] <= 100 and cell["std"] >= 0 for cell in table.values())
+        overall = record["segmentation"]["overall"]
+        assert 0 <= overall["miou_fixed"] <= 100 and overall["nouns"] > 0
+        assert record["segmentation"]["overlays"]
+    assert results["verdict"].startswith("Grounding helped in every seed on")
+    html = Path(reports["html"]).read_text()
+    assert "grounded-s1" in html and "<img" in html
+    # Cached tasks do not run: nothing they write is rewritten.
+    written = [Path(reports["results_json"]), *(Path(r["index_uri"]) for r in results["scores"].values()),
+               *(Path(demo.model_paths(config, m)["train"]) / "metrics.jsonl" for m in results["scores"])]
+    stamps = [path.stat().st_mtime_ns for path in written]
+    again = demo_flow(quick=True, out=str(out))
+    assert again["verdict"] == summary["verdict"]
+    assert [path.stat().st_mtime_ns for path in written] == stamps

@@ -1,0 +1,376 @@
+"""The embedded demo's library steps: does token-level grounding help composition?
+
+The experiment (flows/demo.py runs each step as a cached Prefect task):
+
+1. :func:`build_world` writes the synthetic world (tokencompose_core.synthetic) as a
+   manifest, nouns table and exact-mask cache, a held-out test split with masks,
+   and MultiGen-style test prompts.
+2. :func:`train_model` pre-trains the base model (denoising only) with the real
+   stage-3 code, then fine-tunes it per seed twice for the same steps, data order
+   and noise: ``plain`` (denoising only) and ``grounded`` (+ token and pixel losses).
+3. :func:`sample_model` samples every model with the real stage-4 code from the
+   same initial noise (paired), :func:`score_model` detects objects with the
+   world's detector and scores MG2..MG5 per prompt group and attention-map mIoU.
+4. :func:`write_results` writes the comparison (paired grounded minus plain per
+   seed), image grids, attention overlays and loss curves as Markdown/HTML/PNG.
+
+Every step writes under ``config.storage.root`` and returns small JSON-able dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tokencompose_core import storage, synthetic
+from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.evaluation import heldout_image_ids, multigen_scores, read_image, segmentation_miou
+from tokencompose_core.mask_cache import MaskCache
+from tokencompose_core.reports import RunScores, markdown_table, write_report
+from tokencompose_core.sampling import Prompt, sample
+
+PROFILES = {False: "demo", True: "demo-quick"}
+MG_KS = (2, 3, 4, 5)
+
+
+def load_demo_config(quick: bool = False, out: str | None = None) -> PipelineConfig:
+    """The demo profile (``configs/demo.yaml`` or ``demo-quick.yaml``), rooted at ``out``."""
+    config = load_config(PROFILES[quick])
+    if out:
+        config.storage.root = out
+    return config
+
+
+def model_names(config: PipelineConfig) -> list[str]:
+    """``base``, then ``plain-s<seed>`` and ``grounded-s<seed>`` per fine-tune seed."""
+    names = ["base"]
+    for seed in config.demo.finetune_seeds:
+        names += [f"plain-s{seed}", f"grounded-s{seed}"]
+    return names
+
+
+def _root(config: PipelineConfig, *parts: str) -> str:
+    return storage.join(config.storage.root, *parts)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def world_path(config: PipelineConfig) -> str:
+    demo = config.demo
+    spec = [demo.world.model_dump(mode="json"), demo.test_images, demo.prompt_object_counts, demo.prompts_per_count]
+    return _root(config, f"world-{_digest(spec)}")
+
+
+def model_digest(config: PipelineConfig, model: str) -> str:
+    """What determines a model's weights: its train settings, the model profile, the
+    world, and for a fine-tune the base model's digest."""
+    payload = {"train": phase_config(config, model).train.model_dump(mode="json"),
+               "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
+               "world": config.demo.world.model_dump(mode="json"),
+               "init": model_digest(config, "base") if model != "base" else None}
+    return _digest(payload)
+
+
+def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
+    """Where a model's run, samples and scores go. Folder names carry digests of what
+    made them, so a changed setting never resumes or reuses a stale folder."""
+    run = f"{model}-{model_digest(config, model)}"
+    evaluation = [config.sample.model_dump(mode="json"), config.score.model_dump(mode="json"),
+                  config.demo.detector.model_dump(mode="json"), world_path(config)]
+    evaluated = f"{run}-{_digest(evaluation)}"
+    return {"train": _root(config, "train", run), "samples": _root(config, "samples", evaluated),
+            "scores": _root(config, "scores", evaluated)}
+
+
+# ----------------------------------------------------------------------------- 1. the world
+
+
+def build_world(config: PipelineConfig) -> dict[str, Any]:
+    """Write the training split, the test split (attention mIoU) and the test prompts."""
+    from tokencompose_core.models import clip_tokenizer
+
+    demo = config.demo
+    world_uri = world_path(config)
+    fingerprint = synthetic.world_fingerprint(demo.world)
+    tokenizer = clip_tokenizer()
+    train = synthetic.write_split(synthetic.train_samples(demo.world), world_uri, "train", tokenizer, fingerprint)
+    test = synthetic.write_split(synthetic.test_samples(demo.world, demo.test_images), world_uri, "test",
+                                 tokenizer, fingerprint)
+    prompts = synthetic.test_prompts(demo.world, demo.prompt_object_counts, demo.prompts_per_count)
+    prompts_uri = storage.join(world_uri, "prompts.json")
+    storage.atomic_write_json(prompts_uri, [
+        {"prompt_id": p.prompt_id, "text": p.text, "categories": list(p.categories), "heldout": p.heldout}
+        for p in prompts])
+    return {"train": train, "test": test, "prompts_uri": prompts_uri,
+            "heldout_combinations": [list(c) for c in synthetic.heldout_combinations(demo.world)]}
+
+
+def read_prompts(prompts_uri: str) -> list[dict[str, Any]]:
+    return storage.read_json(prompts_uri)
+
+
+def _sampling_prompts(records: list[dict[str, Any]]) -> list[Prompt]:
+    return [Prompt(r["prompt_id"], r["text"], tuple(r["categories"])) for r in records]
+
+
+# ----------------------------------------------------------------------------- 2. training
+
+
+def phase_config(config: PipelineConfig, model: str) -> PipelineConfig:
+    """The train settings of one model: base pre-training or a fine-tune of one seed."""
+    demo = config.demo
+    cfg = config.model_copy(deep=True)
+    train = cfg.train
+    # The demo scores attention on its own test split, so no training image is held out.
+    train.exclude_heldout = False
+    if model == "base":
+        train.max_steps, train.learning_rate = demo.base.steps, demo.base.learning_rate
+        train.token_loss_weight = train.pixel_loss_weight = 0.0
+        train.seed = 0
+        return cfg
+    kind, seed = model.split("-s")
+    train.max_steps, train.learning_rate = demo.finetune.steps, demo.finetune.learning_rate
+    # Same seed => same data order, timesteps and noise: the two fine-tunes differ only in the loss.
+    train.seed = int(seed)
+    if kind == "plain":
+        train.token_loss_weight = train.pixel_loss_weight = 0.0
+    return cfg
+
+
+def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: str | None) -> dict[str, Any]:
+    """Train ``model`` (see :func:`phase_config`) into ``<root>/train/<model>``."""
+    from tokencompose_core.models import resolve_diffusion_dir
+    from tokencompose_core.train import train
+
+    cfg = phase_config(config, model)
+    result = train(cfg, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
+                   model_dir=resolve_diffusion_dir(config.models))
+    return {"model": model, "output_uri": result.output_uri, "unet_uri": result.unet_uri,
+            "global_step": result.global_step, "final_losses": result.final_losses}
+
+
+# ----------------------------------------------------------------------------- 3. sampling and scoring
+
+
+def sample_model(config: PipelineConfig, model: str, unet_uri: str, prompts_uri: str) -> str:
+    """Sample every test prompt; the per-image seeds depend only on (prompt, index),
+    so all models start from the same noise. Returns the sample index URI."""
+    from tokencompose_core.models import resolve_diffusion_dir
+
+    prompts = _sampling_prompts(read_prompts(prompts_uri))
+    return sample(config, resolve_diffusion_dir(config.models), model_paths(config, model)["samples"], prompts,
+                  unet_dir=unet_uri)
+
+
+def prompt_groups(records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Prompt ids per reported group: ``<k> objects`` for each size, and ``unseen``
+    (combinations never seen whole in training)."""
+    groups: dict[str, list[int]] = {}
+    for record in records:
+        groups.setdefault(f"{len(record['categories'])} objects", []).append(record["prompt_id"])
+    unseen = [r["prompt_id"] for r in records if r["heldout"]]
+    if unseen:
+        groups["unseen"] = unseen
+    return groups
+
+
+def detect_samples(config: PipelineConfig, index_uri: str, out_uri: str) -> str:
+    """The world's detector over every sampled image -> ``detections.parquet``."""
+    index = storage.read_parquet(index_uri)
+    images = ((row.prompt_id, row.image_index, np.asarray(read_image(row.image_uri)))
+              for row in index.itertuples(index=False))
+    frame = synthetic.detections_frame(images, config.demo.detector, config.score.store_threshold)
+    uri = storage.join(out_uri, "detections.parquet")
+    storage.atomic_write_parquet(frame, uri)
+    return uri
+
+
+def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, records: list[dict[str, Any]],
+                      threshold: float) -> dict[str, dict[str, dict[str, float]]]:
+    """MG1..MG5 (mean/std over image indices) per prompt group, by the shared scorer."""
+    prompts = _sampling_prompts(records)
+    out = {}
+    for group, ids in prompt_groups(records).items():
+        chosen = [p for p in prompts if p.prompt_id in set(ids)]
+        table = multigen_scores(detections[detections["prompt_id"].isin(ids)], chosen, threshold,
+                                images=index[index["prompt_id"].isin(ids)])
+        out[group] = table.to_dict(orient="index")
+    return out
+
+
+def reported_ks(records: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """MG_k reported per group: MG_k above the group's largest prompt is 0 by construction."""
+    sizes = {r["prompt_id"]: len(r["categories"]) for r in records}
+    return {group: [k for k in MG_KS if k <= max(sizes[i] for i in ids)]
+            for group, ids in prompt_groups(records).items()}
+
+
+def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: str, test_cache_uri: str,
+                prompts_uri: str) -> str:
+    """Detections, MultiGen per group and attention mIoU on the test split ->
+    ``<root>/scores/<model>/scores.json`` (returned)."""
+    from tokencompose_core.models import resolve_diffusion_dir
+
+    out_uri = model_paths(config, model)["scores"]
+    detections_uri = detect_samples(config, index_uri, out_uri)
+    records = read_prompts(prompts_uri)
+    multigen = multigen_by_group(storage.read_parquet(detections_uri), storage.read_parquet(index_uri), records,
+                                 config.score.detection_threshold)
+    cache = MaskCache(test_cache_uri)
+    segmentation = segmentation_miou(config, resolve_diffusion_dir(config.models), test_cache_uri,
+                                     heldout_image_ids(cache.image_ids(), config.score.heldout_images),
+                                     unet_dir=unet_uri, overlays_uri=storage.join(out_uri, "overlays"),
+                                     max_overlays=config.score.report_overlays)
+    storage.atomic_write_json(storage.join(out_uri, "segmentation.json"), segmentation)
+    scores_uri = storage.join(out_uri, "scores.json")
+    storage.atomic_write_json(scores_uri, {"model": model, "index_uri": index_uri, "detections_uri": detections_uri,
+                                           "multigen": multigen, "reported_ks": reported_ks(records),
+                                           "segmentation": segmentation})
+    return scores_uri
+
+
+# ----------------------------------------------------------------------------- 4. results
+
+
+def _mg(scores: dict[str, Any], group: str, k: int) -> float:
+    return float(scores["multigen"][group][f"MG{k}"]["mean"])
+
+
+def paired_differences(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    """Grounded minus plain, per seed, per group and MG_k (points), plus mIoU."""
+    rows = []
+    groups = list(scores["base"]["multigen"])
+    for group in groups:
+        for k in scores["base"]["reported_ks"][group]:
+            diffs = [_mg(scores[f"grounded-s{s}"], group, k) - _mg(scores[f"plain-s{s}"], group, k) for s in seeds]
+            rows.append({"metric": f"{group} MG{k}", "per_seed": diffs, "mean": float(np.mean(diffs))})
+    diffs = [scores[f"grounded-s{s}"]["segmentation"]["overall"]["miou_fixed"]
+             - scores[f"plain-s{s}"]["segmentation"]["overall"]["miou_fixed"] for s in seeds]
+    rows.append({"metric": "attention mIoU", "per_seed": diffs, "mean": float(np.mean(diffs))})
+    return rows
+
+
+def verdict(differences: list[dict[str, Any]]) -> str:
+    """A plain sentence: on which metrics grounding beat plain fine-tuning in every seed."""
+    better = [d["metric"] for d in differences if all(v > 0 for v in d["per_seed"])]
+    worse = [d["metric"] for d in differences if all(v < 0 for v in d["per_seed"])]
+    mixed = [d["metric"] for d in differences if d["metric"] not in better + worse]
+    parts = [f"Grounding helped in every seed on {len(better)} of {len(differences)} metrics"
+             + (f" ({', '.join(better)})" if better else "") + "."]
+    if worse:
+        parts.append(f"It hurt in every seed on: {', '.join(worse)}.")
+    if mixed:
+        parts.append(f"Seeds disagree (no conclusion) on: {', '.join(mixed)}.")
+    return " ".join(parts)
+
+
+def results_table(scores: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per model: MG_k mean ± std per group, attention mIoU."""
+    rows = []
+    for model, record in scores.items():
+        row = {"model": model}
+        for group, table in record["multigen"].items():
+            for k in record["reported_ks"][group]:
+                cell = table[f"MG{k}"]
+                row[f"{group} MG{k}"] = f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+        overall = record["segmentation"]["overall"]
+        row["attn mIoU"] = f"{overall['miou_fixed']:.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _difference_table(differences: list[dict[str, Any]], seeds: list[int]) -> pd.DataFrame:
+    return pd.DataFrame([{"metric": d["metric"], **{f"seed {s}": f"{v:+.1f}" for s, v in zip(seeds, d["per_seed"])},
+                          "mean": f"{d['mean']:+.1f}"} for d in differences])
+
+
+def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
+    """Denoising loss of every model and grounding losses of the grounded ones (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for model, output_uri in runs.items():
+        lines = storage.read_bytes(storage.join(output_uri, "metrics.jsonl")).decode().splitlines()
+        records = [json.loads(line) for line in lines if line]
+        steps = np.array([r["step"] for r in records])
+        window = max(1, len(records) // 40)
+        smooth = lambda v: np.convolve(v, np.ones(window) / window, mode="valid")  # noqa: E731
+        axes[0].plot(steps[window - 1:], smooth(np.array([r["denoise"] for r in records])), label=model)
+        grounding = [k for k in records[-1] if k.startswith(("token/", "pixel/"))]
+        for key in grounding:
+            axes[1].plot(steps[window - 1:], smooth(np.array([r[key] for r in records])), label=f"{model} {key}")
+    axes[0].set_title("denoising loss")
+    axes[1].set_title("grounding losses (grounded fine-tunes)")
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.legend(fontsize=6)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    storage.atomic_write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def _run_scores(record: dict[str, Any]) -> RunScores:
+    return RunScores(
+        multigen={group: pd.DataFrame.from_dict(table, orient="index") for group, table in record["multigen"].items()},
+        miou=record["segmentation"], samples={"test prompts": record["index_uri"]},
+        overlays=record["segmentation"].get("overlays", []))
+
+
+def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uris: dict[str, str]) -> dict[str, Any]:
+    """The comparison: report.md/html with grids and overlays (shared report code),
+    paired differences, loss curves, and ``results.json`` / ``results.md``."""
+    out_uri = _root(config, "reports")
+    scores = {model: storage.read_json(uri) for model, uri in scores_uris.items()}
+    seeds = list(config.demo.finetune_seeds)
+    uris = write_report({m: _run_scores(r) for m, r in scores.items()}, out_uri,
+                        title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8)
+    uris["png_loss_curves"] = plot_loss_curves(train_uris, storage.join(out_uri, "loss_curves.png"))
+    for model, record in scores.items():
+        uris[f"png_grid_{model}"] = grid_image(record["index_uri"], storage.join(out_uri, f"grid_{model}.png"),
+                                               prompts=8, images=config.sample.images_per_prompt)
+    differences = paired_differences(scores, seeds)
+    table, diff_table = results_table(scores), _difference_table(differences, seeds)
+    sentence = verdict(differences)
+    markdown = "\n".join([
+        "# Does token-level grounding help? (synthetic world)", "",
+        f"Profile `{config.name}`; {config.sample.images_per_prompt} images per prompt, the same initial "
+        f"noise for every model; fine-tune seeds {seeds}.", "",
+        "## Scores (MG_k: % of images with >= k prompt objects detected, mean ± std over image indices)", "",
+        markdown_table(table), "",
+        "## Grounded minus plain fine-tune, paired by seed (points)", "",
+        markdown_table(diff_table), "", f"**{sentence}**", "",
+        "![loss curves](loss_curves.png)", "",
+    ])
+    uris["results_md"] = storage.join(out_uri, "results.md")
+    storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
+    uris["results_json"] = storage.join(out_uri, "results.json")
+    storage.atomic_write_json(uris["results_json"], {"scores": scores, "differences": differences,
+                                                     "verdict": sentence, "table": table.to_dict(orient="records")})
+    return {"uris": uris, "verdict": sentence, "table_markdown": markdown_table(table),
+            "differences_markdown": markdown_table(diff_table)}
+
+
+def grid_image(index_uri: str, out_uri: str, prompts: int, images: int, scale: int = 4) -> str:
+    """One PNG of ``prompts`` rows x ``images`` samples, upscaled (tiny images)."""
+    index = storage.read_parquet(index_uri)
+    rows = []
+    for prompt_id in sorted(index["prompt_id"].unique())[:prompts]:
+        chosen = index[(index["prompt_id"] == prompt_id) & (index["image_index"] < images)].sort_values("image_index")
+        rows.append(np.concatenate([np.asarray(read_image(u)) for u in chosen["image_uri"]], axis=1))
+    grid = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    storage.atomic_write_bytes(out_uri, synthetic.png_bytes(grid))
+    return out_uri
+
