@@ -265,7 +265,9 @@ def model_fingerprint(model_dir: str, unet_dir: str | None = None) -> str:
 def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
     """Everything that changes pixels: the model and the sampling settings (not batching)."""
     cfg = config.sample
-    keys = (model_fp, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
+    # The prompt source is in (image names are per prompt id); max_prompts and
+    # images_per_prompt are not, so a rerun with more of either extends the folder.
+    keys = (model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
             cfg.mixed_precision, cfg.seed)
     return hashlib.sha256(json.dumps(keys, default=str).encode()).hexdigest()[:16]
 
@@ -288,7 +290,8 @@ def _batches(items: list[SampleItem], size: int) -> Iterator[list[SampleItem]]:
 
 
 def _check_settings(out_uri: str, meta: dict[str, Any]) -> None:
-    """Refuse to resume into a folder made with another model or other settings."""
+    """Refuse to resume into a folder made with another model or other settings; else
+    record the current settings (a rerun may have asked for more prompts or images)."""
     meta_uri = storage.join(out_uri, "sample_meta.json")
     if storage.exists(meta_uri):
         old = storage.read_json(meta_uri)
@@ -296,8 +299,7 @@ def _check_settings(out_uri: str, meta: dict[str, Any]) -> None:
             raise ValueError(f"{out_uri} holds samples made with other settings or another model "
                              f"({old.get('settings_fingerprint')} != {meta['settings_fingerprint']}); "
                              "use a new output folder")
-    else:
-        storage.atomic_write_json(meta_uri, meta)
+    storage.atomic_write_json(meta_uri, meta)
 
 
 def shard_index_uri(out_uri: str, shard: tuple[int, int]) -> str:
