@@ -192,9 +192,9 @@ class GroundedSam:
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Detection]]:
         """One GroundingDINO forward for the batch; kept boxes matched to each image's nouns."""
-        captions = [detection_caption(image_nouns) for image_nouns in nouns]
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
+        captions = [detection_caption(image_nouns) for image_nouns in nouns]
         # Images of different sizes are padded to one batch; the padding mask keeps
         # each image's boxes relative to its own (unpadded) size.
         batch = nested_tensor_from_tensor_list(
@@ -292,6 +292,22 @@ def _image_rows(nouns_rows: pd.DataFrame) -> list[tuple[str, str, str, list[str]
     return images
 
 
+def _ground_each(grounder: Callable, batch: list[tuple]) -> list[list[Grounding] | Exception]:
+    """Ground a batch; if it fails, each image alone, so that an image the models cannot
+    take (a 400 x 1 sliver breaks GroundingDINO and SAM) fails only itself.
+
+    Out of memory is no image's fault: it propagates, and the task retries with a smaller batch.
+    """
+    try:
+        return grounder([item[5] for item in batch], [item[3] for item in batch])
+    except Exception as error:  # noqa: BLE001 - the image's reject row carries the error
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        if len(batch) == 1:
+            return [error]
+        return [_ground_each(grounder, [item])[0] for item in batch]
+
+
 def ground_shard(
     nouns_rows: pd.DataFrame,
     grounder: Callable[[Sequence[Image.Image], Sequence[Sequence[str]]], list[list[Grounding]]],
@@ -301,7 +317,8 @@ def ground_shard(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Shard rows and rejects for the images of ``nouns_rows`` (a slice of the nouns table).
 
-    Unreadable or too large images are rejected and skipped; a noun without a
+    Unreadable or too large images, and images the models fail on, are rejected
+    and skipped; a noun without a
     detection is rejected but its image stays (with its other nouns, or as the
     single noun-less row that still trains with the denoising loss).
     """
@@ -319,9 +336,16 @@ def ground_shard(
     groundings: dict[str, list[Grounding]] = {item[0]: [] for item in loaded}
     for start in range(0, len(with_nouns), batch_size):
         batch = with_nouns[start : start + batch_size]
-        for item, found in zip(batch, grounder([b[5] for b in batch], [b[3] for b in batch])):
-            groundings[item[0]] = found
+        for item, found in zip(batch, _ground_each(grounder, batch)):
+            if isinstance(found, Exception):
+                reason = f"grounding failed: {type(found).__name__}: {found}"
+                rejects.append(mask_cache.reject_row(item[0], item[1], MASKS_STAGE, reason))
+                del groundings[item[0]]
+            else:
+                groundings[item[0]] = found
     for image_id, image_uri, caption, nouns, positions, image in loaded:
+        if image_id not in groundings:  # rejected above
+            continue
         found = {g.noun: g for g in groundings[image_id]}
         head = (image_id, image_uri, caption, image.height, image.width, fingerprint)
         for noun in nouns:
