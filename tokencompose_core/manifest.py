@@ -62,7 +62,14 @@ def _read_rows(uri: str) -> list[dict[str, Any]]:
     if uri.endswith((".parquet", ".pq")):
         return storage.read_parquet(uri).to_dict("records")
     text = storage.read_bytes(uri).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{uri}: line {number} is not valid JSON ({error.msg})") from None
+    return rows
 
 
 def _captions(value: Any) -> list[str]:
@@ -70,6 +77,8 @@ def _captions(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value] if value.strip() else []
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        raise ValueError(f"'captions' must be a string or a list of strings, got {type(value).__name__}")
     return [str(caption) for caption in value if str(caption).strip()]
 
 
@@ -78,12 +87,20 @@ def read_manifest(uri: str) -> pd.DataFrame:
     base_dir = posixpath.dirname(uri)
     records = []
     for number, row in enumerate(_read_rows(uri), start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{uri}: row {number} is not an object with 'image' and 'captions'")
         if not row.get("image"):
             raise ValueError(f"{uri}: row {number} has no 'image'")
-        image = resolve(base_dir, str(row["image"]))
+        if not isinstance(row["image"], str):
+            raise ValueError(f"{uri}: row {number}: 'image' must be a string, got {type(row['image']).__name__}")
+        image = resolve(base_dir, row["image"])
         image_id = row.get("id")
         image_id = str(image_id) if image_id not in (None, "") else posixpath.splitext(posixpath.basename(image))[0]
-        records.append({"id": image_id, "image": image, "captions": _captions(row.get("captions"))})
+        try:
+            captions = _captions(row.get("captions"))
+        except ValueError as error:
+            raise ValueError(f"{uri}: row {number}: {error}") from None
+        records.append({"id": image_id, "image": image, "captions": captions})
     frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS)
     duplicated = frame["id"][frame["id"].duplicated()].unique().tolist()
     if duplicated:
