@@ -95,12 +95,19 @@ def images() -> dict[str, bytes]:
         "palette.gif": _encode(good.convert("P"), "GIF"),
         "bomb.png": png_bomb(),
         "bomb.jpg": jpeg_bomb(),
+        "one_pixel.png": _encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"),
+        "sliver_wide.png": _encode(Image.new("RGB", (400, 1), (30, 200, 30)), "PNG"),
+        "sliver_tall.png": _encode(Image.new("RGB", (7, 2000), (30, 30, 200)), "PNG"),
     }
 
 
 # Image file -> what the masks stage must do with it: "ok" (converted to RGB and
-# grounded) or the start of its rejects reason.
+# grounded), "handled" (opens; grounded, or rejected as "grounding failed" when the
+# detector cannot take its shape) or the start of its rejects reason.
 IMAGE_OUTCOMES = {
+    "one_pixel.png": "handled",
+    "sliver_wide.png": "handled",
+    "sliver_tall.png": "handled",
     "good.jpg": "ok",
     "good.png": "ok",
     "cmyk.jpg": "ok",
