@@ -14,11 +14,14 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pandas as pd
 from fsspec.core import url_to_fs
+
+if TYPE_CHECKING:
+    from tokencompose_core.config import StorageConfig
 
 
 class StorageError(OSError):
@@ -105,6 +108,16 @@ def check_under_roots(uri: str, roots: list[str]) -> str:
         if normalised == root_path or normalised.startswith(root_path.rstrip("/") + "/"):
             return uri
     raise ValueError(f"{uri!r} is outside the configured storage roots {roots}")
+
+
+def check_input(uri: str, config: "StorageConfig") -> str:
+    """A URI given by a user (flow parameter, config field), checked against the storage roots.
+
+    Once ``storage.allowed_roots`` is set it must lie under one of them or under
+    ``storage.root``, so that flow parameters sent through the Prefect API or UI
+    cannot read other files. Empty (the default, for local runs) accepts any URI.
+    """
+    return check_under_roots(uri, [config.root, *config.allowed_roots]) if config.allowed_roots else uri
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
