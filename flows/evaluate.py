@@ -24,6 +24,7 @@ from tokencompose_core.sampling import model_fingerprint, prompt_set_name
 def sample_folders(config: PipelineConfig, input_uri: str | None) -> list[str]:
     """The samples folder given, or every folder under <root>/samples with an index."""
     if input_uri:
+        storage.check_input(input_uri, config.storage)
         if not storage.exists(storage.join(input_uri, "index.parquet")):
             raise FileNotFoundError(f"{input_uri} is not a samples folder (no index.parquet)")
         return [input_uri.rstrip("/")]
@@ -51,7 +52,7 @@ def _score_folder(config: PipelineConfig, samples: str, fingerprint: str) -> str
                         score.store_threshold, score.detector_batch_size, score.device, key)
     score_multigen(detections, index_uri, spec, max_prompts, score.detection_threshold, out_uri, model,
                    prompt_set_name(spec), key)
-    cache_uri = score.mask_cache or storage.join(config.storage.root, "masks")
+    cache_uri = storage.check_input(score.mask_cache or storage.join(config.storage.root, "masks"), config.storage)
     if score.heldout_images and storage.exists(storage.join(cache_uri, COMPLETED)):
         # New committed shards change the held-out images: the cache manifest is part of the key.
         manifest = hashlib.sha256(storage.read_bytes(storage.join(cache_uri, COMPLETED))).hexdigest()[:16]

@@ -39,6 +39,7 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     manifest_uri = input_uri or config.nouns.manifest
     if not manifest_uri:
         raise ValueError("no manifest: pass --input <manifest.jsonl|.parquet> or set nouns.manifest")
+    storage.check_input(manifest_uri, config.storage)
     digest = hashlib.sha256(storage.read_bytes(manifest_uri)).hexdigest()[:16]
     out_dir = nouns_dir(config)
     result = _refreshed_if(not storage.exists(storage.join(out_dir, "nouns.parquet")), nouns_task)(manifest_uri, digest, out_dir, config.nouns.model_dump(mode="json"),
@@ -52,7 +53,7 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
 def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
     """Stage 2, one task per shard. ``input_uri``: the nouns table (default: stage 1's output)."""
     config = load_config(profile, overrides)
-    nouns_uri = input_uri or storage.join(nouns_dir(config), "nouns.parquet")
+    nouns_uri = storage.check_input(input_uri or storage.join(nouns_dir(config), "nouns.parquet"), config.storage)
     cache_uri = masks_dir(config)
     shards = plan_shards(storage.read_parquet(nouns_uri), config.masks.shard_size)
     fingerprint = masks_fingerprint(models_fingerprint(config.models), config.masks)

@@ -32,9 +32,11 @@ def samples_uri(config: PipelineConfig, input_uri: str | None) -> str:
 def sample_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
     """``input_uri``: a trained run folder holding ``unet/`` (default: the base model)."""
     config = load_config(profile, overrides)
+    if not config.sample.prompts.startswith("multigen:"):
+        storage.check_input(config.sample.prompts, config.storage)
     unet_dir = None
     if input_uri:
-        unet_dir = storage.join(input_uri, "unet")
+        unet_dir = storage.join(storage.check_input(input_uri, config.storage), "unet")
         if not storage.exists(storage.join(unet_dir, "config.json")):
             raise FileNotFoundError(f"{input_uri} has no trained unet/ (expected {unet_dir}/config.json)")
     model_dir = resolve_diffusion_dir(config.models)

@@ -42,7 +42,7 @@ def run_dir(config: PipelineConfig, cache_uri: str, fingerprint: str) -> str:
 def train_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
     """Stage 3. ``input_uri``: the mask cache (default: stage 2's output under the storage root)."""
     config = load_config(profile, overrides)
-    cache_uri = input_uri or storage.join(config.storage.root, "masks")
+    cache_uri = storage.check_input(input_uri or storage.join(config.storage.root, "masks"), config.storage)
     fingerprint = f"{stage_fingerprint(config, 'train')}-{cache_digest(cache_uri)}"
     output_uri = run_dir(config, cache_uri, fingerprint)
     result = train_task(config.model_dump(mode="json"), cache_uri, output_uri, None, fingerprint)
