@@ -157,3 +157,37 @@ def test_check_under_roots(uri: str, inside: bool) -> None:
     else:
         with pytest.raises(ValueError, match="outside the configured storage roots"):
             storage.check_under_roots(uri, roots)
+
+
+def test_check_input_applies_only_once_roots_are_configured(tmp_path: Path) -> None:
+    open_config = load_config("tiny", [f"storage.root={tmp_path / 'runs'}"]).storage
+    assert storage.check_input("/etc/passwd", open_config) == "/etc/passwd"  # local runs: unrestricted
+    closed = load_config("tiny", [f"storage.root={tmp_path / 'runs'}",
+                                  f"storage.allowed_roots=[{tmp_path / 'data'}]"]).storage
+    assert storage.check_input(str(tmp_path / "data" / "m.jsonl"), closed)
+    assert storage.check_input(str(tmp_path / "runs" / "masks"), closed)
+    with pytest.raises(ValueError, match="outside the configured storage roots"):
+        storage.check_input(str(tmp_path / "data" / ".." / "secret"), closed)
+
+
+@pytest.mark.parametrize(
+    ("module", "flow", "extra"),
+    [
+        ("flows.preprocess", "nouns_flow", []),
+        ("flows.preprocess", "masks_flow", []),
+        ("flows.train", "train_flow", []),
+        ("flows.sample", "sample_flow", []),
+        ("flows.sample", "sample_flow", ["sample.prompts={outside}"]),
+        ("flows.evaluate", "evaluate_flow", []),
+    ],
+)
+def test_flows_refuse_user_uris_outside_the_storage_roots(tmp_path: Path, module: str, flow: str,
+                                                          extra: list[str]) -> None:
+    import importlib
+
+    outside = tmp_path / "elsewhere" / "input.jsonl"
+    overrides = [f"storage.root={tmp_path / 'runs'}", f"storage.allowed_roots=[{tmp_path / 'data'}]",
+                 *(item.format(outside=outside) for item in extra)]
+    function = getattr(importlib.import_module(module), flow).fn  # the flow body, without a Prefect run
+    with pytest.raises(ValueError, match="outside the configured storage roots"):
+        function(profile="tiny", overrides=overrides, input_uri=None if extra else str(outside))
