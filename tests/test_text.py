@@ -97,3 +97,34 @@ def test_choose_caption_defaults_to_the_first() -> None:
     assert choose_caption(["one", "two"]) == "one"
     with pytest.raises(ValueError):
         choose_caption([])
+
+
+def test_clip_caption_choice_picks_the_most_similar_caption(tokenizer) -> None:
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from tokencompose_core.text import CaptionSelector
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    selector = CaptionSelector(model, processor)
+    image = Image.new("RGB", (40, 40), (120, 30, 200))
+    captions = ["a purple square", "a dog on a bed", "two cats"]
+    with torch.no_grad():
+        image_embed = model.get_image_features(**processor(images=image, return_tensors="pt")).pooler_output
+        text_embed = model.get_text_features(**processor(text=captions, return_tensors="pt", padding=True)).pooler_output
+    similarity = torch.nn.functional.cosine_similarity(image_embed, text_embed)
+    assert int(similarity.argmax()) != 0  # so that "always the first" would fail
+    assert choose_caption(captions, image, selector) == captions[int(similarity.argmax())]
+    assert choose_caption(["only one"], image, selector) == "only one"
