@@ -42,9 +42,10 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     storage.check_input(manifest_uri, config.storage)
     digest = hashlib.sha256(storage.read_bytes(manifest_uri)).hexdigest()[:16]
     out_dir = nouns_dir(config)
-    result = _refreshed_if(not storage.exists(storage.join(out_dir, "nouns.parquet")), nouns_task)(manifest_uri, digest, out_dir, config.nouns.model_dump(mode="json"),
-                        config.models.model_dump(mode="json"), config.masks.max_image_pixels,
-                        stage_fingerprint(config, "nouns"))
+    task = _refreshed_if(not storage.exists(storage.join(out_dir, "nouns.parquet")), nouns_task)
+    result = task(manifest_uri, digest, out_dir, config.nouns.model_dump(mode="json"),
+                  config.models.model_dump(mode="json"), config.masks.max_image_pixels,
+                  stage_fingerprint(config, "nouns"))
     print(f"nouns: {result['rows']} rows for {result['images']} images, {result['rejects']} rejects")
     return {"manifest_uri": manifest_uri, **result}
 
