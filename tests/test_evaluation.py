@@ -3,6 +3,8 @@ OWLv2 detection schema with the tiny detector."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -188,3 +190,36 @@ def test_detect_owlv2_tiny_writes_schema(tmp_path) -> None:
         assert len(row.box) == 4
     scores = multigen_scores(detections, PROMPTS, threshold=0.0)
     assert scores.loc["MG1", "mean"] == 100.0
+
+
+def test_segmentation_miou_runs_on_the_pixel_space_model(tmp_path) -> None:
+    """The real path (noise, one U-Net forward, captured maps) on the demo's 16 px model."""
+    from tokencompose_core.config import load_config
+    from tokencompose_core.mask_cache import commit_shard, rows_frame, shard_row
+    from tokencompose_core.models import clip_tokenizer, resolve_diffusion_dir
+    from tokencompose_core.sampling import png_bytes
+    from tokencompose_core.text import token_positions
+
+    caption, rows = "a photo of a circle and a square", []
+    for i in range(2):
+        image = np.full((16, 16, 3), 128, dtype=np.uint8)
+        image[2:7, 2:7] = (255, 0, 0)
+        image[9:14, 8:13] = (0, 0, 255)
+        uri = str(tmp_path / f"img{i}.png")
+        storage.atomic_write_bytes(uri, png_bytes(image))
+        for noun, (ys, xs) in (("circle", (slice(2, 7), slice(2, 7))), ("square", (slice(9, 14), slice(8, 13)))):
+            mask = np.zeros((16, 16), dtype=bool)
+            mask[ys, xs] = True
+            rows.append(shard_row(f"img{i}", uri, caption, 16, 16, "fp", noun=noun, mask=mask,
+                                  token_positions=list(token_positions(caption, noun, clip_tokenizer()))))
+    cache = str(tmp_path / "masks")
+    commit_shard(cache, "shard-00000", rows_frame(rows))
+    config = load_config("tiny", ["models.diffusion=tiny-pixel", "score.device=cpu"])
+    result = evaluation.segmentation_miou(config, resolve_diffusion_dir(config.models), cache, ["img0", "img1"],
+                                          overlays_uri=str(tmp_path / "overlays"), max_overlays=3)
+    assert result["images"] == 2 and result["groups"]
+    for scores in [*result["groups"].values(), result["overall"]]:
+        assert scores["nouns"] == 4
+        assert 0.0 <= scores["miou_fixed"] <= scores["miou_best"] <= 100.0
+    assert len(result["overlays"]) == 3
+    assert all(Path(o["uri"]).is_file() for o in result["overlays"])
