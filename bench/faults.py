@@ -46,6 +46,10 @@ STAGES = ("masks", "train", "sample")
 # Imported once by the fork server, before any child is forked.
 PRELOAD = ["torch", "tokencompose_core.grounding", "tokencompose_core.train", "tokencompose_core.sampling"]
 POLL_S = 0.002
+# Run sizes: several units per stage, seconds per run on a CPU.
+MASK_IMAGES, SHARD_SIZE = 12, 2
+TRAIN_STEPS, CHECKPOINT_EVERY = 8, 2
+PROMPTS, IMAGES_PER_PROMPT = 4, 2
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -57,11 +61,13 @@ def stage_config(stage: str, work: Path) -> Any:
 
     common = [f"storage.root={work}", f"models.cache_dir={work / 'models'}"]
     per_stage = {
-        "masks": ["masks.shard_size=2", "masks.batch_size=2", "masks.image_size=64", "masks.max_boxes=4"],
-        "train": ["train.max_steps=8", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
-                  "train.log_every=1", "train.num_workers=0", "score.heldout_images=0"],
-        "sample": ["sample.max_prompts=4", "sample.images_per_prompt=2", "sample.batch_size=2",
-                   "sample.num_inference_steps=3"],
+        "masks": [f"masks.shard_size={SHARD_SIZE}", "masks.batch_size=2", "masks.image_size=64",
+                  "masks.max_boxes=4"],
+        "train": [f"train.max_steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
+                  "train.checkpoints_total_limit=2", "train.log_every=1", "train.num_workers=0",
+                  "score.heldout_images=0"],
+        "sample": [f"sample.max_prompts={PROMPTS}", f"sample.images_per_prompt={IMAGES_PER_PROMPT}",
+                   "sample.batch_size=2", "sample.num_inference_steps=3"],
     }
     return load_config("tiny", common + per_stage[stage])
 
@@ -88,7 +94,7 @@ def prepare(work: Path) -> dict[str, str]:
     if not storage.exists(inputs["nouns"]):
         captions = ["a dog and a ball on the grass", "a red cup next to a laptop", "a cat under a chair"]
         rows = []
-        for index in range(12):
+        for index in range(MASK_IMAGES):
             uri = str(work / "inputs" / "images" / f"img{index:02d}.png")
             storage.atomic_write_bytes(uri, png_bytes(_shapes_image(index)))
             rows.append({"id": f"img{index:02d}", "image": uri, "captions": [captions[index % 3]]})
@@ -166,13 +172,14 @@ def units(stage: str, out: Path) -> int:
         from tokencompose_core.train import checkpoint_steps
 
         steps = checkpoint_steps(str(out))
-        return steps[-1] // 2 if steps else 0  # checkpoint_every=2
+        return steps[-1] // CHECKPOINT_EVERY if steps else 0
     images = out / "images"
     return sum(1 for p in images.rglob("*.png")) if images.is_dir() else 0
 
 
 def total_units(stage: str) -> int:
-    return {"masks": 6, "train": 4, "sample": 8}[stage]
+    return {"masks": MASK_IMAGES // SHARD_SIZE, "train": TRAIN_STEPS // CHECKPOINT_EVERY,
+            "sample": PROMPTS * IMAGES_PER_PROMPT}[stage]
 
 
 def is_temporary(path: Path, root: Path) -> bool:
@@ -452,8 +459,13 @@ def storage_fault_point(stage: str, work: Path, number: int, fail_at: int, refer
     _checked(point, "error names the file and the cause", lambda: _assert(named, repr(error)))
     counts = _checked(point, "published artefacts read back", lambda: check_published(stage, out))
     record["temporary_left"] = counts["temporary"] if counts else None
-    run_stage(stage, work, out)
-    _checked(point, "equal to the uninterrupted run", lambda: check_equal(stage, out, reference))
+    try:
+        run_stage(stage, work, out)
+    except Exception as error:  # recorded, so one failing point does not end the sweep
+        point.checks["rerun completes"] = f"FAILED: {error!r}"
+    else:
+        point.checks["rerun completes"] = "ok"
+        _checked(point, "equal to the uninterrupted run", lambda: check_equal(stage, out, reference))
     record["checks"] = point.checks
     return record
 
@@ -520,13 +532,18 @@ def kill_point(runner: Runner, stage: str, number: int, reference: Path, times: 
     point.units_at_kill = units(stage, out)
     at_kill = snapshot(stage, out)
     started = time.monotonic()
-    result, _ = runner.run(stage, out)
+    try:
+        result, _ = runner.run(stage, out)
+    except RuntimeError as error:
+        point.checks["rerun completes"] = f"FAILED: {error}"
+        return point
+    point.checks["rerun completes"] = "ok"
     point.rerun_s = round(time.monotonic() - started, 3)
     _checked(point, "committed work not redone", lambda: check_not_redone(stage, at_kill, result, out))
     _checked(point, "equal to the uninterrupted run", lambda: check_equal(stage, out, reference))
     _checked(point, "final artefacts read back", lambda: check_published(stage, out))
     if stage == "train":
-        _checked(point, "final step count", lambda: _assert(result["global_step"] == 8, result))
+        _checked(point, "final step count", lambda: _assert(result["global_step"] == TRAIN_STEPS, result))
     return point
 
 
