@@ -10,7 +10,7 @@ from tasks.common import retry_batch_size, stage_task
 from tokencompose_core import storage
 from tokencompose_core.config import MasksConfig, ModelsConfig, NounsConfig
 from tokencompose_core.grounding import GroundedSam, run_mask_shard
-from tokencompose_core.manifest import build_nouns
+from tokencompose_core.manifest import build_nouns, import_reference
 
 
 @stage_task
@@ -19,6 +19,15 @@ def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: dic
     """Stage 1; ``manifest_digest`` keys the cache on the manifest's content, not just its URI."""
     return build_nouns(manifest_uri, out_dir, NounsConfig.model_validate(nouns), ModelsConfig.model_validate(models),
                        max_image_pixels)
+
+
+@stage_task
+def import_reference_task(metadata_uri: str, metadata_digest: str, cache_uri: str, shard_size: int,
+                          fingerprint: str) -> dict[str, Any]:
+    """Stage 2 from the reference's released masks (``metadata.jsonl`` + mask PNGs)."""
+    from tokencompose_core.models import clip_tokenizer
+
+    return import_reference(metadata_uri, cache_uri, clip_tokenizer(), shard_size=shard_size, fingerprint=fingerprint)
 
 
 @lru_cache(maxsize=2)

@@ -102,3 +102,21 @@ def test_deleted_cache_is_rebuilt_not_served_from_the_prefect_cache(prefect_harn
     shutil.rmtree(first["cache_uri"])
     again = masks_flow("tiny", overrides, nouns["nouns_uri"])
     assert calls == [1] and len(mask_cache.MaskCache(again["cache_uri"])) == 4
+
+
+def test_masks_flow_imports_the_reference_format(prefect_harness, tmp_path) -> None:
+    import numpy as np
+
+    mask = np.zeros((24, 32), np.uint8)
+    mask[5:15, 8:20] = 255
+    (tmp_path / "seg").mkdir()
+    Image.fromarray(mask).save(tmp_path / "seg" / "mask_7_dog.png")
+    Image.new("RGB", (32, 24)).save(tmp_path / "7.jpg")
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "7.jpg", "text": "A dog on a mat.",
+                                    "attn_list": [["dog", "seg/mask_7_dog.png"], ["mat", None]]}) + "\n")
+    result = masks_flow("tiny", [f"storage.root={tmp_path / 'run'}"], str(metadata))
+    cache = mask_cache.MaskCache(result["cache_uri"])
+    assert result["images"] == 1 and cache.image_ids() == ["7"]
+    image = cache.get("7")
+    assert image.nouns == ["dog"] and image.masks[0].sum() == 120 and image.image_uri == str(tmp_path / "7.jpg")
