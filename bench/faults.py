@@ -197,7 +197,8 @@ def _read_back(path: Path) -> None:
     elif suffix == ".json":
         json.loads(path.read_text("utf-8"))
     elif suffix == ".jsonl":
-        [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+        for line in filter(None, path.read_text("utf-8").splitlines()):
+            json.loads(line)
     elif suffix == ".png":
         from PIL import Image
 
@@ -364,6 +365,9 @@ class Runner:
                 times.append(time.monotonic() - started)
             time.sleep(POLL_S)
         process.join(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        if process.is_alive():  # timed out
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"{stage} run into {out} failed with exit code {process.exitcode}")
         times += [time.monotonic() - started] * (total_units(stage) - len(times))
