@@ -20,6 +20,7 @@ Every step writes under ``config.storage.root`` and returns small JSON-able dict
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import json
 from typing import Any
@@ -329,6 +330,17 @@ def _run_scores(record: dict[str, Any]) -> RunScores:
         overlays=record["segmentation"].get("overlays", []))
 
 
+def _add_verdict_to_html(html_uri: str, sentence: str, differences: pd.DataFrame) -> None:
+    """Put the answer first on the shared report page: verdict, paired differences, loss curves."""
+    page = storage.read_bytes(html_uri).decode("utf-8")
+    section = (f"<h2>Did grounding help?</h2><p><b>{html.escape(sentence)}</b></p>"
+               "<h3>Grounded minus plain fine-tune, paired by seed (points)</h3>"
+               f"{differences.to_html(index=False, escape=True)}"
+               '<p><img src="loss_curves.png" alt="loss curves"></p>')
+    head, sep, rest = page.partition("</h1>")
+    storage.atomic_write_bytes(html_uri, (head + sep + section + rest).encode("utf-8"))
+
+
 def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uris: dict[str, str]) -> dict[str, Any]:
     """The comparison: report.md/html with grids and overlays (shared report code),
     paired differences, loss curves, and ``results.json`` / ``results.md``."""
@@ -354,6 +366,7 @@ def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uri
         markdown_table(diff_table), "", f"**{sentence}**", "",
         "![loss curves](loss_curves.png)", "",
     ])
+    _add_verdict_to_html(uris["html"], sentence, diff_table)
     uris["results_md"] = storage.join(out_uri, "results.md")
     storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
     uris["results_json"] = storage.join(out_uri, "results.json")
