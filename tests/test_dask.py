@@ -1,0 +1,53 @@
+"""The mask stage on a two-worker local Dask cluster writes the cache a single process writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import skimage.data
+from PIL import Image
+
+from flows.preprocess import masks_flow, nouns_flow
+from tasks.common import configured
+from tokencompose_core import mask_cache, storage
+from tokencompose_core.config import load_config
+
+PHOTOS = {"astronaut": "An astronaut holding a flag.", "coffee": "A cup of coffee with a spoon."}
+
+
+def _manifest(folder: Path) -> str:
+    rows = []
+    for name, caption in PHOTOS.items():
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((64, 48)).save(folder / f"{name}.png")
+        rows.append({"image": f"{name}.png", "captions": [caption]})
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def _shards(cache_uri: str) -> dict[str, list[dict]]:
+    """Every committed shard's rows, as plain values (the cache's whole content)."""
+    completed = mask_cache.completed_shards(cache_uri)
+    return {name: storage.read_parquet(storage.join(cache_uri, "shards", f"{name}.parquet"))
+            .sort_values(["image_id", "noun"], na_position="first").astype(str).to_dict("records")
+            for name in completed}
+
+
+def test_masks_on_a_two_worker_dask_cluster_match_a_single_process(prefect_harness, tmp_path):
+    settings = ["masks.shard_size=1", "masks.batch_size=1", "orchestration.dask_workers=2"]
+    # One thread: tiny models built by concurrent threads get different random
+    # weights (the global torch RNG is shared), which is not what is compared here.
+    single = [f"storage.root={tmp_path / 'single'}", *settings, "orchestration.max_workers=1"]
+    spread = [f"storage.root={tmp_path / 'dask'}", *settings, "orchestration.task_runner=dask"]
+    nouns = nouns_flow("tiny", single, _manifest(tmp_path))["nouns_uri"]
+
+    local = configured(masks_flow, load_config("tiny", single))("tiny", single, nouns)
+    on_dask = configured(masks_flow, load_config("tiny", spread))
+    assert type(on_dask.task_runner).__name__ == "DaskTaskRunner"
+    assert on_dask.task_runner.cluster_kwargs["n_workers"] == 2 and on_dask.task_runner.cluster_kwargs["processes"]
+    distributed = on_dask("tiny", spread, nouns)
+
+    assert distributed["shards"] == local["shards"] == 2
+    assert mask_cache.completed_shards(distributed["cache_uri"]) == mask_cache.completed_shards(local["cache_uri"])
+    assert _shards(distributed["cache_uri"]) == _shards(local["cache_uri"])
+
