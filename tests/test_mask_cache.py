@@ -83,8 +83,8 @@ def test_memory_filesystem_and_lru(monkeypatch) -> None:
         mask_cache.commit_shard(cache, f"shard-{number:05d}", rows)
     reader = mask_cache.MaskCache(cache, max_cached_shards=1)
     reads = []
-    original = mask_cache._read_table
-    monkeypatch.setattr(mask_cache, "_read_table", lambda uri, columns=None: reads.append(uri) or original(uri, columns))
+    original = mask_cache._read_arrow
+    monkeypatch.setattr(mask_cache, "_read_arrow", lambda uri, columns=None: reads.append(uri) or original(uri, columns))
     for image_id in ["img0", "img0", "img1", "img1", "img0"]:
         assert reader.get(image_id).nouns == ["dog"]
     assert len(reads) == 3  # one read per shard switch, none for repeats

@@ -78,8 +78,12 @@ def write_table(table: pa.Table, uri: str) -> None:
     storage.atomic_write_bytes(uri, buffer.getvalue())
 
 
+def _read_arrow(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+
+
 def _read_table(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns).to_pandas()
+    return _read_arrow(uri, columns).to_pandas()
 
 
 def _check_name(shard_name: str) -> str:
@@ -193,22 +197,25 @@ class MaskCache:
         self.uri = uri
         self.shards = completed_shards(uri)
         self._max_cached = max_cached_shards
-        self._tables: OrderedDict[str, pd.DataFrame] = OrderedDict()
-        self._index: dict[str, tuple[str, np.ndarray]] = {}
+        # Decoded shards as plain rows grouped by image: no DataFrame indexing per get().
+        self._tables: OrderedDict[str, dict[str, list[dict[str, Any]]]] = OrderedDict()
+        self._index: dict[str, str] = {}  # image id -> shard name
         for name in sorted(self.shards):
-            ids = _read_table(self._shard_uri(name), columns=["image_id"])["image_id"]
-            for image_id, rows in ids.groupby(ids, sort=False).indices.items():
-                self._index[image_id] = (name, rows)
+            for image_id in _read_arrow(self._shard_uri(name), columns=["image_id"]).column("image_id").to_pylist():
+                self._index[image_id] = name
         self._ids = sorted(self._index)
 
     def _shard_uri(self, name: str) -> str:
         return storage.join(self.uri, "shards", f"{name}.parquet")
 
-    def _table(self, name: str) -> pd.DataFrame:
+    def _table(self, name: str) -> dict[str, list[dict[str, Any]]]:
         if name in self._tables:
             self._tables.move_to_end(name)
         else:
-            self._tables[name] = _read_table(self._shard_uri(name))
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for row in _read_arrow(self._shard_uri(name)).to_pylist():
+                grouped.setdefault(row["image_id"], []).append(row)
+            self._tables[name] = grouped
             if len(self._tables) > self._max_cached:
                 self._tables.popitem(last=False)
         return self._tables[name]
@@ -227,27 +234,25 @@ class MaskCache:
         """The image's grounding; masks at ``size`` (h, w) when given, else the image's size."""
         if image_id not in self._index:
             raise KeyError(f"image {image_id!r} is not in the mask cache {self.uri}")
-        name, rows = self._index[image_id]
-        frame = self._table(name).iloc[rows]
-        first = frame.iloc[0]
-        height, width = int(first["height"]), int(first["width"])
-        grounded = frame[frame["noun"].notna()]
-        if len(grounded):
-            masks = np.stack([rle.decode(counts, height, width) for counts in grounded["mask_counts"]])
+        rows = self._table(self._index[image_id])[image_id]
+        height, width = rows[0]["height"], rows[0]["width"]
+        grounded = [row for row in rows if row["noun"] is not None]
+        if grounded:
+            masks = np.stack([rle.decode(row["mask_counts"], height, width) for row in grounded])
         else:
             masks = np.zeros((0, height, width), dtype=bool)
         masks = masks.astype(np.uint8) if size is None else resize_masks(masks, tuple(size))
         return GroundedImage(
             image_id=image_id,
-            image_uri=str(first["image_uri"]),
-            caption=str(first["caption"]),
+            image_uri=rows[0]["image_uri"],
+            caption=rows[0]["caption"],
             height=height,
             width=width,
-            nouns=[str(noun) for noun in grounded["noun"]],
-            token_positions=[[int(p) for p in positions] for positions in grounded["token_positions"]],
+            nouns=[row["noun"] for row in grounded],
+            token_positions=[row["token_positions"] for row in grounded],
             masks=masks,
-            boxes=[[float(v) for v in box] for box in grounded["box"]],
-            scores=[float(score) for score in grounded["score"]],
+            boxes=[row["box"] for row in grounded],
+            scores=[row["score"] for row in grounded],
         )
 
     def rejects(self) -> pd.DataFrame:
