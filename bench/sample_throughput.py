@@ -40,7 +40,7 @@ from tokencompose_core.sampling import (  # noqa: E402
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def reference_style(parts: Any, config: Any, prompts: list, device: torch.device) -> float:

@@ -181,3 +181,16 @@ def test_unknown_scheduler_is_refused(pixel_model_dir: str, tmp_path: Path) -> N
     config = load_config("tiny", [*STEPS, "sample.scheduler=heun2"])
     with pytest.raises(ValueError, match="unknown scheduler 'heun2'"):
         sample(config, pixel_model_dir, str(tmp_path / "x"), [Prompt(0, "a red circle")])
+
+
+def test_auto_device_spreads_shards_over_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tokencompose_core.sampling import resolve_device, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [str(resolve_device("auto", worker=w)) for w in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert str(resolve_device("cpu", worker=1)) == "cpu"
+    assert resolve_dtype("fp16", torch.device("cuda:1")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.float32  # half precision is GPU-only

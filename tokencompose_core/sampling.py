@@ -170,9 +170,11 @@ def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype
     return parts
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, worker: int = 0) -> torch.device:
+    """``auto``: CUDA when available, worker i on GPU i mod the GPU count; else as given."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device(f"cuda:{worker % count}") if count else torch.device("cpu")
     return torch.device(device)
 
 
@@ -330,7 +332,7 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     todo = [item for item in items if not storage.exists(item.image_uri)]
     seconds = 0.0
     if todo:
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, worker=shard[0])
         parts = load_parts(model_dir, unet_dir, device, resolve_dtype(cfg.mixed_precision, device))
         seconds = generate_images(parts, config, todo, device)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
@@ -373,7 +375,7 @@ def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem],
         for item, image in zip(batch, decode_images(parts, latents)):
             storage.atomic_write_bytes(item.image_uri, png_bytes(image))
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
