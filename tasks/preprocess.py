@@ -34,7 +34,8 @@ def import_reference_task(metadata_uri: str, metadata_digest: str, cache_uri: st
 def _grounder(models_json: str, masks_json: str) -> GroundedSam:
     # One model load per process, shared by every shard task it runs (threads take
     # turns inside GroundedSam); Dask worker processes load their own.
-    return GroundedSam.from_config(ModelsConfig.model_validate_json(models_json), MasksConfig.model_validate_json(masks_json))
+    models, masks = ModelsConfig.model_validate_json(models_json), MasksConfig.model_validate_json(masks_json)
+    return GroundedSam.from_config(models, masks)
 
 
 @stage_task

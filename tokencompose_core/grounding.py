@@ -318,9 +318,9 @@ def ground_shard(
     """Shard rows and rejects for the images of ``nouns_rows`` (a slice of the nouns table).
 
     Unreadable or too large images, and images the models fail on, are rejected
-    and skipped; a noun without a
-    detection is rejected but its image stays (with its other nouns, or as the
-    single noun-less row that still trains with the denoising loss).
+    and skipped; a noun without a detection is rejected but its image stays (with
+    its other nouns, or as the single noun-less row that still trains with the
+    denoising loss).
     """
     from tokencompose_core.manifest import ImageError, open_image
 

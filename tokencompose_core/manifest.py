@@ -168,7 +168,8 @@ def _reference_image(
             return [], rejects + [mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, reason)]
     height, width = size
     rows = [
-        mask_cache.shard_row(image_id, image_uri, caption, height, width, fingerprint, noun, positions, mask, score=float("nan"))
+        mask_cache.shard_row(image_id, image_uri, caption, height, width, fingerprint, noun, positions, mask,
+                             score=float("nan"))
         for noun, positions, mask in grounded
     ] or [mask_cache.shard_row(image_id, image_uri, caption, height, width, fingerprint)]
     return rows, rejects
@@ -198,7 +199,8 @@ def import_reference(
             shard_rows += grounded
             shard_rejects += rejects
         name = f"shard-{start // shard_size:05d}"
-        mask_cache.commit_shard(cache_uri, name, mask_cache.rows_frame(shard_rows), mask_cache.rejects_frame(shard_rejects))
+        shard_frame, reject_frame = mask_cache.rows_frame(shard_rows), mask_cache.rejects_frame(shard_rejects)
+        mask_cache.commit_shard(cache_uri, name, shard_frame, reject_frame)
         shards.append(name)
     return {"cache_uri": cache_uri, "shards": shards, "images": len(rows)}
 
@@ -241,7 +243,9 @@ def export_reference(cache_uri: str, out_uri: str, image_root: str | None = None
     return metadata_uri
 
 
-def _chosen_captions(manifest: pd.DataFrame, selector: CaptionSelector | None, max_image_pixels: int) -> list[str | None]:
+def _chosen_captions(
+    manifest: pd.DataFrame, selector: CaptionSelector | None, max_image_pixels: int
+) -> list[str | None]:
     """One caption per row (None when it has none); CLIP choice needs the image."""
     chosen: list[str | None] = []
     for row in manifest.itertuples(index=False):
@@ -297,7 +301,10 @@ def nouns_table(
 
 def write_nouns(table: pd.DataFrame, rejects: pd.DataFrame, out_dir: str) -> dict[str, str]:
     """Publish ``nouns.parquet`` and ``rejects.parquet`` under ``out_dir`` atomically."""
-    uris = {"nouns_uri": storage.join(out_dir, "nouns.parquet"), "rejects_uri": storage.join(out_dir, "rejects.parquet")}
+    uris = {
+        "nouns_uri": storage.join(out_dir, "nouns.parquet"),
+        "rejects_uri": storage.join(out_dir, "rejects.parquet"),
+    }
     mask_cache.write_table(mask_cache.to_table(rejects, mask_cache.REJECT_SCHEMA), uris["rejects_uri"])
     mask_cache.write_table(mask_cache.to_table(table, NOUNS_SCHEMA), uris["nouns_uri"])
     return uris
