@@ -30,6 +30,7 @@ def make_cache(root: Path, images: int = 10, side: int = 64) -> str:
     tokenizer = clip_tokenizer()
     rng = np.random.default_rng(0)
     rows = []
+    box = side * 3 // 8
     for index in range(images):
         nouns = list(COLOURS)[: 1 + index % 3] if index < images - 1 else []
         caption = "a photo of " + (" and ".join(f"a {noun}" for noun in nouns) or "an empty room")
@@ -38,9 +39,9 @@ def make_cache(root: Path, images: int = 10, side: int = 64) -> str:
         base = dict(image_id=f"img{index:02d}", image_uri=uri, caption=caption, height=side, width=side + 16,
                     box=[0.0, 0.0, 1.0, 1.0], score=0.9, fingerprint="fixture")
         for noun in nouns:
-            y, x = rng.integers(0, side - 24, size=2) + (0, 8)
+            y, x = rng.integers(0, side - box, size=2) + (0, 8)
             mask = np.zeros((side, side + 16), dtype=bool)
-            mask[y : y + 24, x : x + 24] = True
+            mask[y : y + box, x : x + box] = True
             canvas[mask] = COLOURS[noun]
             positions = list(token_positions(caption, noun, tokenizer))
             rows.append({**base, "noun": noun, "token_positions": positions, "mask_counts": rle.encode(mask)})

@@ -23,10 +23,15 @@ killed run never leaves a half checkpoint. ``train.resume`` continues from the
 newest one: model, optimizer, lr schedule, EMA, RNG states and data position,
 so an interrupted run ends where an uninterrupted one would.
 
-Run on several processes with::
+Run on several processes (GPUs, or CPU processes over gloo) with::
 
-    accelerate launch --num_processes 2 -m tokencompose_core.train -p tiny \\
-        --cache runs/tiny/masks --output runs/tiny/train/ddp
+    accelerate launch --multi_gpu --num_processes 2 -m tokencompose_core.train -p sd14 \\
+        --cache runs/sd14/masks --output runs/sd14/train/ddp
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m tokencompose_core.train ...
+
+(accelerate 1.x's ``--cpu`` flag alone starts one process unless mpirun is set up.)
+Every process draws its own share of each epoch's permutation; the losses in
+metrics.jsonl are those of process 0.
 """
 
 from __future__ import annotations
