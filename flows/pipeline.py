@@ -48,25 +48,42 @@ def output_uri(stage: str, summary: dict[str, Any]) -> str:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(profile: str = "tiny", overrides: list[str] | None = None,
-                  input_uri: str | None = None) -> dict:
-    """Run the five stages in order; ``input_uri`` is the nouns stage's manifest."""
+                  input_uri: str | None = None, stages: list[str] | None = None) -> dict:
+    """Run the stages in DAG order; ``input_uri`` is the first stage's input.
+
+    ``stages`` picks a contiguous part of the DAG (default all five), e.g.
+    ``["train"]``: the training deployment, with the profile's runner and cache.
+    """
     overrides = list(overrides or [])
     config = load_config(profile, overrides)  # fail on a bad override before any work
+    selected = _contiguous(stages or list(STAGE_FLOWS))
     progress = create_progress_artifact(progress=0.0, key="pipeline-progress",
                                         description=f"pipeline {config.name}: stages done (%)")
-    upstream, stages = input_uri, {}
-    for done, stage in enumerate(STAGE_FLOWS, start=1):
+    upstream, outputs = input_uri, {}
+    for done, stage in enumerate(selected, start=1):
         started = time.perf_counter()
         summary = configured(stage_flow(stage), config)(profile=profile, overrides=overrides, input_uri=upstream)
         upstream = output_uri(stage, summary)
-        stages[stage] = {"output_uri": upstream, "seconds": round(time.perf_counter() - started, 2),
-                         "summary": summary}
-        update_progress_artifact(progress, progress=100.0 * done / len(STAGE_FLOWS))
-        print(f"{stage}: {upstream} ({stages[stage]['seconds']} s)")
-    create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(config.name, stages),
+        outputs[stage] = {"output_uri": upstream, "seconds": round(time.perf_counter() - started, 2),
+                          "summary": summary}
+        update_progress_artifact(progress, progress=100.0 * done / len(selected))
+        print(f"{stage}: {upstream} ({outputs[stage]['seconds']} s)")
+    create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(config.name, outputs),
                              description=f"pipeline {config.name}: stage outputs")
     return {"profile": profile, "overrides": overrides, "result_storage": result_storage_uri(config),
-            "stages": stages, "output_uri": upstream}
+            "stages": outputs, "output_uri": upstream}
+
+
+def _contiguous(stages: list[str]) -> list[str]:
+    """``stages`` in DAG order, refusing unknown names and gaps (a gap has no input URI)."""
+    order = list(STAGE_FLOWS)
+    unknown = sorted(set(stages) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; stages are {', '.join(order)}")
+    picked = sorted(set(stages), key=order.index)
+    if order.index(picked[-1]) - order.index(picked[0]) + 1 != len(picked):
+        raise ValueError(f"stages {picked} leave a gap in {' -> '.join(order)}; run a contiguous part")
+    return picked
 
 
 def _summary_markdown(name: str, stages: dict[str, dict[str, Any]]) -> str:

@@ -87,8 +87,18 @@ def test_rerun_is_all_cache_hits_and_a_change_reruns_only_downstream(prefect_har
     assert set(sum(faster.values(), [])) == {"Cached"}
 
 
-def test_bad_override_fails_before_any_stage(prefect_harness, monkeypatch):
+def test_part_of_the_dag_and_bad_requests(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "stage_flow", TOY_STAGES.__getitem__)
+    overrides = [f"storage.root={tmp_path}"]
+    upstream = tmp_path / "masks.txt"
+    upstream.write_text("manifest>nouns>masks")
+    state = pipeline.pipeline_flow("tiny", overrides, str(upstream), stages=["sample", "train"], return_state=True)
+    assert list(state.result()["stages"]) == ["train", "sample"]
+    assert set(_task_states(state.state_details.flow_run_id)) == {"toy-train", "toy-sample"}
+    assert storage.read_bytes(state.result()["output_uri"]).decode() == "manifest>nouns>masks>train>sample"
+
+    with pytest.raises(ValueError, match="leave a gap"):
+        pipeline.pipeline_flow("tiny", overrides, stages=["masks", "sample"])
     with pytest.raises(ConfigError, match="train.learning_rate"):
         pipeline.pipeline_flow(profile="tiny", overrides=["train.learning_rate=-1"])
 
