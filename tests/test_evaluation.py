@@ -162,9 +162,7 @@ def test_heldout_ids_are_stable_and_nested() -> None:
     assert set(five) <= set(evaluation.heldout_image_ids(ids, 10))
 
 
-def test_detect_owlv2_tiny_writes_schema(tmp_path) -> None:
-    from PIL import Image
-
+def test_detect_owlv2_tiny_writes_schema(tmp_path: Path) -> None:
     from tokencompose_core.config import ModelsConfig
     from tokencompose_core.sampling import png_bytes
 
