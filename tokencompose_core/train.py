@@ -111,19 +111,14 @@ class TextEmbedder:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _is_local(uri: str) -> bool:
-    fs, _ = storage.filesystem(uri)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def _local_path(uri: str) -> str:
-    if not _is_local(uri):
+    fs, path = storage.filesystem(uri)
+    if not storage._is_local(fs):
         raise ValueError(
             f"training output {uri!r} must be a local or mounted path: checkpoints are published "
             "by renaming a finished folder, which object stores cannot do atomically"
         )
-    return storage.filesystem(uri)[1]
+    return path
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
@@ -290,7 +285,7 @@ def plot_loss_curve(records: list[dict], uri: str) -> None:
         axis.set_xlabel("step")
         if axis.lines:
             axis.legend(fontsize=7)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.9, wspace=0.2)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
