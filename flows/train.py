@@ -43,6 +43,8 @@ def train_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     """Stage 3. ``input_uri``: the mask cache (default: stage 2's output under the storage root)."""
     config = load_config(profile, overrides)
     cache_uri = storage.check_input(input_uri or storage.join(config.storage.root, "masks"), config.storage)
+    if config.train.init_model:
+        storage.check_input(config.train.init_model, config.storage)
     fingerprint = f"{stage_fingerprint(config, 'train')}-{cache_digest(cache_uri)}"
     output_uri = run_dir(config, cache_uri, fingerprint)
     result = train_task(config.model_dump(mode="json"), cache_uri, output_uri, None, fingerprint)
