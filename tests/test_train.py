@@ -166,3 +166,19 @@ def test_train_flow_names_the_run_and_caches(tmp_path, cache_uri, prefect_harnes
     assert weights.stat().st_mtime_ns == written  # second run: a cache hit, nothing retrained
     other = train_flow("tiny", [*overrides, "train.learning_rate=3e-4"], input_uri=cache_uri)
     assert other["output_uri"] != summary["output_uri"]
+
+
+def test_prediction_targets_follow_the_scheduler():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    latents, noise, steps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    for kind, expected in (("epsilon", noise), ("sample", latents)):
+        model = SimpleNamespace(noise_scheduler=DDPMScheduler(prediction_type=kind))
+        assert torch.equal(train_module._targets(model, latents, noise, steps), expected)
+    scheduler = DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear")
+    alpha = scheduler.alphas_cumprod[steps].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[steps]).sqrt().view(-1, 1, 1, 1)
+    velocity = train_module._targets(SimpleNamespace(noise_scheduler=scheduler), latents, noise, steps)
+    torch.testing.assert_close(velocity, alpha * noise - sigma * latents)
