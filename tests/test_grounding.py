@@ -178,3 +178,28 @@ def test_tiny_grounded_sam_on_real_photos(tiny_grounder: GroundedSam, tmp_path) 
 def _shapes_photo(tmp_path) -> Image.Image:
     _shapes_image(tmp_path / "s.png")
     return Image.open(tmp_path / "s.png").convert("RGB")
+
+
+def test_an_image_the_models_fail_on_is_rejected_alone(tmp_path) -> None:
+    truth = _shapes_image(tmp_path / "shapes.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "odd.png")
+    grounder = ShapeGrounder({(80, 60): truth})
+    known = grounder.__call__
+
+    def fragile(images, nouns):
+        if any(image.size == (50, 40) for image in images):
+            raise ValueError("the detector cannot take this image")
+        return known(images, nouns)
+
+    nouns = _nouns_rows([("shapes", str(tmp_path / "shapes.png"), ["square"]),
+                         ("odd", str(tmp_path / "odd.png"), ["square"])])
+    rows, rejects = ground_shard(nouns, fragile, "fp", batch_size=2, max_image_pixels=10**6)
+    assert rows["image_id"].tolist() == ["shapes"] and rows["noun"].tolist() == ["square"]
+    assert rejects["image_id"].tolist() == ["odd"]
+    assert rejects["reason"].iloc[0] == "grounding failed: ValueError: the detector cannot take this image"
+
+    def out_of_memory(images, nouns):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # not the image's fault: the task retries with a smaller batch
+        ground_shard(nouns, out_of_memory, "fp", batch_size=2, max_image_pixels=10**6)
