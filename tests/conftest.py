@@ -33,5 +33,6 @@ def prefect_harness():
     """One temporary Prefect backend for every test that runs flows."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # Generous start-up timeout: on a loaded 2-core CI machine the server can take >30 s.
+    with prefect_test_harness(server_startup_timeout=180):
         yield

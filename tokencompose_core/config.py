@@ -3,7 +3,9 @@
 A profile (``configs/<name>.yaml`` or any YAML path) holds one section per stage
 plus ``models`` and ``storage``. Command-line overrides are ``dotted.key=value``
 strings parsed as YAML scalars (``train.lr=1e-4``, ``masks.box_threshold=0.3``).
-Nothing is ever evaluated as code: YAML is read with ``safe_load``.
+Nothing is ever evaluated as code: YAML is read with a safe loader, which also
+reads booleans the YAML 1.2 way (only true/false), so ``mixed_precision: no``
+stays the string "no".
 """
 
 from __future__ import annotations
@@ -13,10 +15,29 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIGS_ENV = "TOKENCOMPOSE_CONFIGS"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false: "no", "off", "yes" stay strings."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -267,7 +288,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _load_yaml(raw) if raw.strip() else None
     return data
 
 
@@ -283,7 +304,7 @@ def load_config(profile: str = "tiny", overrides: list[str] | None = None) -> Pi
     """Load a profile and apply overrides; errors name the offending field."""
     path = profile_path(profile)
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+        data = _load_yaml(handle.read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
