@@ -58,3 +58,9 @@ def test_dump_config_round_trips(profile: str, tmp_path: Path) -> None:
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(config), encoding="utf-8")
     assert load_config(str(path)) == config
+
+
+def test_yaml_one_one_booleans_stay_strings() -> None:
+    config = load_config("tiny", ["masks.mixed_precision=no", "train.gradient_checkpointing=false"])
+    assert config.masks.mixed_precision == "no"
+    assert config.train.gradient_checkpointing is False
