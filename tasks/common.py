@@ -32,7 +32,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from tokencompose_core.config import ConfigError, PipelineConfig
+from tokencompose_core.config import PipelineConfig
 from tokencompose_core.storage import filesystem, join
 
 # ---------------------------------------------------------------------------
@@ -45,9 +45,10 @@ _TRANSIENT_ERRNOS = {
     errno.ECONNABORTED, errno.EPIPE, errno.EIO, errno.ENETUNREACH, errno.EHOSTUNREACH,
     errno.ESTALE,
 }
-# Errors that will fail the same way again: bad configuration or bad data.
-_PERMANENT = (ConfigError, ValueError, TypeError, KeyError, LookupError, FileNotFoundError,
-              PermissionError, IsADirectoryError, NotADirectoryError, NotImplementedError)
+# Errors that will fail the same way again: bad configuration (ConfigError is a
+# ValueError) or bad data.
+_PERMANENT = (ValueError, TypeError, LookupError, FileNotFoundError, PermissionError,
+              IsADirectoryError, NotADirectoryError, NotImplementedError)
 
 # task run id -> how many times it ran out of GPU memory (read by retry_batch_size).
 _OOM_FAILURES: dict[UUID, int] = {}

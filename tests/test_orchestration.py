@@ -166,6 +166,17 @@ def test_out_of_memory_retries_with_a_smaller_batch(prefect_harness):
     assert run() == 2 and seen == [8, 4, 2]
 
 
+def test_stage_fingerprint_follows_the_dag():
+    base = load_config("tiny")
+    changed = load_config("tiny", ["masks.box_threshold=0.4", "sample.batch_size=1"])
+    same = [s for s in ("nouns", "masks", "train", "sample", "score")
+            if stage_fingerprint(base, s) == stage_fingerprint(changed, s)]
+    assert same == ["nouns"]  # masks changed, and everything downstream with it
+    assert stage_fingerprint(base, "sample") == stage_fingerprint(load_config("tiny", ["sample.batch_size=1"]), "sample")
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_fingerprint(base, "report")
+
+
 def test_error_classification():
     assert is_transient(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_transient(ConnectionResetError())
