@@ -133,6 +133,15 @@ def checkpoint_steps(output_dir: str) -> list[int]:
     return sorted(steps)
 
 
+def _remove_checkpoint(path: str) -> None:
+    """Unlist a checkpoint with one rename to a ``.tmp-`` name, then delete it: a run killed
+    half-way through the deletion must not leave a listed checkpoint with files missing."""
+    if os.path.isdir(path):
+        doomed = os.path.join(os.path.dirname(path), f".tmp-removed-{os.path.basename(path)}-{uuid.uuid4().hex}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _remove_partial_checkpoints(output_dir: str) -> None:
     """Delete temporary folders a killed run left behind (they are never resumed from)."""
     root = os.path.join(output_dir, "checkpoints")
@@ -211,10 +220,10 @@ class _Trainer:
             if self.ema is not None:
                 storage.atomic_write_bytes(os.path.join(temp, "ema.pt"), _torch_bytes(self.ema.state_dict()))
             storage.atomic_write_json(os.path.join(temp, "state.json"), {**state, "global_step": step})
-            shutil.rmtree(final, ignore_errors=True)
+            _remove_checkpoint(final)
             os.replace(temp, final)
             for old in checkpoint_steps(output_dir)[: -keep] if keep else []:
-                shutil.rmtree(checkpoint_dir(output_dir, old), ignore_errors=True)
+                _remove_checkpoint(checkpoint_dir(output_dir, old))
         acc.wait_for_everyone()
 
     def load(self, path: str) -> dict:
