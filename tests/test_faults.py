@@ -166,3 +166,28 @@ def test_full_disk_while_sampling_keeps_the_finished_images(runner: faults.Runne
     monkeypatch.undo()
     sample(config, model, str(out), prompts)
     assert storage.read_json(str(out / "stats.json"))["skipped"] == 2
+
+
+def test_death_while_deleting_an_old_checkpoint_never_lists_a_broken_one(runner: faults.Runner, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from tokencompose_core.train import checkpoint_steps, train
+
+    config = faults.stage_config("train", runner.work)
+    config.train.max_steps, config.train.checkpoints_total_limit = 4, 1
+    real_rmtree = shutil.rmtree
+
+    def dies_half_way(path, *args, **kwargs):
+        if "checkpoint-2" in str(path) and Path(path, "unet").is_dir():
+            real_rmtree(Path(path, "unet"))  # the first half of the deletion, then the process dies
+            raise SystemExit("killed while deleting checkpoint-2")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train(config, faults.prepare(runner.work)["cache"], str(out))
+    monkeypatch.undo()
+    assert checkpoint_steps(str(out))[-1] == 4
+    faults.check_published("train", out)  # every listed checkpoint is whole
