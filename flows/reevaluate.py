@@ -36,6 +36,8 @@ def newest_checkpoint(config: PipelineConfig) -> str:
     for pattern in _UNET_GLOBS:
         for config_path, info in fs.glob(posixpath.join(path, pattern), detail=True).items():
             folder = posixpath.dirname(posixpath.dirname(config_path))
+            if any(part.startswith(".") for part in posixpath.relpath(folder, path).split("/")):
+                continue  # a checkpoint still being written (training publishes by renaming .tmp-*)
             found.append((_modified(info), storage.join(train_root, posixpath.relpath(folder, path))))
     if not found:
         raise FileNotFoundError(f"no trained U-Net under {train_root}; run `tokencompose train` first")

@@ -62,6 +62,8 @@ def test_reevaluation_compares_with_the_previous_checkpoint(prefect_harness, tmp
 
     time.sleep(0.05)  # distinct modification times
     second = _fake_checkpoint(tmp_path, overrides, "run-b/checkpoints/checkpoint-10")
+    time.sleep(0.05)
+    _fake_checkpoint(tmp_path, overrides, "run-b/checkpoints/.tmp-checkpoint-20")  # still being written
     assert newest_checkpoint(load_config("tiny", overrides)) == str(second)
     result = reevaluate_flow("tiny", overrides)
     assert result["checkpoint"] == str(second) and result["previous"] == str(first)
