@@ -114,6 +114,16 @@ def test_grounding_dino_is_seeded(tiny: ModelsConfig, gdino: torch.nn.Module) ->
     assert all(torch.equal(v, again[k]) for k, v in gdino.state_dict().items())
 
 
+def test_concurrent_builds_get_the_same_seeded_weights(tiny: ModelsConfig, gdino: torch.nn.Module) -> None:
+    # Mask shards on a thread pool build their models at the same time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        builds = list(pool.map(lambda _: M.load_grounding_dino(tiny).state_dict(), range(2)))
+    for built in builds:
+        assert all(torch.equal(v, built[k]) for k, v in gdino.state_dict().items())
+
+
 def test_bert_wrapper_keeps_the_checkpoint_layout(gdino: torch.nn.Module) -> None:
     assert isinstance(gdino.bert, BertModelWarper)
     bert_keys = {k for k in gdino.state_dict() if k.startswith("bert.")}

@@ -26,6 +26,7 @@ import importlib.resources
 import json
 import os
 import shutil
+import threading
 import types
 import uuid
 import zlib
@@ -170,10 +171,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# torch's global RNG is shared by all threads: two tiny models built at once (two
+# mask shards on a thread pool) would interleave their draws and get different
+# weights. One lock makes every seeded build see only its own draws.
+_SEEDED_BUILD = threading.RLock()
+
+
 @contextmanager
 def _seeded(seed: int, component: str) -> Iterator[None]:
     """Seed initialisation per component, leaving the caller's RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(component.encode()))
         yield
 
