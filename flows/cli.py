@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         from tokencompose_core.config import ConfigError, load_config
 
         try:
-            load_config(args.profile, args.overrides)  # fail fast, before Prefect starts
+            config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts
         except ConfigError as error:
             print(f"tokencompose: {error}", file=sys.stderr)
             return 2
+        from tasks.common import configured
+
         module, function, _ = STAGES[args.command]
-        flow = _load_flow(module, function)
+        # The profile picks the task runner (default or Dask) and the result storage.
+        flow = configured(_load_flow(module, function), config)
         kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
         if args.input_uri:
             kwargs["input_uri"] = args.input_uri
