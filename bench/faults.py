@@ -456,7 +456,7 @@ def storage_fault_point(stage: str, work: Path, number: int, fail_at: int, refer
             run_stage(stage, work, out)
         except Exception as raised:  # judged below: it must be a StorageError that says what happened
             error = raised
-    failed = disk.failed_path.split(".tmp-")[0] if disk.failed_path else None
+    failed = disk.failed_path.rsplit(".tmp-", 1)[0] if disk.failed_path else None
     record["failed_file"] = "/".join(Path(failed).parts[-2:]) if failed else None
     named = (isinstance(error, StorageError) and "No space left on device" in str(error)
              and str(record["failed_file"]) in str(error))
