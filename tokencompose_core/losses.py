@@ -47,12 +47,20 @@ def _mean_over_grounded(per_noun: torch.Tensor, grounded: torch.Tensor) -> torch
     return (per_sample * has_noun).sum() / has_noun.sum().clamp(min=1)
 
 
-def _token_loss(probs: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One layer. probs (B, heads, HW, T); masks (B, N, HW); index/valid (B, N, K)."""
+def _select(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, heads, HW, T) -> (B, heads, HW, N, K): only the nouns' token columns.
+
+    Both losses read nothing else, so the backward pass builds one dense
+    gradient per layer (the gather's) instead of one per loss.
+    """
     batch, heads, pixels, _ = probs.shape
-    nouns, width = valid.shape[1:]
+    nouns, width = index.shape[1:]
     flat = index.reshape(batch, 1, 1, nouns * width).expand(batch, heads, pixels, nouns * width)
-    selected = probs.gather(3, flat).view(batch, heads, pixels, nouns, width)
+    return probs.gather(3, flat).view(batch, heads, pixels, nouns, width)
+
+
+def _token_loss(selected: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One layer. selected (B, heads, HW, N, K); masks (B, N, HW); valid (B, N, K)."""
     inside = torch.einsum("bhunk,bnu->bhnk", selected, masks)
     ratio = (inside / selected.sum(2)).mean(1)  # (B, N, K): head-mean of the in-mask share
     error = (1 - ratio).pow(2) * valid
@@ -60,14 +68,10 @@ def _token_loss(probs: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, v
     return _mean_over_grounded(per_noun, valid.any(-1))
 
 
-def _pixel_loss(mean_map: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """mean_map (B, HW, T) averaged over heads and layers; masks (B, N, HW)."""
-    batch, pixels, _ = mean_map.shape
-    nouns, width = valid.shape[1:]
-    flat = index.reshape(batch, 1, nouns * width).expand(batch, pixels, nouns * width)
-    selected = mean_map.gather(2, flat).view(batch, pixels, nouns, width) * valid[:, None]
+def _pixel_loss(mean_map: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """mean_map (B, HW, N, K): selected columns averaged over heads and layers; masks (B, N, HW)."""
     # A sum of distinct softmax entries is <= 1 up to rounding; BCE needs [0, 1].
-    noun_map = selected.sum(-1).transpose(1, 2).clamp(0.0, 1.0)  # (B, N, HW)
+    noun_map = (mean_map * valid[:, None]).sum(-1).transpose(1, 2).clamp(0.0, 1.0)  # (B, N, HW)
     per_noun = F.binary_cross_entropy(noun_map, masks, reduction="none").mean(-1)
     return _mean_over_grounded(per_noun, valid.any(-1))
 
@@ -86,16 +90,15 @@ def grounding_losses(
         raise ValueError("grounding_losses needs at least one attention map")
     device = attn_probs[0].device
     with torch.autocast(device_type=device.type, enabled=False):
-        probs = [layer.float() for layer in attn_probs]
         positions = token_positions.to(device=device, dtype=torch.long)
         valid = positions >= 0
         if not valid.any():  # nothing grounded: zero, still attached to the graph
-            zero = sum(layer.sum() for layer in probs) * 0.0
+            zero = sum(layer.float().sum() for layer in attn_probs) * 0.0
             return zero, zero.clone()
-        size = _grid(probs[0].shape[2], tuple(masks.shape[-2:]))
+        size = _grid(attn_probs[0].shape[2], tuple(masks.shape[-2:]))
         flat_masks = resize_masks(masks.to(device), size).flatten(2)
-        index = positions.clamp(min=0)
-        token = torch.stack([_token_loss(layer, flat_masks, index, valid) for layer in probs]).sum()
-        mean_map = torch.stack([layer.mean(1) for layer in probs]).mean(0)
-        pixel = _pixel_loss(mean_map, flat_masks, index, valid)
+        # Gathering is exact, so casting only the selected columns to fp32 loses nothing.
+        selected = [_select(layer, positions.clamp(min=0)).float() for layer in attn_probs]
+        token = torch.stack([_token_loss(layer, flat_masks, valid) for layer in selected]).sum()
+        pixel = _pixel_loss(torch.stack([layer.mean(1) for layer in selected]).mean(0), flat_masks, valid)
     return token, pixel
