@@ -78,18 +78,34 @@ def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
     return found
 
 
+_SAFE_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader", "SafeLoader", "CSafeLoader"}
+
+
+def _safe_yaml_load(call: ast.Call, tree: ast.AST) -> bool:
+    """``yaml.load(..., Loader=X)`` where X is a SafeLoader or a class of this file derived from one."""
+    safe = set(_SAFE_LOADERS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(base) in _SAFE_LOADERS for base in node.bases):
+            safe.add(node.name)
+    loader = {k.arg: k.value for k in call.keywords}.get("Loader")
+    return loader is not None and ast.unparse(loader) in safe
+
+
 def test_no_code_path_unpickles_or_evaluates_untrusted_data() -> None:
     """Every torch.load is weights_only=True; no pickle/marshal loads, eval/exec, unsafe YAML."""
-    forbidden = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load",
+    forbidden = {"pickle.load", "pickle.loads", "marshal.loads", "eval", "exec", "yaml.unsafe_load",
                  "yaml.full_load", "torch.jit.load", "numpy.load", "np.load", "dill.load", "joblib.load"}
     problems = []
     files = [path for folder in CODE_DIRS for path in sorted((REPO / folder).rglob("*.py"))]
     assert len(files) > 20
     for path in files:
-        for name, call in _calls(ast.parse(path.read_text("utf-8"), filename=str(path))):
+        tree = ast.parse(path.read_text("utf-8"), filename=str(path))
+        for name, call in _calls(tree):
             where = f"{path.relative_to(REPO)}:{call.lineno}"
             if name in forbidden:
                 problems.append(f"{where}: {name}")
+            if name == "yaml.load" and not _safe_yaml_load(call, tree):
+                problems.append(f"{where}: yaml.load without a SafeLoader")
             if name == "torch.load":
                 flags = {k.arg: k.value for k in call.keywords}
                 if not (isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True):
