@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from tokencompose_core import rle
+from tokencompose_core import train as train_module
 from tokencompose_core.attention import CaptureAttnProcessor
 from tokencompose_core.config import load_config
 from tokencompose_core.data import ResumableBatchSampler
 from tokencompose_core.mask_cache import commit_shard
 from tokencompose_core.models import clip_tokenizer
 from tokencompose_core.text import token_positions
-from tokencompose_core import train as train_module
-from tokencompose_core.train import checkpoint_steps, train
+from tokencompose_core.train import checkpoint_dir, checkpoint_steps, train
 
 COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
 
@@ -134,6 +134,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkey
     ours, theirs = _weights(resumed.unet_uri), _weights(straight.unet_uri)
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+    raw = _weights(checkpoint_dir(str(tmp_path / "resumed"), 4) + "/unet")
+    assert any(not torch.equal(raw[name], value) for name, value in ours.items())  # unet/ holds the EMA
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
