@@ -37,7 +37,11 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = _Yaml12Loader(text)  # a SafeLoader: tags such as !!python/object are refused
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class ConfigError(ValueError):
