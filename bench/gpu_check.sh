@@ -31,7 +31,7 @@ run() {  # run NAME SECONDS CMD...: time-boxed step, log kept, failures recorded
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/summary.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/summary.txt"
 
-run cuda_tests 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+run cuda_tests 120 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_evaluation.py -p no:cacheprovider
 run train_step 150 python3 bench/train_step.py --device cuda --full --out "$OUT/train_step.json"
 run sample_throughput 100 python3 bench/sample_throughput.py --device cuda --full --out "$OUT/sample_throughput.json"
 run masks_throughput 100 python3 bench/masks_throughput.py --device cuda --full --out "$OUT/masks_throughput.json"

@@ -190,7 +190,12 @@ def test_detect_owlv2_tiny_writes_schema(tmp_path: Path) -> None:
     assert scores.loc["MG1", "mean"] == 100.0
 
 
-def test_segmentation_miou_runs_on_the_pixel_space_model(tmp_path) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="needs a CUDA device")]),
+])
+def test_segmentation_miou_runs_on_the_pixel_space_model(tmp_path, device: str) -> None:
     """The real path (noise, one U-Net forward, captured maps) on the demo's 16 px model."""
     from tokencompose_core.config import load_config
     from tokencompose_core.mask_cache import commit_shard, rows_frame, shard_row
@@ -212,7 +217,7 @@ def test_segmentation_miou_runs_on_the_pixel_space_model(tmp_path) -> None:
                                   token_positions=list(token_positions(caption, noun, clip_tokenizer()))))
     cache = str(tmp_path / "masks")
     commit_shard(cache, "shard-00000", rows_frame(rows))
-    config = load_config("tiny", ["models.diffusion=tiny-pixel", "score.device=cpu"])
+    config = load_config("tiny", ["models.diffusion=tiny-pixel", f"score.device={device}"])
     result = evaluation.segmentation_miou(config, resolve_diffusion_dir(config.models), cache, ["img0", "img1"],
                                           overlays_uri=str(tmp_path / "overlays"), max_overlays=3)
     assert result["images"] == 2 and result["groups"]

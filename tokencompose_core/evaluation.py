@@ -279,7 +279,8 @@ def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: i
     capture.clear()
     t = torch.full((1,), timestep, dtype=torch.long, device=device)
     parts.unet(noisy, t, encoder_hidden_states=text)
-    raw = {name: noun_maps([m[0] for m in layer_maps], item.token_positions, (side, side))
+    # Scored against CPU masks: bring the (small) per-noun maps back from the GPU.
+    raw = {name: noun_maps([m[0] for m in layer_maps], item.token_positions, (side, side)).cpu()
            for name, layer_maps in capture.maps().items()}
     out = {name: normalise(maps) for name, maps in raw.items()}
     out["overall"] = normalise(torch.stack(list(raw.values())).mean(0))
