@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import json
 from typing import Any
 
@@ -32,7 +31,7 @@ from tokencompose_core import storage, synthetic
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.evaluation import heldout_image_ids, multigen_scores, read_image, segmentation_miou
 from tokencompose_core.mask_cache import MaskCache
-from tokencompose_core.reports import RunScores, markdown_table, write_report
+from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure, write_report
 from tokencompose_core.sampling import Prompt, sample
 
 PROFILES = {False: "demo", True: "demo-quick"}
@@ -294,10 +293,7 @@ def _difference_table(differences: list[dict[str, Any]], seeds: list[int]) -> pd
 
 def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
     """Denoising loss of every model and grounding losses of the grounded ones (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for model, output_uri in runs.items():
@@ -315,12 +311,7 @@ def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
     for axis in axes:
         axis.set_xlabel("step")
         axis.legend(fontsize=6)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    storage.atomic_write_bytes(uri, buffer.getvalue())
-    return uri
+    return save_figure(figure, uri)
 
 
 def _run_scores(record: dict[str, Any]) -> RunScores:

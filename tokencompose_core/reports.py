@@ -108,19 +108,30 @@ def _group_table(runs: dict[str, RunScores]) -> pd.DataFrame | None:
     return pd.DataFrame(rows).fillna("–") if rows else None
 
 
-def _save_figure(figure: Any, uri: str) -> str:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (workers and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, uri: str) -> str:
+    """Write ``figure`` as a PNG at ``uri`` atomically, then free it."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    try:
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        pyplot().close(figure)
     storage.atomic_write_bytes(uri, buffer.getvalue())
     return uri
 
 
 def plot_multigen(runs: dict[str, RunScores], uri: str) -> str | None:
     """Bars of MG2..MG5 with std error bars, one panel per prompt set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
     if not prompt_sets:
@@ -138,18 +149,12 @@ def plot_multigen(runs: dict[str, RunScores], uri: str) -> str | None:
         ax.set_title(f"MultiGen {prompt_set}")
         ax.set_ylabel("% of images")
         ax.legend(fontsize=7)
-    try:
-        return _save_figure(figure, uri)
-    finally:
-        plt.close(figure)
+    return save_figure(figure, uri)
 
 
 def plot_miou(runs: dict[str, RunScores], uri: str) -> str | None:
     """Bars of mIoU (best threshold) per layer group and overall, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     scored = {name: run.miou for name, run in runs.items() if run.miou}
     if not scored:
@@ -165,10 +170,7 @@ def plot_miou(runs: dict[str, RunScores], uri: str) -> str | None:
     ax.set_ylabel("mIoU (%) at best threshold")
     ax.set_title("Cross-attention segmentation")
     ax.legend(fontsize=7)
-    try:
-        return _save_figure(figure, uri)
-    finally:
-        plt.close(figure)
+    return save_figure(figure, uri)
 
 
 def _link(target: str, report_dir: str) -> str:

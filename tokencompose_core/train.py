@@ -276,10 +276,9 @@ class MetricsLog:
 
 def plot_loss_curve(records: list[dict], uri: str) -> None:
     """Denoising, token and pixel losses against the step, smoothed, as a PNG."""
-    import matplotlib
+    from tokencompose_core.reports import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = np.array([r["step"] for r in records])
     keys = [k for k in records[-1] if k.startswith(("denoise", "token/", "pixel/"))]
@@ -294,11 +293,7 @@ def plot_loss_curve(records: list[dict], uri: str) -> None:
         axis.set_xlabel("step")
         if axis.lines:
             axis.legend(fontsize=7)
-    figure.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.9, wspace=0.2)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    storage.atomic_write_bytes(uri, buffer.getvalue())
+    save_figure(figure, uri)
 
 
 def _tensorboard(log_dir: str):
