@@ -1,8 +1,9 @@
 """Cost of the grounding losses: one training step, three ways, same model and batch.
 
 (a) plain fine-tune: denoising loss, diffusers' fused SDPA attention everywhere;
-(b) ours: + token/pixel losses, probabilities captured in-graph only for the
-    supervised cross-attention layers (tokencompose_core.attention);
+(b) ours: + token/pixel losses, probabilities of the nouns' token columns
+    captured in-graph only for the supervised cross-attention layers and
+    recomputed in the backward pass (tokencompose_core.attention);
 (c) reference style: every self- and cross-attention layer non-fused, every
     map cloned into a store each step, losses from the stored maps.
 
@@ -102,10 +103,10 @@ def make_batch(batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
-def _grounding(maps: dict[str, list[torch.Tensor]], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _grounding(maps: dict[str, list[torch.Tensor]], masks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     total = 0.0
     for layers in maps.values():
-        token, pixel = grounding_losses(layers, inputs["masks"], inputs["positions"])
+        token, pixel = grounding_losses(layers, masks, positions)
         total = total + TOKEN_WEIGHT * token + PIXEL_WEIGHT * pixel
     return total
 
@@ -124,13 +125,16 @@ class Variant:
 
     def loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.store.clear()
+        positions = inputs["positions"]
+        if self.capture is not None:  # as the training step does: the nouns' columns only
+            positions = self.capture.capture_tokens(positions)
         prediction = self.unet(inputs["latents"], inputs["timesteps"], inputs["text"]).sample
         loss = F.mse_loss(prediction.float(), inputs["latents"].float())
         if self.capture is not None:
-            loss = loss + _grounding(self.capture.maps(), inputs)
+            loss = loss + _grounding(self.capture.maps(), inputs["masks"], positions)
         elif self.name == "reference":
             maps = {group: [self.store[name][-1] for name in names] for group, names in self.groups.items()}
-            loss = loss + _grounding(maps, inputs)
+            loss = loss + _grounding(maps, inputs["masks"], positions)
         return loss
 
     def close(self) -> None:

@@ -356,13 +356,14 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
     encoder_states = model.embed(captions).to(device, dtype=model.weight_dtype)
     if model.capture is not None:
         model.capture.clear()
+        # Only the nouns' columns are captured; positions now index those columns.
+        positions = model.capture.capture_tokens(positions.to(device))
     prediction = model.unet(noisy, timesteps, encoder_states).sample
     denoise = F.mse_loss(prediction.float(), _targets(model, latents, noise, timesteps).float())
     losses = {"denoise": denoise}
     total = denoise
     if model.capture is not None:
         masks = batch.masks.to(device, non_blocking=True)
-        positions = positions.to(device)
         for group, maps in model.capture.maps().items():
             token, pixel = grounding_losses(maps, masks, positions)
             weight = model.group_weights.get(group, 1.0)
