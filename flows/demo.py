@@ -22,37 +22,48 @@ from tokencompose_core.config import PipelineConfig
 from tokencompose_core.models import fingerprint as models_fingerprint
 
 
-def _run(task: Task, done_uri: str, *args: Any) -> Any:
-    """Run ``task``; if its output was deleted since it was cached, recompute it."""
-    if not storage.exists(done_uri):
-        task = task.with_options(refresh_cache=True)
-    return task(*args)
+def _fresh(task: Task, done_uri: str) -> Task:
+    """``task``, recomputed instead of read from the cache if its output was deleted."""
+    return task if storage.exists(done_uri) else task.with_options(refresh_cache=True)
 
 
 @flow(name="demo-experiment", log_prints=True)
 def experiment_flow(config_json: dict[str, Any]) -> dict[str, Any]:
-    """The experiment's DAG for one demo profile (see tokencompose_core.demo)."""
+    """The experiment's DAG for one demo profile (see tokencompose_core.demo).
+
+    The world and the base model are built in the flow's process, on every core;
+    the fine-tunes and each model's sampling and scoring are independent, so they
+    are submitted to the profile's task runner (the demo's: a local Dask cluster
+    with one single-threaded worker per core, which beats one two-threaded
+    process on these small models).
+    """
     config = PipelineConfig.model_validate(config_json)
     fingerprint = models_fingerprint(config.models)
     started = time.perf_counter()
-    world = _run(tasks.build_world, storage.join(demo.world_path(config), "prompts.json"), config_json, fingerprint)
+    world = _fresh(tasks.build_world, storage.join(demo.world_path(config), "prompts.json"))(config_json, fingerprint)
     print(f"world: {world['train']['images']} training images, prompts {world['prompts_uri']}")
-    trained: dict[str, dict[str, Any]] = {}
-    for model in demo.model_names(config):
-        init = None if model == "base" else trained["base"]["unet_uri"]
-        done = storage.join(demo.model_paths(config, model)["train"], "unet", "config.json")
-        trained[model] = _run(tasks.train_model, done, config_json, model, world["train"]["cache_uri"], init,
-                              fingerprint)
-        print(f"trained {model}: {trained[model]['final_losses']}")
-    scores: dict[str, str] = {}
-    for model in demo.model_names(config):
-        paths, unet = demo.model_paths(config, model), trained[model]["unet_uri"]
-        index = _run(tasks.sample_model, storage.join(paths["samples"], "index.parquet"), config_json, model, unet,
-                     world["prompts_uri"], fingerprint)
-        scores[model] = _run(tasks.score_model, storage.join(paths["scores"], "scores.json"), config_json, model,
-                             index, unet, world["test"]["cache_uri"], world["prompts_uri"], fingerprint)
-    results = _run(tasks.write_results, storage.join(config.storage.root, "reports", "results.json"), config_json,
-                   scores, {m: t["output_uri"] for m, t in trained.items()}, fingerprint)
+    cache_uri, prompts_uri = world["train"]["cache_uri"], world["prompts_uri"]
+    unets = {model: storage.join(demo.model_paths(config, model)["train"], "unet") for model in demo.model_names(config)}
+    base = _fresh(tasks.train_model, storage.join(unets["base"], "config.json"))(
+        config_json, "base", cache_uri, None, fingerprint)
+    print(f"trained base: {base['final_losses']}")
+    trained: dict[str, Any] = {"base": None}
+    for model in demo.model_names(config)[1:]:
+        trained[model] = _fresh(tasks.train_model, storage.join(unets[model], "config.json")).submit(
+            config_json, model, cache_uri, base["unet_uri"], fingerprint)
+    scores: dict[str, Any] = {}
+    for model, training in trained.items():
+        paths = demo.model_paths(config, model)
+        index = _fresh(tasks.sample_model, storage.join(paths["samples"], "index.parquet")).submit(
+            config_json, model, unets[model], prompts_uri, fingerprint, wait_for=[training] if training else None)
+        scores[model] = _fresh(tasks.score_model, storage.join(paths["scores"], "scores.json")).submit(
+            config_json, model, index, unets[model], world["test"]["cache_uri"], prompts_uri, fingerprint)
+    runs = {"base": base} | {model: future.result() for model, future in trained.items() if future is not None}
+    for model, run in runs.items():
+        print(f"trained {model}: {run['final_losses']}")
+    results = _fresh(tasks.write_results, storage.join(config.storage.root, "reports", "results.json"))(
+        config_json, {model: future.result() for model, future in scores.items()},
+        {model: run["output_uri"] for model, run in runs.items()}, fingerprint)
     summary = "\n\n".join([results["table_markdown"], results["differences_markdown"], results["verdict"]])
     create_markdown_artifact(key="demo-results", markdown=summary, description=f"demo {config.name}")
     print(summary)

@@ -27,8 +27,10 @@ def test_fine_tunes_differ_only_in_the_grounding_weights() -> None:
     base = demo.phase_config(config, "base").train
     assert base.token_loss_weight == base.pixel_loss_weight == 0
     assert base.max_steps == config.demo.base.steps
+    assert base.batch_size == config.train.batch_size  # the base phase sets no batch size of its own
     plain, grounded = (demo.phase_config(config, f"{kind}-s2").train for kind in ("plain", "grounded"))
     assert plain.seed == grounded.seed == 2 and plain.max_steps == config.demo.finetune.steps
+    assert plain.batch_size == grounded.batch_size == config.demo.finetune.batch_size != config.train.batch_size
     assert plain.model_dump(exclude={"token_loss_weight", "pixel_loss_weight"}) == grounded.model_dump(
         exclude={"token_loss_weight", "pixel_loss_weight"})
     assert plain.token_loss_weight == 0 and grounded.token_loss_weight == config.train.token_loss_weight

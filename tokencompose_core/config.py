@@ -223,6 +223,7 @@ class DetectorConfig(_Section):
 class DemoPhaseConfig(_Section):
     steps: int = Field(400, gt=0)
     learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
 
 
 class DemoConfig(_Section):

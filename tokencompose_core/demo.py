@@ -130,13 +130,14 @@ def phase_config(config: PipelineConfig, model: str) -> PipelineConfig:
     train = cfg.train
     # The demo scores attention on its own test split, so no training image is held out.
     train.exclude_heldout = False
+    phase = demo.base if model == "base" else demo.finetune
+    train.max_steps, train.learning_rate = phase.steps, phase.learning_rate
+    train.batch_size = phase.batch_size or train.batch_size
     if model == "base":
-        train.max_steps, train.learning_rate = demo.base.steps, demo.base.learning_rate
         train.token_loss_weight = train.pixel_loss_weight = 0.0
         train.seed = 0
         return cfg
     kind, seed = model.split("-s")
-    train.max_steps, train.learning_rate = demo.finetune.steps, demo.finetune.learning_rate
     # Same seed => same data order, timesteps and noise: the two fine-tunes differ only in the loss.
     train.seed = int(seed)
     if kind == "plain":
