@@ -238,7 +238,22 @@ def task_runner(config: PipelineConfig) -> TaskRunner:
         "threads_per_worker": settings.dask_threads_per_worker,
         "processes": True,
         "dashboard_address": None,
+        "env": _worker_api_env(),
     })
+
+
+def _worker_api_env() -> dict[str, str]:
+    """Point local Dask workers at this process's Prefect API.
+
+    Worker processes do not see an API URL set only in this process's settings (a
+    test harness, or Prefect's temporary server when none is configured): each would
+    start a temporary server of its own, and the task runs it executes would be
+    recorded there and vanish with it.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {"PREFECT_API_URL": str(client.api_url).rstrip("/")}
 
 
 def result_storage_uri(config: PipelineConfig) -> str:

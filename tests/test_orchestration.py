@@ -204,11 +204,14 @@ def test_runner_and_storage_follow_the_profile(prefect_harness, tmp_path):
     assert flow_.result_storage == Path("runs/tiny/_prefect/results").resolve()
 
 
-def test_local_dask_workers_keep_the_default_malloc_trimming():
+def test_local_dask_workers_keep_the_default_malloc_trimming_and_report_to_our_api(prefect_harness):
     import dask
+    from prefect.settings import get_current_settings
 
     runner = task_runner(load_config("tiny", ["orchestration.task_runner=dask", "orchestration.dask_workers=2"]))
     assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["threads_per_worker"] == 1
+    # The harness's API exists only in this process's settings; the workers are told.
+    assert runner.cluster_kwargs["env"]["PREFECT_API_URL"] == get_current_settings().api.url.rstrip("/")
     # Dask's 64 KiB MALLOC_TRIM_THRESHOLD_ made torch CPU steps 1.6x slower; None unsets it.
     environ = dask.config.get("distributed.nanny.pre-spawn-environ")
     assert environ["MALLOC_TRIM_THRESHOLD_"] is None and str(environ["OMP_NUM_THREADS"]) == "1"
