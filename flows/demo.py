@@ -43,22 +43,20 @@ def experiment_flow(config_json: dict[str, Any]) -> dict[str, Any]:
     world = _fresh(tasks.build_world, storage.join(demo.world_path(config), "prompts.json"))(config_json, fingerprint)
     print(f"world: {world['train']['images']} training images, prompts {world['prompts_uri']}")
     cache_uri, prompts_uri = world["train"]["cache_uri"], world["prompts_uri"]
-    unets = {model: storage.join(demo.model_paths(config, model)["train"], "unet") for model in demo.model_names(config)}
-    base = _fresh(tasks.train_model, storage.join(unets["base"], "config.json"))(
+    paths = {model: demo.model_paths(config, model) for model in demo.model_names(config)}
+    base = _fresh(tasks.train_model, storage.join(paths["base"]["unet"], "config.json"))(
         config_json, "base", cache_uri, None, fingerprint)
-    print(f"trained base: {base['final_losses']}")
-    trained: dict[str, Any] = {"base": None}
-    for model in demo.model_names(config)[1:]:
-        trained[model] = _fresh(tasks.train_model, storage.join(unets[model], "config.json")).submit(
-            config_json, model, cache_uri, base["unet_uri"], fingerprint)
-    scores: dict[str, Any] = {}
-    for model, training in trained.items():
-        paths = demo.model_paths(config, model)
-        index = _fresh(tasks.sample_model, storage.join(paths["samples"], "index.parquet")).submit(
-            config_json, model, unets[model], prompts_uri, fingerprint, wait_for=[training] if training else None)
-        scores[model] = _fresh(tasks.score_model, storage.join(paths["scores"], "scores.json")).submit(
-            config_json, model, index, unets[model], world["test"]["cache_uri"], prompts_uri, fingerprint)
-    runs = {"base": base} | {model: future.result() for model, future in trained.items() if future is not None}
+    finetunes = {model: _fresh(tasks.train_model, storage.join(paths[model]["unet"], "config.json")).submit(
+                     config_json, model, cache_uri, base["unet_uri"], fingerprint)
+                 for model in demo.model_names(config) if model != "base"}
+    scores = {}
+    for model, where in paths.items():
+        upstream = [finetunes[model]] if model in finetunes else None
+        index = _fresh(tasks.sample_model, storage.join(where["samples"], "index.parquet")).submit(
+            config_json, model, where["unet"], prompts_uri, fingerprint, wait_for=upstream)
+        scores[model] = _fresh(tasks.score_model, storage.join(where["scores"], "scores.json")).submit(
+            config_json, model, index, where["unet"], world["test"]["cache_uri"], prompts_uri, fingerprint)
+    runs = {"base": base} | {model: future.result() for model, future in finetunes.items()}
     for model, run in runs.items():
         print(f"trained {model}: {run['final_losses']}")
     results = _fresh(tasks.write_results, storage.join(config.storage.root, "reports", "results.json"))(

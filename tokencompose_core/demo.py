@@ -79,13 +79,15 @@ def model_digest(config: PipelineConfig, model: str) -> str:
 
 
 def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
-    """Where a model's run, samples and scores go. Folder names carry digests of what
-    made them, so a changed setting never resumes or reuses a stale folder."""
+    """Where a model's run (and its final ``unet``), samples and scores go. Folder names
+    carry digests of what made them, so a changed setting never resumes or reuses a
+    stale folder. Known before training, so later steps can be queued at once."""
     run = f"{model}-{model_digest(config, model)}"
     evaluation = [config.sample.model_dump(mode="json"), config.score.model_dump(mode="json"),
                   config.demo.detector.model_dump(mode="json"), world_path(config)]
     evaluated = f"{run}-{_digest(evaluation)}"
-    return {"train": _root(config, "train", run), "samples": _root(config, "samples", evaluated),
+    train = _root(config, "train", run)
+    return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", evaluated),
             "scores": _root(config, "scores", evaluated)}
 
 
