@@ -130,8 +130,8 @@ def run_stage(stage: str, work: Path, out: Path) -> dict[str, Any]:
 
 def _run_masks(config: Any, nouns_uri: str, cache_uri: str) -> dict[str, Any]:
     from tokencompose_core import storage
-    from tokencompose_core.grounding import GroundedSam, masks_fingerprint, plan_shards, run_mask_shard
-    from tokencompose_core.models import fingerprint
+    from tokencompose_core.grounding import GroundedSam, plan_shards, run_mask_shard
+    from tokencompose_core.stages import stage_fingerprint
 
     grounder: list[GroundedSam] = []
 
@@ -140,7 +140,7 @@ def _run_masks(config: Any, nouns_uri: str, cache_uri: str) -> dict[str, Any]:
             grounder.append(GroundedSam.from_config(config.models, config.masks))
         return grounder[0]
 
-    stage_fp = masks_fingerprint(fingerprint(config.models), config.masks)
+    stage_fp = stage_fingerprint(config, "masks")
     results = [run_mask_shard(rows, cache_uri, name, factory, stage_fp, config.masks.batch_size,
                               config.masks.max_image_pixels)
                for name, rows in plan_shards(storage.read_parquet(nouns_uri), config.masks.shard_size)]

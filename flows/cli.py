@@ -15,15 +15,10 @@ import json
 import sys
 from typing import Any
 
-# subcommand -> (module, flow function, help)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "nouns": ("flows.preprocess", "nouns_flow", "stage 1: captions -> noun phrases and token positions"),
-    "masks": ("flows.preprocess", "masks_flow", "stage 2: Grounded-SAM masks into the Parquet mask cache"),
-    "train": ("flows.train", "train_flow", "stage 3: fine-tune the U-Net with the grounding losses"),
-    "sample": ("flows.sample", "sample_flow", "stage 4: batched, seeded image generation"),
-    "score": ("flows.evaluate", "evaluate_flow", "stage 5: MultiGen, attention mIoU and reports"),
-    "run": ("flows.pipeline", "pipeline_flow", "the whole DAG: nouns -> masks -> train -> sample -> score"),
-}
+from tokencompose_core.stages import STAGES
+
+# Verbs beyond the five stages: the whole DAG, and the embedded demo.
+RUN = ("flows.pipeline:pipeline_flow", "the whole DAG: nouns -> masks -> train -> sample -> score")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         description="TokenCompose pipeline: token-level grounding for text-to-image diffusion.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, _, help_text) in STAGES.items():
+    verbs = {name: stage.help for name, stage in STAGES.items()} | {"run": RUN[1]}
+    for name, help_text in verbs.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("-p", "--profile", default="tiny", help="profile name in configs/ or a YAML path")
         sub.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
@@ -44,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_flow(module: str, function: str) -> Any:
+def _load_flow(target: str) -> Any:
+    module, function = target.split(":")
     try:
         return getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as error:
@@ -54,7 +51,7 @@ def _load_flow(module: str, function: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        flow = _load_flow("flows.demo", "demo_flow")
+        flow = _load_flow("flows.demo:demo_flow")
         result = flow(quick=args.quick, out=args.out)
     else:
         from tokencompose_core.config import ConfigError, load_config
@@ -66,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from tasks.common import configured
 
-        module, function, _ = STAGES[args.command]
+        target = RUN[0] if args.command == "run" else STAGES[args.command].flow
         # The profile picks the task runner (default or Dask) and the result storage.
-        flow = configured(_load_flow(module, function), config)
+        flow = configured(_load_flow(target), config)
         kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
         if args.input_uri:
             kwargs["input_uri"] = args.input_uri

@@ -3,8 +3,9 @@
 Each stage is its own flow (and CLI verb); here each runs as a subflow with the
 profile's task runner and result storage (:func:`tasks.common.configured`), and
 hands the next stage the URI of what it wrote. Every stage task is cached on its
-inputs, code and :func:`tasks.common.stage_fingerprint`, so re-running the
-pipeline redoes only the stages whose configuration (or upstream) changed.
+stage fingerprint (:func:`tokencompose_core.stages.stage_fingerprint`), its
+input URIs and content digests and its code, so re-running the pipeline redoes
+only the stages whose settings (or upstream) changed.
 
     tokencompose run -p tiny train.learning_rate=2e-4
 """
@@ -20,26 +21,17 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from tasks.common import configured, result_storage_uri
 from tokencompose_core.config import load_config
-
-# stage -> (module, flow function, summary key of its output); the order is the DAG's.
-STAGE_FLOWS: dict[str, tuple[str, str, str]] = {
-    "nouns": ("flows.preprocess", "nouns_flow", "nouns_uri"),  # nouns.parquet
-    "masks": ("flows.preprocess", "masks_flow", "cache_uri"),  # the mask cache folder
-    "train": ("flows.train", "train_flow", "output_uri"),  # the run folder holding unet/
-    "sample": ("flows.sample", "sample_flow", "output_uri"),  # the samples folder
-    "score": ("flows.evaluate", "evaluate_flow", "output_uri"),  # the reports folder
-}
-
+from tokencompose_core.stages import STAGES
 
 def stage_flow(stage: str) -> Flow:
     """The flow object of ``stage`` (imported on demand: stages pull heavy libraries)."""
-    module, function, _ = STAGE_FLOWS[stage]
+    module, function = STAGES[stage].flow.split(":")
     return getattr(importlib.import_module(module), function)
 
 
 def output_uri(stage: str, summary: dict[str, Any]) -> str:
     """The URI a stage's summary names as its output: the next stage's input."""
-    key = STAGE_FLOWS[stage][2]
+    key = STAGES[stage].output_key
     uri = summary.get(key) if isinstance(summary, dict) else None
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"stage {stage!r} returned no {key!r} in its summary: {summary!r}")
@@ -56,7 +48,7 @@ def pipeline_flow(profile: str = "tiny", overrides: list[str] | None = None,
     """
     overrides = list(overrides or [])
     config = load_config(profile, overrides)  # fail on a bad override before any work
-    selected = _contiguous(stages or list(STAGE_FLOWS))
+    selected = _contiguous(stages or list(STAGES))
     progress = create_progress_artifact(progress=0.0, key="pipeline-progress",
                                         description=f"pipeline {config.name}: stages done (%)")
     upstream, outputs = input_uri, {}
@@ -76,7 +68,7 @@ def pipeline_flow(profile: str = "tiny", overrides: list[str] | None = None,
 
 def _contiguous(stages: list[str]) -> list[str]:
     """``stages`` in DAG order, refusing unknown names and gaps (a gap has no input URI)."""
-    order = list(STAGE_FLOWS)
+    order = list(STAGES)
     unknown = sorted(set(stages) - set(order))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages are {', '.join(order)}")

@@ -1,10 +1,11 @@
 """Shared task policy: what is cached, what is retried, where tasks run.
 
 Every stage task is decorated with :func:`stage_task`, so caching and retries are
-decided in one place. Tasks take URIs and small values, never big objects, and a
-``fingerprint`` argument (:func:`stage_fingerprint`: the models plus the config of
-the stage and of every stage upstream of it) so the cache key changes whenever a
-model or a parameter that matters changes, and only downstream of that change.
+decided in one place. Tasks take URIs, content digests, their own typed config
+sections and a ``fingerprint`` argument
+(:func:`tokencompose_core.stages.stage_fingerprint`: the models plus the result
+settings of the stage and of every stage upstream of it). The cache key is the
+fingerprint, the URIs and digests, and the code; never a downstream section.
 
 Where tasks run and where their results persist are chosen by the profile's
 ``orchestration`` section: :func:`configured` applies both to a flow.
@@ -13,26 +14,27 @@ Where tasks run and where their results persist are chosen by the profile's
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib
 import inspect
-import json
 import sys
 import types
+import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
 
-from prefect import Flow, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect import Flow, Task, task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
 from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 
 from tokencompose_core.config import PipelineConfig
+from tokencompose_core.identity import bytes_hash, value_hash
 from tokencompose_core.storage import filesystem, join
 
 # ---------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def _empty_cuda_cache() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Caching: inputs (URIs, fingerprint) + the task's code + the library code it calls.
+# Caching: the stage fingerprint, the input URIs and digests, and the code.
 # ---------------------------------------------------------------------------
 
 _LIBRARY = "tokencompose_core"
@@ -132,11 +134,8 @@ class LibrarySource(CachePolicy):
 
 @lru_cache(maxsize=None)
 def _library_digest(module_name: str) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(_library_modules(module_name)):
-        digest.update(name.encode())
-        digest.update(Path(inspect.getfile(sys.modules[name])).read_bytes())
-    return digest.hexdigest()
+    return value_hash({name: bytes_hash(Path(inspect.getfile(sys.modules[name])).read_bytes(), None)
+                       for name in _library_modules(module_name)}, None)
 
 
 def _library_modules(module_name: str) -> set[str]:
@@ -153,7 +152,20 @@ def _library_modules(module_name: str) -> set[str]:
     return seen
 
 
-STAGE_CACHE_POLICY = INPUTS + TASK_SOURCE + LibrarySource()
+def _section_parameters(fn: Callable) -> list[str]:
+    """Parameters typed as a config section. The ``fingerprint`` argument already holds
+    what in them changes results, so they stay out of the key: their execution-only
+    fields (batch sizes, devices) must not change it."""
+    hints = typing.get_type_hints(fn)
+    return [name for name, hint in hints.items()
+            if name != "return" and isinstance(hint, type) and issubclass(hint, BaseModel)]
+
+
+def stage_cache_policy(fn: Callable) -> CachePolicy:
+    """Key = the task's plain inputs (URIs, content digests, ``fingerprint``) + its code."""
+    if "fingerprint" not in inspect.signature(fn).parameters:
+        raise TypeError(f"stage task {fn.__qualname__} needs a `fingerprint` parameter (its stage fingerprint)")
+    return Inputs(exclude=_section_parameters(fn)) + TASK_SOURCE + LibrarySource()
 
 
 def stage_task(fn: Callable | None = None, **options: Any):
@@ -163,50 +175,26 @@ def stage_task(fn: Callable | None = None, **options: Any):
     step), and only for transient errors (:func:`is_transient`); anything else
     fails at once with its own message.
     """
-    defaults: dict[str, Any] = dict(
-        cache_policy=STAGE_CACHE_POLICY,
-        persist_result=True,
-        retries=2,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2),
-        retry_jitter_factor=0.5,
-        retry_condition_fn=retry_transient,
-    )
-    defaults.update(options)
-    if fn is None:
-        return lambda f: task(f, **defaults)
-    return task(fn, **defaults)
+    def decorate(function: Callable):
+        defaults: dict[str, Any] = dict(
+            persist_result=True,
+            retries=2,
+            retry_delay_seconds=exponential_backoff(backoff_factor=2),
+            retry_jitter_factor=0.5,
+            retry_condition_fn=retry_transient,
+        )
+        if "cache_policy" not in options:
+            defaults["cache_policy"] = stage_cache_policy(function)
+        return task(function, **(defaults | options))
+
+    return decorate if fn is None else decorate(fn)
 
 
-# Stages in pipeline order: a stage's results depend on its own section and every
-# section before it.
-STAGES = ("nouns", "masks", "train", "sample", "score")
-# Fields that change how a stage runs but not what it produces.
-_EXECUTION_ONLY = {
-    "masks": {"batch_size", "device"},
-    "train": {"num_workers", "log_every"},
-    "sample": {"batch_size", "device", "num_shards"},
-    "score": {"detector_batch_size", "device", "report_overlays"},
-}
-
-
-def stage_fingerprint(config: PipelineConfig, stage: str) -> str:
-    """Short hash of the models and the config of ``stage`` and every stage upstream.
-
-    Pass it as the ``fingerprint`` argument of the stage's tasks: a change to
-    ``train.learning_rate`` then reruns train, sample and score, never nouns or
-    masks. Fields that only affect speed (batch sizes of per-item work, devices)
-    are left out so changing them keeps the cache.
-    """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    from tokencompose_core.models import fingerprint as models_fingerprint
-
-    sections = {
-        name: getattr(config, name).model_dump(mode="json", exclude=_EXECUTION_ONLY.get(name, set()))
-        for name in STAGES[: STAGES.index(stage) + 1]
-    }
-    payload = json.dumps({"models": models_fingerprint(config.models), "sections": sections}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def recompute_unless(stage_task_: Task, whole: bool) -> Task:
+    """``stage_task_``, forced to run instead of read from the cache unless the output it
+    fills is whole (:func:`tokencompose_core.outputs.is_whole`): a cache record alone
+    never stands for an output that was deleted or damaged since."""
+    return stage_task_ if whole else stage_task_.with_options(refresh_cache=True)
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +262,7 @@ def result_storage(config: PipelineConfig) -> Path | str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return Path(path).resolve()
-    name = f"tokencompose-results-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    name = f"tokencompose-results-{bytes_hash(uri.encode(), 12)}"
     RemoteFileSystem(basepath=uri).save(name, overwrite=True)
     return f"remote-file-system/{name}"
 

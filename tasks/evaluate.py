@@ -2,66 +2,37 @@
 
 from __future__ import annotations
 
-import posixpath
-from typing import Any
-
 from tasks.common import retry_batch_size, stage_task
-from tokencompose_core import storage
-from tokencompose_core.config import ModelsConfig, PipelineConfig
-from tokencompose_core.evaluation import (
-    detect_owlv2,
-    heldout_image_ids,
-    multigen_scores,
-    object_accuracy,
-    segmentation_miou,
-)
-from tokencompose_core.reports import multigen_record, write_report
-from tokencompose_core.sampling import load_prompts
+from tokencompose_core import scoring
+from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
+from tokencompose_core.reports import write_report
 
 
 @stage_task
-def detect(index_uri: str, prompts: str, max_prompts: int | None, models: dict[str, Any], out_uri: str,
-           store_threshold: float, batch_size: int, device: str, fingerprint: str) -> str:
+def detect(index_uri: str, samples_identity: str, prompts: str, max_prompts: int | None, score: ScoreConfig,
+           models: ModelsConfig, out_uri: str, fingerprint: str) -> str:
     """OWLv2 detections of every sampled image -> detections.parquet URI."""
-    return detect_owlv2(index_uri, load_prompts(prompts, max_prompts), ModelsConfig.model_validate(models),
-                        out_uri, store_threshold=store_threshold, batch_size=retry_batch_size(batch_size),
-                        device=device)
+    return scoring.detect(index_uri, prompts, max_prompts, models, out_uri, score.store_threshold,
+                          retry_batch_size(score.detector_batch_size), score.device)
 
 
 @stage_task
-def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None,
-                   threshold: float, out_uri: str, model: str, prompt_set: str, fingerprint: str) -> str:
+def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None, threshold: float,
+                   out_uri: str, model: str, fingerprint: str) -> str:
     """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI."""
-    prompt_list = load_prompts(prompts, max_prompts)
-    detections = storage.read_parquet(detections_uri)
-    images = storage.read_parquet(index_uri)[["prompt_id", "image_index"]]
-    table = multigen_scores(detections, prompt_list, threshold=threshold, images=images)
-    two_object = any(len(set(p.categories)) == 2 for p in prompt_list)
-    accuracy = object_accuracy(detections, prompt_list, threshold, images) if two_object else None
-    stats_uri = storage.join(posixpath.dirname(index_uri), "stats.json")
-    speed = storage.read_json(stats_uri).get("images_per_s") if storage.exists(stats_uri) else None
-    uri = storage.join(out_uri, "multigen.json")
-    storage.atomic_write_json(uri, multigen_record(model, prompt_set, table, index_uri, speed, accuracy))
-    return uri
+    return scoring.score_multigen(detections_uri, index_uri, prompts, max_prompts, threshold, out_uri, model)
 
 
 @stage_task
-def score_segmentation(config: dict[str, Any], model_dir: str, unet_dir: str | None, cache_uri: str,
+def score_segmentation(score: ScoreConfig, sample: SampleConfig, train: TrainConfig, models: ModelsConfig,
+                       model_dir: str, unet_dir: str | None, model_identity: str, cache_uri: str, cache_digest: str,
                        out_uri: str, fingerprint: str) -> str:
     """Attention-map mIoU on the held-out mask-cache images -> segmentation.json URI."""
-    from tokencompose_core.mask_cache import MaskCache
-
-    settings = PipelineConfig.model_validate(config)
-    image_ids = heldout_image_ids(MaskCache(cache_uri).image_ids(), settings.score.heldout_images)
-    result = segmentation_miou(settings, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
-                               overlays_uri=storage.join(out_uri, "overlays"),
-                               max_overlays=settings.score.report_overlays)
-    uri = storage.join(out_uri, "segmentation.json")
-    storage.atomic_write_json(uri, result)
-    return uri
+    settings = PipelineConfig(models=models, train=train, sample=sample, score=score)
+    return scoring.score_segmentation(settings, model_dir, unet_dir, cache_uri, out_uri)
 
 
 @stage_task
-def report(runs: dict[str, list[str]], out_uri: str, fingerprint: str) -> dict[str, str]:
-    """The comparison report of every scored run -> {md, html, png_*} URIs."""
+def report(runs: dict[str, list[str]], scores_digest: str, out_uri: str, fingerprint: str) -> dict[str, str]:
+    """The comparison report of the scored runs -> {md, html, png_*} URIs."""
     return write_report(runs, out_uri)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from typing import Any
 
@@ -14,11 +13,10 @@ from tokencompose_core.manifest import build_nouns, import_reference
 
 
 @stage_task
-def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: dict[str, Any], models: dict[str, Any],
+def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: NounsConfig, models: ModelsConfig,
                max_image_pixels: int, fingerprint: str) -> dict[str, Any]:
     """Stage 1; ``manifest_digest`` keys the cache on the manifest's content, not just its URI."""
-    return build_nouns(manifest_uri, out_dir, NounsConfig.model_validate(nouns), ModelsConfig.model_validate(models),
-                       max_image_pixels)
+    return build_nouns(manifest_uri, out_dir, nouns, models, max_image_pixels)
 
 
 @stage_task
@@ -40,23 +38,22 @@ def _grounder(models_json: str, masks_json: str) -> GroundedSam:
 
 @stage_task
 def mask_shard_task(nouns_uri: str, cache_uri: str, shard_name: str, image_ids: list[str], inputs_digest: str,
-                    models: dict[str, Any], masks: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+                    models: ModelsConfig, masks: MasksConfig, fingerprint: str) -> dict[str, Any]:
     """Ground and commit one shard; a shard already committed for these inputs is skipped.
 
-    Cached on (the shard's image ids and input digest, the models and mask
-    settings, the code); retried on transient errors, with a halved batch after
-    a CUDA out-of-memory error.
+    Cached on (the shard's image ids and input digest, the stage fingerprint, the
+    code); retried on transient errors, with a halved batch after a CUDA
+    out-of-memory error.
     """
-    settings = MasksConfig.model_validate(masks)
     nouns = storage.read_parquet(nouns_uri)
     rows = nouns[nouns["image_id"].isin(set(image_ids))]
-    models_json, masks_json = json.dumps(models, sort_keys=True), json.dumps(masks, sort_keys=True)
+    models_json, masks_json = models.model_dump_json(), masks.model_dump_json()
     return run_mask_shard(
         rows,
         cache_uri,
         shard_name,
         lambda: _grounder(models_json, masks_json),
         fingerprint,
-        retry_batch_size(settings.batch_size),
-        settings.max_image_pixels,
+        retry_batch_size(masks.batch_size),
+        masks.max_image_pixels,
     )

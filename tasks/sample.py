@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tasks.common import retry_batch_size, stage_task
-from tokencompose_core.config import PipelineConfig
+from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig
 from tokencompose_core.sampling import load_prompts, merge_shards, sample
 
 
 @stage_task
-def sample_shard(config: dict[str, Any], model_dir: str, out_uri: str, unet_dir: str | None,
-                 shard: tuple[int, int], fingerprint: str) -> str:
-    """Sample one shard of the profile's prompts; returns the shard's index URI."""
-    settings = PipelineConfig.model_validate(config)
+def sample_shard(sample_settings: SampleConfig, models: ModelsConfig, model_dir: str, unet_dir: str | None,
+                 model_identity: str, out_uri: str, shard: tuple[int, int], fingerprint: str) -> str:
+    """Sample one shard of the prompts; returns the shard's index URI.
+
+    ``model_identity`` (the weights' content identity) keys the cache on the model
+    itself, not on where it lies.
+    """
     # After a CUDA out-of-memory failure the retry runs with a halved batch (same images).
-    settings.sample.batch_size = retry_batch_size(settings.sample.batch_size)
-    prompts = load_prompts(settings.sample.prompts, settings.sample.max_prompts)
-    return sample(settings, model_dir, out_uri, prompts, unet_dir=unet_dir, shard=tuple(shard))
+    settings = sample_settings.model_copy(update={"batch_size": retry_batch_size(sample_settings.batch_size)})
+    prompts = load_prompts(settings.prompts, settings.max_prompts)
+    return sample(PipelineConfig(models=models, sample=settings), model_dir, out_uri, prompts,
+                  unet_dir=unet_dir, shard=tuple(shard))
 
 
 @stage_task

@@ -8,21 +8,23 @@ from typing import Any
 from prefect.context import TaskRunContext
 
 from tasks.common import stage_task
-from tokencompose_core.config import PipelineConfig
+from tokencompose_core.config import ModelsConfig, PipelineConfig, ScoreConfig, TrainConfig
 from tokencompose_core.train import train
 
 
 @stage_task
-def train_task(config: dict[str, Any], cache_uri: str, output_uri: str, init_unet: str | None,
-               fingerprint: str) -> dict[str, Any]:
+def train_task(train_settings: TrainConfig, models: ModelsConfig, heldout_images: int, cache_uri: str,
+               cache_digest: str, output_uri: str, fingerprint: str) -> dict[str, Any]:
     """Fine-tune on the mask cache; returns the :class:`TrainResult` as a dict.
 
-    A retry (after a transient failure: I/O, lost device) always resumes from the
-    newest checkpoint in ``output_uri``, whatever ``train.resume`` says, so the
-    steps already done are not redone.
+    ``heldout_images``: how many cache images stage 5 scores attention mIoU on
+    (left out of training when ``train.exclude_heldout``). A retry (after a
+    transient failure: I/O, lost device) always resumes from the newest
+    checkpoint in ``output_uri``, whatever ``train.resume`` says, so the steps
+    already done are not redone.
     """
-    settings = PipelineConfig.model_validate(config)
     context = TaskRunContext.get()
-    if context is not None and context.task_run.run_count > 1:
-        settings.train.resume = True
-    return asdict(train(settings, cache_uri, output_uri, init_unet=init_unet))
+    resume = train_settings.resume or (context is not None and context.task_run.run_count > 1)
+    settings = PipelineConfig(models=models, train=train_settings.model_copy(update={"resume": resume}),
+                              score=ScoreConfig(heldout_images=heldout_images))
+    return asdict(train(settings, cache_uri, output_uri))

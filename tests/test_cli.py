@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from flows.cli import STAGES, main
+from flows.cli import main
+from tokencompose_core.stages import STAGES
 
 
 def test_help_lists_every_stage() -> None:
@@ -21,7 +22,8 @@ def test_help_lists_every_stage() -> None:
 def test_every_stage_flow_is_importable() -> None:
     import importlib
 
-    for module, function, _ in STAGES.values():
+    for stage in STAGES.values():
+        module, function = stage.flow.split(":")
         assert callable(getattr(importlib.import_module(module), function))
 
 

@@ -16,7 +16,8 @@ import pytest
 from prefect.workers.process import ProcessWorker
 
 from deployments.serve import PREFECT_YAML, REPO_ROOT, build_deployments, deployment_specs
-from flows.reevaluate import newest_checkpoint, reevaluate_flow
+from flows.reevaluate import reevaluate_flow
+from tokencompose_core.reevaluation import newest_checkpoint
 from tokencompose_core import storage
 from tokencompose_core.config import load_config
 from tokencompose_core.models import resolve_diffusion_dir

@@ -12,8 +12,6 @@ boxes; the masks of boxes matched to the same noun are unioned.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import re
 import threading
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from tokencompose_core import mask_cache
+from tokencompose_core import mask_cache, storage
+from tokencompose_core.identity import bytes_hash
 
 # GroundingDINO's ImageNet normalisation and its 800/1333 short/long side ratio.
 _MEAN = [0.485, 0.456, 0.406]
@@ -266,19 +265,10 @@ def resolve_device(device: str) -> str:
 MASKS_STAGE = "masks"
 
 
-def masks_fingerprint(models_fingerprint: str, masks: Any) -> str:
-    """Hash of the models and every mask setting that changes the cache's content."""
-    settings = masks.model_dump(include={"box_threshold", "text_threshold", "image_size", "mixed_precision",
-                                         "max_boxes", "max_image_pixels"})
-    payload = json.dumps({"models": models_fingerprint, "masks": settings}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
-
-
 def shard_inputs_digest(nouns_rows: pd.DataFrame) -> str:
     """Digest of a shard's input rows: a completed shard is reused only for the same inputs."""
     columns = ["image_id", "image_uri", "caption", "noun", "token_positions"]
-    payload = nouns_rows[columns].to_json(orient="values")
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    return bytes_hash(nouns_rows[columns].to_json(orient="values").encode("utf-8"))
 
 
 def _image_rows(nouns_rows: pd.DataFrame) -> list[tuple[str, str, str, list[str], dict[str, list[int]]]]:
@@ -359,6 +349,38 @@ def ground_shard(
     return mask_cache.rows_frame(rows), mask_cache.rejects_frame(rejects)
 
 
+def _committed_for(cache_uri: str, shard_name: str, record: dict[str, Any], fingerprint: str, inputs: str) -> bool:
+    return (record.get("fingerprint") == fingerprint and record.get("inputs") == inputs
+            and mask_cache.shard_is_whole(cache_uri, shard_name, record))
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    image_ids: list[str]
+    inputs_digest: str  # digest of the shard's nouns rows
+    committed: bool  # already committed, whole, for these inputs and settings
+
+
+def plan_masks(nouns_uri: str, cache_uri: str, shard_size: int, fingerprint: str) -> list[ShardPlan]:
+    """The shards of a mask cache for this nouns table, and which are already done.
+
+    Shards the table no longer has (an earlier, larger input) are withdrawn from
+    the cache here, so the cache always describes exactly this table.
+    """
+    shards = plan_shards(storage.read_parquet(nouns_uri), shard_size)
+    completed = mask_cache.completed_shards(cache_uri)
+    for stale in sorted(set(completed) - {name for name, _ in shards}):
+        mask_cache.remove_shard(cache_uri, stale)
+    plans = []
+    for name, rows in shards:
+        inputs = shard_inputs_digest(rows)
+        record = completed.get(name)
+        plans.append(ShardPlan(name, rows["image_id"].drop_duplicates().tolist(), inputs,
+                               bool(record) and _committed_for(cache_uri, name, record, fingerprint, inputs)))
+    return plans
+
+
 def plan_shards(nouns: pd.DataFrame, shard_size: int) -> list[tuple[str, pd.DataFrame]]:
     """Split the nouns table into shards of ``shard_size`` images, in table order."""
     image_ids = nouns["image_id"].drop_duplicates().tolist()
@@ -385,7 +407,7 @@ def run_mask_shard(
     """
     inputs = shard_inputs_digest(nouns_rows)
     done = mask_cache.completed_shards(cache_uri).get(shard_name)
-    if done and done.get("fingerprint") == fingerprint and done.get("inputs") == inputs:
+    if done and _committed_for(cache_uri, shard_name, done, fingerprint, inputs):
         return {"shard": shard_name, "skipped": True, **done}
     rows, rejects = ground_shard(nouns_rows, grounder_factory(), fingerprint, batch_size, max_image_pixels)
     # A shard where every image was rejected still commits (its rejects say why).

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokencompose_core import rle, storage
+from tokencompose_core.identity import value_hash
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -120,6 +121,7 @@ def commit_shard(
         "rejects": reject_table.num_rows,
         "fingerprint": fingerprints[0] if fingerprints else None,
         "inputs": inputs,
+        "bytes": _size(shard_uri),
     }
     storage.atomic_write_json(storage.join(cache_uri, _MARKERS, f"{shard_name}.json"), record)
     storage.atomic_write_json(storage.join(cache_uri, COMPLETED), _merged_markers(cache_uri))
@@ -144,6 +146,26 @@ def completed_shards(cache_uri: str) -> dict[str, dict]:
     listed = storage.read_json(completed_uri) if storage.exists(completed_uri) else {}
     # A commit whose manifest rewrite raced another's is still in the markers.
     return {**listed, **_merged_markers(cache_uri)}
+
+
+def _size(uri: str) -> int | None:
+    fs, path = storage.filesystem(uri)
+    return fs.info(path)["size"] if fs.exists(path) else None
+
+
+def shard_is_whole(cache_uri: str, shard_name: str, record: dict[str, Any]) -> bool:
+    """The committed shard file is there with the size its marker recorded (a truncated or
+    deleted shard is not trusted; markers from before sizes were recorded check existence)."""
+    size = _size(storage.join(cache_uri, "shards", f"{shard_name}.parquet"))
+    return size is not None and record.get("bytes", size) == size
+
+
+def cache_identity(cache_uri: str) -> str:
+    """Identity of a mask cache's committed content (its shards' markers: rows, inputs, sizes)."""
+    shards = completed_shards(cache_uri)
+    if not shards:
+        raise FileNotFoundError(f"no committed mask-cache shards in {cache_uri}: run `tokencompose masks` first")
+    return value_hash(shards)
 
 
 def remove_shard(cache_uri: str, shard_name: str) -> None:

@@ -11,10 +11,10 @@ rerun with another model or other sampling settings into the same folder is refu
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import json
+import posixpath
 import threading
 import time
 from dataclasses import dataclass
@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from tokencompose_core import storage
+from tokencompose_core import outputs, storage
 from tokencompose_core.config import PipelineConfig
+from tokencompose_core.identity import folder_hash, seed_from, value_hash
 
 MULTIGEN_SETS = {
     "coco": "coco_obj_comp_5_1k.json",
@@ -129,8 +130,7 @@ def _manifest_prompts(raw: bytes, uri: str, suffix: str) -> list[Prompt]:
 
 def image_seed(base_seed: int, prompt_id: int, image_index: int) -> int:
     """A 63-bit seed that depends only on (base seed, prompt, image index)."""
-    digest = hashlib.sha256(f"{base_seed}:{prompt_id}:{image_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return seed_from(f"{base_seed}:{prompt_id}:{image_index}")
 
 
 def _scheduler_classes() -> dict[str, Any]:
@@ -250,18 +250,37 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def model_fingerprint(model_dir: str, unet_dir: str | None = None) -> str:
-    """Identity of the weights: config contents, and size + mtime of the big weight files."""
-    digest = hashlib.sha256()
-    for root in [model_dir] + ([unet_dir] if unet_dir else []):
-        fs, base = storage.filesystem(root)
-        for path in sorted(fs.find(base)):
-            info = fs.info(path)
-            digest.update(path[len(base):].encode())
-            if info["size"] <= 1 << 20:
-                digest.update(fs.cat_file(path))
-            else:
-                digest.update(f"{info['size']}:{info.get('mtime', info.get('LastModified', ''))}".encode())
-    return digest.hexdigest()[:16]
+    """Identity of the weights: the model folder's, and the trained U-Net's by content.
+
+    A U-Net trained here is identified by the digests its run folder recorded
+    (:mod:`tokencompose_core.outputs`), so it moves only when its bytes change.
+    """
+    parts = [folder_hash(model_dir)]
+    if unet_dir:
+        run = posixpath.dirname(unet_dir.rstrip("/"))
+        parts.append(outputs.content_identity(run, "unet/") or folder_hash(unet_dir))
+    return value_hash(parts)
+
+
+def model_name(unet_dir: str | None) -> str:
+    """``base`` for the profile's model, else the trained run folder's name."""
+    return posixpath.basename(posixpath.dirname(unet_dir.rstrip("/"))) if unet_dir else "base"
+
+
+def trained_unet(config: PipelineConfig, run_uri: str | None) -> str | None:
+    """The ``unet/`` of a trained run folder (checked), or None for the profile's model."""
+    if not run_uri:
+        return None
+    unet_dir = storage.join(storage.check_input(run_uri, config.storage), "unet")
+    if not storage.exists(storage.join(unet_dir, "config.json")):
+        raise FileNotFoundError(f"{run_uri} has no trained unet/ (expected {unet_dir}/config.json)")
+    return unet_dir
+
+
+def samples_folder(config: PipelineConfig, unet_dir: str | None, model_identity: str, fingerprint: str) -> str:
+    """``<root>/samples/<tag or model-prompt set>-<key>``, the key from what makes its pixels."""
+    name = config.sample.tag or f"{model_name(unet_dir)}-{prompt_set_name(config.sample.prompts)}"
+    return outputs.output_folder(config, "samples", name, [fingerprint, model_identity])
 
 
 def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
@@ -269,9 +288,8 @@ def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
     cfg = config.sample
     # The prompt source is in (image names are per prompt id); max_prompts and
     # images_per_prompt are not, so a rerun with more of either extends the folder.
-    keys = (model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
-            cfg.mixed_precision, cfg.seed)
-    return hashlib.sha256(json.dumps(keys, default=str).encode()).hexdigest()[:16]
+    return value_hash((model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler,
+                       cfg.resolution, cfg.mixed_precision, cfg.seed))
 
 
 def shard_items(prompts: list[Prompt], images_per_prompt: int, base_seed: int, out_uri: str,

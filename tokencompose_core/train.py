@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import random
 import shutil
 import time
@@ -56,7 +57,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from tokencompose_core import storage
+from tokencompose_core import outputs, storage
 from tokencompose_core.attention import AttentionCapture, supervised_groups
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
@@ -409,6 +410,22 @@ def _publish_unet(unet: torch.nn.Module, output_dir: str) -> str:
     return final
 
 
+def run_folder(config: PipelineConfig, fingerprint: str, cache_identity: str) -> str:
+    """``<root>/train/<train.run_name>``, else ``run-<key>`` from the training fingerprint and
+    the mask cache's content."""
+    if config.train.run_name:
+        return storage.join(config.storage.root, "train", config.train.run_name)
+    return outputs.output_folder(config, "train", "run", [fingerprint, cache_identity])
+
+
+def result_files(output_uri: str) -> list[str]:
+    """A finished run's result, relative to its folder: the final ``unet/`` and the metrics
+    (checkpoints are the way there, not the result)."""
+    fs, base = storage.filesystem(output_uri)
+    unet = [posixpath.relpath(path, base) for path in sorted(fs.find(posixpath.join(base, "unet")))]
+    return unet + [name for name in ("metrics.jsonl", "loss_curve.png") if fs.exists(posixpath.join(base, name))]
+
+
 def _config_digest(config: PipelineConfig) -> dict:
     """Settings that must match for a resumed run to continue the same data order."""
     cfg = config.train
@@ -502,11 +519,17 @@ def train(
         pixel_weight=cfg.pixel_loss_weight, caption_dropout=cfg.caption_dropout, weight_dtype=weight_dtype,
     )
     metrics = MetricsLog(storage.join(output_uri, "metrics.jsonl"), global_step) if accelerator.is_main_process else None
+    resumed_at = global_step
     global_step = _loop(config, trainer, model, loader, metrics, output_dir, global_step)
 
     unet_uri = storage.join(output_uri, "unet")
     final_losses: dict[str, float] = {}
-    if accelerator.is_main_process:
+    # A rerun of a finished run trains no step: its published U-Net is already this
+    # checkpoint's, and republishing identical weights would only move their identity.
+    finished_before = global_step == resumed_at and os.path.isfile(os.path.join(output_dir, "unet", "config.json"))
+    if accelerator.is_main_process and finished_before:
+        final_losses = metrics.final_losses()
+    elif accelerator.is_main_process:
         final = accelerator.unwrap_model(prepared_unet)
         if ema is not None:
             ema.copy_to(final.parameters())  # the EMA weights are the result

@@ -1,0 +1,94 @@
+"""Every hash the project computes: identities of settings, files, folders and seeds.
+
+One module so that the rules are the same everywhere: a value's identity is the
+sha256 of its canonical JSON (sorted keys), a file's is the sha256 of its bytes,
+a folder's is the sha256 over its files' relative names and bytes. Short forms
+(16 hex digits, 64 bits) name folders and cache keys; collisions at that length
+need ~4 billion distinct settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+SHORT = 16  # hex digits of a short identity
+
+# Packages whose versions are recorded beside every stage output.
+RECORDED_PACKAGES = ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "prefect",
+                     "segment-anything", "groundingdino-py", "spacy", "open_clip_torch", "numpy", "pandas",
+                     "pyarrow")
+
+
+def value_hash(value: Any, length: int = SHORT) -> str:
+    """Identity of a JSON-able value (dicts by sorted keys; anything else by ``str``)."""
+    payload = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+def bytes_hash(data: bytes, length: int = SHORT) -> str:
+    """Identity of a byte string (a manifest's or a marker file's content)."""
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
+def uri_hash(uri: str, length: int = SHORT) -> str:
+    """Identity of the content of one file on any fsspec filesystem."""
+    from tokencompose_core import storage
+
+    return bytes_hash(storage.read_bytes(uri), length)
+
+
+def tree_hash(roots: Iterable[Path], length: int | None = None) -> str:
+    """Identity of local folders: every file's name (relative to its root) and bytes."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{root.name}/{file.relative_to(root).as_posix()}".encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:length]
+
+
+def folder_hash(uri: str, large: int = 1 << 20) -> str:
+    """Identity of a folder of weights on any filesystem, cheaply.
+
+    Small files count by content; files over ``large`` bytes by size and
+    modification time, which is right for folders nobody rewrites in place (hub
+    snapshots, model folders). Our own outputs are identified by content instead:
+    see :func:`tokencompose_core.outputs.content_identity`.
+    """
+    from tokencompose_core import storage
+
+    digest = hashlib.sha256()
+    fs, base = storage.filesystem(uri)
+    for path in sorted(fs.find(base)):
+        info = fs.info(path)
+        digest.update(path[len(base):].encode())
+        if info["size"] <= large:
+            digest.update(fs.cat_file(path))
+        else:
+            digest.update(f"{info['size']}:{info.get('mtime', info.get('LastModified', ''))}".encode())
+    return digest.hexdigest()[:SHORT]
+
+
+def seed_from(text: str) -> int:
+    """A 63-bit seed that depends only on ``text`` (the first 8 bytes of its sha256)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def stable_order_key(text: str) -> str:
+    """Sort key that spreads ids evenly and does not depend on their order (SHA-1 hex)."""
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape results (absent ones omitted)."""
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

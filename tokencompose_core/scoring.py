@@ -1,0 +1,157 @@
+"""Stage 5's plan and steps: which samples to score, where their scores go, the scoring work.
+
+A scores folder is named after the samples it scores (their content identity)
+and the score stage's fingerprint; a report folder after the scores it reports.
+The Prefect tasks in ``tasks/evaluate.py`` wrap the steps one to one.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from tokencompose_core import outputs, storage
+from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig
+from tokencompose_core.evaluation import (
+    detect_owlv2,
+    heldout_image_ids,
+    multigen_scores,
+    object_accuracy,
+    segmentation_miou,
+)
+from tokencompose_core.identity import folder_hash, value_hash
+from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
+from tokencompose_core.reports import multigen_record
+from tokencompose_core.sampling import load_prompts, model_name, prompt_set_name
+from tokencompose_core.stages import stage_fingerprint
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """One samples folder to score, and where its scores go."""
+
+    samples_uri: str
+    index_uri: str
+    samples_identity: str  # content identity of the samples folder
+    sample: SampleConfig  # the settings the samples were made with
+    model: str  # "base" or the trained run's folder name
+    model_dir: str
+    unet_dir: str | None
+    model_identity: str
+    out_uri: str
+
+
+@dataclass(frozen=True)
+class HeldoutCache:
+    """The mask cache whose held-out images attention mIoU is measured on."""
+
+    uri: str
+    identity: str
+
+
+def samples_to_score(config: PipelineConfig, input_uri: str | None) -> list[str]:
+    """The samples folder given, or every finished samples folder under <root>/samples."""
+    if input_uri:
+        storage.check_input(input_uri, config.storage)
+        if not storage.exists(storage.join(input_uri, "index.parquet")):
+            raise FileNotFoundError(f"{input_uri} is not a samples folder (no index.parquet)")
+        return [input_uri.rstrip("/")]
+    root = storage.join(config.storage.root, "samples")
+    fs, path = storage.filesystem(root)
+    found = [storage.join(root, posixpath.basename(p)) for p in sorted(fs.ls(path, detail=False) if fs.exists(path) else [])]
+    found = [uri for uri in found if outputs.is_whole(uri)]
+    if not found:
+        raise FileNotFoundError(f"no finished samples folders under {root}; run `tokencompose sample` first")
+    return found
+
+
+def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str) -> ScorePlan:
+    """Where the scores of ``samples_uri`` go for this score fingerprint."""
+    meta = storage.read_json(storage.join(samples_uri, "sample_meta.json"))
+    identity = outputs.content_identity(samples_uri) or folder_hash(samples_uri)
+    name = posixpath.basename(samples_uri.rstrip("/"))
+    return ScorePlan(
+        samples_uri=samples_uri,
+        index_uri=storage.join(samples_uri, "index.parquet"),
+        samples_identity=identity,
+        sample=SampleConfig.model_validate(meta["sample"]),
+        model=model_name(meta["unet_dir"]),
+        model_dir=meta["model_dir"],
+        unet_dir=meta["unet_dir"],
+        model_identity=meta["model_fingerprint"],
+        out_uri=outputs.output_folder(config, "scores", name.rsplit("-", 1)[0], [fingerprint, identity]),
+    )
+
+
+def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
+    """The mask cache for attention mIoU: ``score.mask_cache``, else the one these
+    settings made under <root>/masks; None when mIoU is off or there is none."""
+    if not config.score.heldout_images:
+        return None
+    if config.score.mask_cache:
+        uri = storage.check_input(config.score.mask_cache, config.storage)
+    else:
+        found = outputs.discover(config, "masks", stage_fingerprint(config, "masks"))
+        if not found:
+            return None
+        uri = found[0]
+    if not storage.exists(storage.join(uri, COMPLETED)):
+        return None
+    return HeldoutCache(uri, cache_identity(uri))
+
+
+def detect(index_uri: str, prompts: str, max_prompts: int | None, models: ModelsConfig, out_uri: str,
+           store_threshold: float, batch_size: int, device: str) -> str:
+    """Open-vocabulary detections of every sampled image -> detections.parquet URI."""
+    return detect_owlv2(index_uri, load_prompts(prompts, max_prompts), models, out_uri,
+                        store_threshold=store_threshold, batch_size=batch_size, device=device)
+
+
+def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None, threshold: float,
+                   out_uri: str, model: str) -> str:
+    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI."""
+    prompt_list = load_prompts(prompts, max_prompts)
+    detections = storage.read_parquet(detections_uri)
+    images = storage.read_parquet(index_uri)[["prompt_id", "image_index"]]
+    table = multigen_scores(detections, prompt_list, threshold=threshold, images=images)
+    two_object = any(len(set(p.categories)) == 2 for p in prompt_list)
+    accuracy = object_accuracy(detections, prompt_list, threshold, images) if two_object else None
+    stats_uri = storage.join(posixpath.dirname(index_uri), "stats.json")
+    speed = storage.read_json(stats_uri).get("images_per_s") if storage.exists(stats_uri) else None
+    uri = storage.join(out_uri, "multigen.json")
+    storage.atomic_write_json(uri, multigen_record(model, prompt_set_name(prompts), table, index_uri, speed, accuracy))
+    return uri
+
+
+def score_segmentation(config: PipelineConfig, model_dir: str, unet_dir: str | None, cache_uri: str,
+                       out_uri: str) -> str:
+    """Attention-map mIoU on the held-out mask-cache images -> segmentation.json URI."""
+    image_ids = heldout_image_ids(MaskCache(cache_uri).image_ids(), config.score.heldout_images)
+    result = segmentation_miou(config, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
+                               overlays_uri=storage.join(out_uri, "overlays"),
+                               max_overlays=config.score.report_overlays)
+    uri = storage.join(out_uri, "segmentation.json")
+    storage.atomic_write_json(uri, result)
+    return uri
+
+
+def runs_by_model(scored: list[ScorePlan]) -> dict[str, list[str]]:
+    """Scores folders grouped by the model that made the samples (a report's runs)."""
+    runs: dict[str, list[str]] = {}
+    for plan in scored:
+        runs.setdefault(plan.model, []).append(plan.out_uri)
+    return runs
+
+
+def report_folder(config: PipelineConfig, fingerprint: str, runs: dict[str, list[str]]) -> tuple[str, str]:
+    """(the report's folder, the identity of the scores it reports): named after them."""
+    scores = {model: [outputs.content_identity(uri) for uri in folders] for model, folders in runs.items()}
+    identity = value_hash(scores)
+    return outputs.output_folder(config, "reports", "report", [fingerprint, identity]), identity
+
+
+def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None) -> dict[str, Any]:
+    """What a scores folder was made from, for its record."""
+    return {"samples": plan.samples_uri, "samples_identity": plan.samples_identity,
+            "mask_cache": cache.uri if cache else None, "mask_cache_identity": cache.identity if cache else None}
