@@ -52,7 +52,7 @@ def test_sd_groups_are_derived_from_the_model(sample_size, sides):
     mid, *ups = sides
     assert set(groups) == {f"mid_{mid}", *(f"up_{side}" for side in ups)}
     assert len(groups[f"mid_{mid}"]) == 1 and all(len(groups[f"up_{s}"]) == 3 for s in ups)
-    assert sum(len(names) for names in groups.values()) == 10  # METHOD.md: 10 cross-attention layers
+    assert sum(len(names) for names in groups.values()) == 10  # docs/METHOD.md: 10 cross-attention layers
     assert all(name.endswith("attn2") for names in groups.values() for name in names)
     down = supervised_groups(unet, ["down"], sample_size)
     assert set(down) == {f"down_{side}" for side in (sample_size, sample_size // 2, sample_size // 4)}

@@ -14,7 +14,7 @@ def _loop_mask(mask: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _loop_sample(layers: list[torch.Tensor], masks: list[torch.Tensor], positions: list[list[int]]):
-    """METHOD.md for one sample: layers are (heads, HW, T); None when no noun is grounded."""
+    """docs/METHOD.md section 2 for one sample: layers are (heads, HW, T); None when no noun is grounded."""
     nouns = [(mask, tokens) for mask, tokens in zip(masks, positions) if tokens]
     if not nouns:
         return None

@@ -2,7 +2,7 @@
 
 Each image is centre-cropped to a square and resized to the training
 resolution; its masks get the same crop and go straight to the latent grid
-(bilinear, then > 0, as METHOD.md), so a batch carries small masks only. The
+(bilinear, then > 0, as docs/METHOD.md section 2), so a batch carries small masks only. The
 loss resizes them further to each supervised layer's resolution.
 
 Batches are drawn by :class:`ResumableBatchSampler`: an endless sequence of

@@ -19,7 +19,6 @@ Every step writes under ``config.storage.root`` and returns small JSON-able dict
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 from typing import Any
@@ -29,6 +28,7 @@ import pandas as pd
 
 from tokencompose_core import storage, synthetic
 from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.identity import value_hash
 from tokencompose_core.evaluation import heldout_image_ids, multigen_scores, read_image, segmentation_miou
 from tokencompose_core.mask_cache import MaskCache
 from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure, write_report
@@ -59,7 +59,7 @@ def _root(config: PipelineConfig, *parts: str) -> str:
 
 
 def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return value_hash(value, 10)
 
 
 def world_path(config: PipelineConfig) -> str:

@@ -8,7 +8,6 @@ detector writes the same schema and uses the same scoring functions.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from typing import Any
@@ -21,6 +20,7 @@ from PIL import Image
 
 from tokencompose_core import storage
 from tokencompose_core.config import ModelsConfig, PipelineConfig
+from tokencompose_core.identity import seed_from, stable_order_key
 from tokencompose_core.sampling import (
     Prompt,
     encode_prompts,
@@ -156,7 +156,7 @@ def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
 def heldout_image_ids(image_ids: list[str], count: int) -> list[str]:
     """A stable held-out subset: the ``count`` ids with the smallest SHA-1, so it does not
     depend on cache order and grows by inclusion as ``count`` grows."""
-    return sorted(image_ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:count]
+    return sorted(image_ids, key=stable_order_key)[:count]
 
 
 def noun_maps(group_maps: list[torch.Tensor], token_positions: list[list[int]], size: tuple[int, int]
@@ -215,7 +215,7 @@ def _noised_inputs(parts: Any, pixels: torch.Tensor, seeds: list[int], timestep:
 
 
 def _image_seed(image_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little") & (2**63 - 1)
+    return seed_from(image_id)
 
 
 def _pixels(uri: str, side: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -76,6 +77,24 @@ def folder_hash(uri: str, large: int = 1 << 20) -> str:
 def seed_from(text: str) -> int:
     """A 63-bit seed that depends only on ``text`` (the first 8 bytes of its sha256)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def component_seed(seed: int, component: str) -> int:
+    """The seed of one randomly initialised component of a tiny model (CRC-32 of its name)."""
+    return seed * 1_000_003 + zlib.crc32(component.encode())
+
+
+def file_digest(uri: str) -> tuple[int, str]:
+    """(size, sha256 hex) of one file on any filesystem, read in 4 MiB blocks."""
+    from tokencompose_core import storage
+
+    fs, path = storage.filesystem(uri)
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
 
 
 def stable_order_key(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The token and pixel grounding losses of TokenCompose (METHOD.md, per layer group).
+"""The token and pixel grounding losses of TokenCompose (docs/METHOD.md section 2, per layer group).
 
 For one group of cross-attention layers at one resolution:
 

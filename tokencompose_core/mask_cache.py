@@ -196,7 +196,7 @@ class GroundedImage:
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, H, W) {0,1} -> (N, h, w) uint8: bilinear, align_corners=False, no antialias, then > 0 (METHOD.md)."""
+    """(N, H, W) {0,1} -> (N, h, w) uint8: bilinear, align_corners=False, no antialias, then > 0 (docs/METHOD.md, section 2)."""
     import torch
     import torch.nn.functional as F
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import hashlib
 import importlib.resources
 import json
 import os
@@ -29,7 +28,6 @@ import shutil
 import threading
 import types
 import uuid
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ from transformers import (
 )
 
 from tokencompose_core.config import ModelsConfig, configs_dir
+from tokencompose_core.identity import bytes_hash, component_seed, tree_hash, value_hash
 from tokencompose_core.gdino_compat import build_grounding_dino
 
 GDINO_RELEASES = "https://github.com/IDEA-Research/GroundingDINO/releases"
@@ -181,18 +180,8 @@ _SEEDED_BUILD = threading.RLock()
 def _seeded(seed: int, component: str) -> Iterator[None]:
     """Seed initialisation per component, leaving the caller's RNG state untouched."""
     with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + zlib.crc32(component.encode()))
+        torch.manual_seed(component_seed(seed, component))
         yield
-
-
-def _tree_digest(paths: list[Path]) -> str:
-    """sha256 over the relative names and bytes of every file under ``paths``."""
-    digest = hashlib.sha256()
-    for root in paths:
-        for file in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(f"{root.name}/{file.relative_to(root).as_posix()}".encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def _library_versions() -> str:
@@ -279,9 +268,9 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
 
 def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
     arch = _arch_dir(models.diffusion)
-    identity = f"{_tree_digest(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
+    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
     cache = Path(models.cache_dir).resolve()
-    target = cache / f"{models.diffusion}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
     if (target / "model_index.json").is_file():
         return str(target)
     cache.mkdir(parents=True, exist_ok=True)
@@ -638,5 +627,5 @@ def fingerprint(models: ModelsConfig) -> str:
     if models.clip_selector:
         parts["clip_selector"] = _source_identity(models.clip_selector)
     if tiny_dirs:
-        parts["tiny"] = f"{_tree_digest(tiny_dirs)};{_library_versions()}"
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+        parts["tiny"] = f"{tree_hash(tiny_dirs)};{_library_versions()}"
+    return value_hash(parts)

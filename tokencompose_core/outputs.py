@@ -11,14 +11,13 @@ without that record, or whose files no longer match it, is not a result.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import time
 from typing import Any
 
 from tokencompose_core import storage
 from tokencompose_core.config import PipelineConfig, dump_config
-from tokencompose_core.identity import SHORT, package_versions, value_hash
+from tokencompose_core.identity import SHORT, file_digest, package_versions, value_hash
 
 RECORD = "_stage.json"
 CONFIG = "config.yaml"
@@ -30,14 +29,8 @@ def output_folder(config: PipelineConfig, stage: str, name: str, key: Any) -> st
 
 
 def _file_entry(uri: str) -> dict[str, Any]:
-    fs, path = storage.filesystem(uri)
-    digest = hashlib.sha256()
-    size = 0
-    with fs.open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-            size += len(block)
-    return {"size": size, "sha256": digest.hexdigest()}
+    size, sha256 = file_digest(uri)
+    return {"size": size, "sha256": sha256}
 
 
 def _listed_files(folder: str) -> list[str]:

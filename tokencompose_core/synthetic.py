@@ -14,7 +14,6 @@ writes the same detections schema as the OWLv2 path.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -22,7 +21,7 @@ import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ from PIL import Image
 
 from tokencompose_core import mask_cache, storage
 from tokencompose_core.config import DetectorConfig, WorldConfig
+from tokencompose_core.identity import value_hash
 from tokencompose_core.manifest import NOUNS_SCHEMA
 from tokencompose_core.text import token_positions
 
@@ -340,8 +340,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def world_fingerprint(config: WorldConfig) -> str:
-    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return f"synthetic-world:{digest[:16]}"
+    return f"synthetic-world:{value_hash(config.model_dump(mode='json'))}"
 
 
 class _SpanCache:
