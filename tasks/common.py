@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import importlib
 import inspect
+import json
 import sys
 import types
 import typing
@@ -28,14 +29,16 @@ from uuid import UUID
 from prefect import Flow, Task, task
 from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
-from prefect.filesystems import RemoteFileSystem
+from prefect.filesystems import WritableFileSystem
+from prefect.serializers import Serializer
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import bytes_hash, value_hash
-from tokencompose_core.storage import filesystem, join
+from tokencompose_core.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
 
 # ---------------------------------------------------------------------------
 # Retries: transient failures only, with backoff.
@@ -178,6 +181,7 @@ def stage_task(fn: Callable | None = None, **options: Any):
     def decorate(function: Callable):
         defaults: dict[str, Any] = dict(
             persist_result=True,
+            result_serializer=DataOnlyJSON(),
             retries=2,
             retry_delay_seconds=exponential_backoff(backoff_factor=2),
             retry_jitter_factor=0.5,
@@ -249,22 +253,77 @@ def result_storage_uri(config: PipelineConfig) -> str:
     return config.orchestration.result_storage or join(config.storage.root, "_prefect", "results")
 
 
-def result_storage(config: PipelineConfig) -> Path | str:
-    """Prefect result storage for :func:`result_storage_uri` (any fsspec URL).
+class DataOnlyJSON(Serializer):
+    """Task and flow results as plain JSON: reading one can only build dicts, lists,
+    strings and numbers. Prefect's pickle (and its JSON with ``__class__`` hooks)
+    would run code planted in a cache record by anyone who can write the storage."""
 
-    A local folder is passed as an absolute path (Dask workers and deployment runs
-    in other folders must agree). Prefect takes other storage only as a saved
-    block, so a URL is saved once as a ``remote-file-system`` block named after it
-    (credentials come from the environment, as for every fsspec read).
-    """
+    type: str = Field(default="tokencompose-json", frozen=True)
+
+    def dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj, sort_keys=True).encode("utf-8")
+
+    def loads(self, blob: bytes) -> Any:
+        return json.loads(blob)
+
+
+def _checked_record(content: bytes, path: str) -> bytes:
+    """``content`` if it is JSON and, when it is a result record, one written by
+    :class:`DataOnlyJSON`; else an error, and Prefect then treats the cache record as
+    missing, recomputes the task and overwrites the record."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        raise ValueError(f"refusing cached result {path}: not JSON") from None
+    serializer = data.get("metadata", {}).get("serializer", {}) if isinstance(data, dict) else {}
+    kind = serializer.get("type", DataOnlyJSON().type) if isinstance(serializer, dict) else None
+    if kind != DataOnlyJSON().type:
+        raise ValueError(f"refusing cached result {path}: serializer {kind!r} is not allowed "
+                         f"(only {DataOnlyJSON().type!r})")
+    return content
+
+
+class ResultFiles(WritableFileSystem):
+    """Prefect result storage on any fsspec URL that hands back only data-only JSON records."""
+
+    _block_type_name = "TokenCompose Result Files"
+    basepath: str
+
+    def _uri(self, path: str) -> str:
+        return join(self.basepath, path)
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.read_path(path, _sync=True)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        uri = self._uri(path)
+        if not exists(uri):
+            raise ValueError(f"no result at {uri}")
+        return _checked_record(read_bytes(uri), uri)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return self.write_path(path, content, _sync=True)
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        uri = self._uri(path)
+        atomic_write_bytes(uri, content)
+        return uri
+
+
+def result_storage(config: PipelineConfig) -> str:
+    """Prefect result storage for :func:`result_storage_uri`: the slug of a saved
+    :class:`ResultFiles` block (Prefect takes storage only as a saved block; Dask
+    workers and deployment runs load it by name). A local folder is made absolute
+    so that runs started in other folders agree."""
     uri = result_storage_uri(config)
     fs, path = filesystem(uri)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return Path(path).resolve()
-    name = f"tokencompose-results-{bytes_hash(uri.encode(), 12)}"
-    RemoteFileSystem(basepath=uri).save(name, overwrite=True)
-    return f"remote-file-system/{name}"
+    basepath = str(Path(path).resolve()) if protocol in ("file", "local") else uri
+    name = f"tokencompose-results-{bytes_hash(basepath.encode(), 12)}"
+    ResultFiles(basepath=basepath).save(name, overwrite=True)
+    return f"{ResultFiles.get_block_type_slug()}/{name}"
 
 
 def configured(flow: Flow, config: PipelineConfig) -> Flow:
@@ -276,5 +335,6 @@ def configured(flow: Flow, config: PipelineConfig) -> Flow:
     return flow.with_options(
         task_runner=task_runner(config),
         result_storage=result_storage(config),
+        result_serializer=DataOnlyJSON(),
         persist_result=True,
     )

@@ -11,11 +11,10 @@ import torch
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
-from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows.pipeline as pipeline
-from tasks.common import (configured, is_transient, result_storage, retry_batch_size,
+from tasks.common import (ResultFiles, configured, is_transient, result_storage, retry_batch_size,
                           stage_task, task_runner)
 from tokencompose_core import storage
 from tokencompose_core.config import ConfigError, load_config
@@ -187,22 +186,24 @@ def test_error_classification():
 # ---------------------------------------------------------------------------
 
 
+def _storage_root(slug: str) -> str:
+    return ResultFiles.load(slug.split("/", 1)[1]).basepath
+
+
 def test_runner_and_storage_follow_the_profile(prefect_harness, tmp_path):
     config = load_config("tiny", [f"storage.root={tmp_path}"])
     assert isinstance(task_runner(config), ThreadPoolTaskRunner)
-    assert result_storage(config) == tmp_path / "_prefect" / "results"
+    assert _storage_root(result_storage(config)) == str(tmp_path / "_prefect" / "results")
 
     remote = load_config("tiny", ["orchestration.result_storage=memory://bucket/results"])
-    slug = result_storage(remote)
-    block = RemoteFileSystem.load(slug.split("/", 1)[1])
-    assert block.basepath == "memory://bucket/results"
+    assert _storage_root(result_storage(remote)) == "memory://bucket/results"
 
     dask = load_config("tiny", ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://10.0.0.5:8786"])
     runner = task_runner(dask)
     assert type(runner).__name__ == "DaskTaskRunner" and runner.address == "tcp://10.0.0.5:8786"
     flow_ = configured(TOY_STAGES["masks"], dask)
     assert flow_.task_runner.address == "tcp://10.0.0.5:8786"
-    assert flow_.result_storage == Path("runs/tiny/_prefect/results").resolve()
+    assert _storage_root(flow_.result_storage) == str(Path("runs/tiny/_prefect/results").resolve())
 
 
 def test_local_dask_workers_keep_the_default_malloc_trimming_and_report_to_our_api(prefect_harness):

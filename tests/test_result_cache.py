@@ -1,0 +1,56 @@
+"""Prefect's cache records are data: a planted pickle is refused, never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+from prefect.serializers import PickleSerializer
+
+from flows.cli import main
+from test_orchestration import _photo_manifest
+
+
+class _Planted:
+    """Unpickling this writes a file: the proof that a cache hit ran foreign code."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.proof}",))
+
+
+def _records(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "_prefect" / "results").iterdir() if p.is_file())
+
+
+def _serializers(paths: list[Path]) -> dict[Path, str]:
+    """The serializer of each task result record (flow results are stored as bare JSON)."""
+    records = {path: json.loads(path.read_bytes()) for path in paths}
+    return {path: record["metadata"]["serializer"]["type"] for path, record in records.items() if "metadata" in record}
+
+
+def test_result_records_are_json_and_a_planted_pickle_is_recomputed_not_loaded(prefect_harness, tmp_path, capsys):
+    manifest, root = _photo_manifest(tmp_path), tmp_path / "root"
+    argv = ["nouns", "-p", "tiny", "--input", manifest, f"storage.root={root}"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    records = _records(root)
+    task_records = _serializers(records)
+    assert task_records and set(task_records.values()) == {"tokencompose-json"}
+
+    proof = tmp_path / "pwned"
+    planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(picklelib="cloudpickle")),
+                           result=_Planted(str(proof))).serialize()
+    for record in records:
+        record.write_bytes(planted)
+
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert not proof.exists(), "a cache hit unpickled a planted record"
+    assert again["nouns_uri"] == first["nouns_uri"]
+    # The task ran again and its cache record is data again.
+    assert set(_serializers(list(task_records)).values()) == {"tokencompose-json"}
