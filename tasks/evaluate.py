@@ -6,21 +6,23 @@ from tasks.common import retry_batch_size, stage_task
 from tokencompose_core import scoring
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
 from tokencompose_core.reports import write_report
+from tokencompose_core.sampling import load_prompts, prompt_set_name
 
 
 @stage_task
 def detect(index_uri: str, samples_identity: str, prompts: str, max_prompts: int | None, score: ScoreConfig,
            models: ModelsConfig, out_uri: str, fingerprint: str) -> str:
-    """OWLv2 detections of every sampled image -> detections.parquet URI."""
-    return scoring.detect(index_uri, prompts, max_prompts, models, out_uri, score.store_threshold,
-                          retry_batch_size(score.detector_batch_size), score.device)
+    """Detections of every sampled image (``score.detector``) -> detections.parquet URI."""
+    return scoring.detect(index_uri, load_prompts(prompts, max_prompts), models, score, out_uri,
+                          retry_batch_size(score.detector_batch_size))
 
 
 @stage_task
 def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None, threshold: float,
                    out_uri: str, model: str, fingerprint: str) -> str:
     """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI."""
-    return scoring.score_multigen(detections_uri, index_uri, prompts, max_prompts, threshold, out_uri, model)
+    return scoring.score_multigen(detections_uri, index_uri, load_prompts(prompts, max_prompts),
+                                  prompt_set_name(prompts), threshold, out_uri, model)
 
 
 @stage_task

@@ -164,7 +164,18 @@ class SampleConfig(_Section):
     tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
 
 
+class DetectorConfig(_Section):
+    """The synthetic world's colour detector."""
+
+    tolerance: float = Field(70.0, gt=0)  # RGB distance for a pixel to take a palette colour
+    min_pixels: int = Field(5, ge=1)  # smaller regions are leftover noise, not objects
+    reach: int = Field(2, ge=1)  # same-colour pixels this close (Chebyshev) are one object
+
+
 class ScoreConfig(_Section):
+    # "owlv2" for real images; "synthetic": the synthetic world's colour detector (the demo).
+    detector: Literal["owlv2", "synthetic"] = "owlv2"
+    synthetic_detector: DetectorConfig = Field(default_factory=DetectorConfig)
     detection_threshold: float = Field(0.1, ge=0, le=1)
     store_threshold: float = Field(0.01, ge=0, le=1)
     detector_batch_size: int = Field(8, gt=0)
@@ -212,14 +223,6 @@ class WorldConfig(_Section):
         return self
 
 
-class DetectorConfig(_Section):
-    """The synthetic world's colour detector."""
-
-    tolerance: float = Field(70.0, gt=0)  # RGB distance for a pixel to take a palette colour
-    min_pixels: int = Field(5, ge=1)  # smaller regions are leftover noise, not objects
-    reach: int = Field(2, ge=1)  # same-colour pixels this close (Chebyshev) are one object
-
-
 class DemoPhaseConfig(_Section):
     steps: int = Field(400, gt=0)
     learning_rate: float = Field(5e-4, gt=0)
@@ -232,7 +235,6 @@ class DemoConfig(_Section):
     Every other training/sampling/scoring setting is the profile's own stage section."""
 
     world: WorldConfig = Field(default_factory=WorldConfig)
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
     test_images: int = Field(200, gt=0)  # held-out scenes with exact masks, for attention mIoU
     prompt_object_counts: list[int] = Field(default_factory=lambda: [3, 4])
     prompts_per_count: int = Field(20, gt=0)

@@ -9,10 +9,12 @@ The experiment (flows/demo.py runs each step as a cached Prefect task):
    stage-3 code, then fine-tunes it per seed twice for the same steps, data order
    and noise: ``plain`` (denoising only) and ``grounded`` (+ token and pixel losses).
 3. :func:`sample_model` samples every model with the real stage-4 code from the
-   same initial noise (paired), :func:`score_model` detects objects with the
-   world's detector and scores MG2..MG5 per prompt group and attention-map mIoU.
-4. :func:`write_results` writes the comparison (paired grounded minus plain per
-   seed), image grids, attention overlays and loss curves as Markdown/HTML/PNG.
+   same initial noise (paired), :func:`score_model` runs stage 5's steps
+   (tokencompose_core.scoring) with the world's detector as the detector plug-in:
+   MG2..MG5 per prompt group and attention-map mIoU.
+4. :func:`write_results` writes stage 5's report with its paired-difference section
+   (grounded minus plain per seed), the verdict, image grids, attention overlays and
+   loss curves as Markdown/HTML/PNG.
 
 Every step writes under ``config.storage.root`` and returns small JSON-able dicts.
 """
@@ -26,16 +28,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import storage, synthetic
+from tokencompose_core import reports, scoring, storage, synthetic
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.identity import value_hash
-from tokencompose_core.evaluation import heldout_image_ids, multigen_scores, read_image, segmentation_miou
-from tokencompose_core.mask_cache import MaskCache
-from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure, write_report
+from tokencompose_core.evaluation import read_image
+from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure
 from tokencompose_core.sampling import Prompt, sample
 
 PROFILES = {False: "demo", True: "demo-quick"}
-MG_KS = (2, 3, 4, 5)
+TEST_PROMPTS = "test prompts"  # the prompt set's name in the scores and the report
 
 
 def load_demo_config(quick: bool = False, out: str | None = None) -> PipelineConfig:
@@ -83,8 +84,7 @@ def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
     carry digests of what made them, so a changed setting never resumes or reuses a
     stale folder. Known before training, so later steps can be queued at once."""
     run = f"{model}-{model_digest(config, model)}"
-    evaluation = [config.sample.model_dump(mode="json"), config.score.model_dump(mode="json"),
-                  config.demo.detector.model_dump(mode="json"), world_path(config)]
+    evaluation = [config.sample.model_dump(mode="json"), config.score.model_dump(mode="json"), world_path(config)]
     evaluated = f"{run}-{_digest(evaluation)}"
     train = _root(config, "train", run)
     return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", evaluated),
@@ -184,57 +184,36 @@ def prompt_groups(records: list[dict[str, Any]]) -> dict[str, list[int]]:
     return groups
 
 
-def detect_samples(config: PipelineConfig, index_uri: str, out_uri: str) -> str:
-    """The world's detector over every sampled image -> ``detections.parquet``."""
-    index = storage.read_parquet(index_uri)
-    images = ((row.prompt_id, row.image_index, np.asarray(read_image(row.image_uri)))
-              for row in index.itertuples(index=False))
-    frame = synthetic.detections_frame(images, config.demo.detector, config.score.store_threshold)
-    uri = storage.join(out_uri, "detections.parquet")
-    storage.atomic_write_parquet(frame, uri)
-    return uri
-
-
 def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, records: list[dict[str, Any]],
                       threshold: float) -> dict[str, dict[str, dict[str, float]]]:
-    """MG1..MG5 (mean/std over image indices) per prompt group, by the shared scorer."""
-    prompts = _sampling_prompts(records)
-    out = {}
-    for group, ids in prompt_groups(records).items():
-        chosen = [p for p in prompts if p.prompt_id in set(ids)]
-        table = multigen_scores(detections[detections["prompt_id"].isin(ids)], chosen, threshold,
-                                images=index[index["prompt_id"].isin(ids)])
-        out[group] = table.to_dict(orient="index")
-    return out
+    """MG1..MG5 (mean/std over image indices) per prompt group, by stage 5's scorer."""
+    return scoring.multigen_by_group(detections, index, _sampling_prompts(records), prompt_groups(records), threshold)
 
 
 def reported_ks(records: list[dict[str, Any]]) -> dict[str, list[int]]:
     """MG_k reported per group: MG_k above the group's largest prompt is 0 by construction."""
-    sizes = {r["prompt_id"]: len(r["categories"]) for r in records}
-    return {group: [k for k in MG_KS if k <= max(sizes[i] for i in ids)]
-            for group, ids in prompt_groups(records).items()}
+    prompts = {p.prompt_id: p for p in _sampling_prompts(records)}
+    return {group: scoring.reported_ks([prompts[i] for i in ids]) for group, ids in prompt_groups(records).items()}
 
 
 def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: str, test_cache_uri: str,
                 prompts_uri: str) -> str:
-    """Detections, MultiGen per group and attention mIoU on the test split ->
-    ``<root>/scores/<model>/scores.json`` (returned)."""
+    """Stage 5's steps on one model (the world's detector, MultiGen per prompt group,
+    attention mIoU on the test split) -> ``<scores>/scores.json``, the demo's summary."""
     from tokencompose_core.models import resolve_diffusion_dir
 
-    out_uri = model_paths(config, model)["scores"]
-    detections_uri = detect_samples(config, index_uri, out_uri)
+    out_uri, score = model_paths(config, model)["scores"], config.score
     records = read_prompts(prompts_uri)
-    multigen = multigen_by_group(storage.read_parquet(detections_uri), storage.read_parquet(index_uri), records,
-                                 config.score.detection_threshold)
-    cache = MaskCache(test_cache_uri)
-    segmentation = segmentation_miou(config, resolve_diffusion_dir(config.models), test_cache_uri,
-                                     heldout_image_ids(cache.image_ids(), config.score.heldout_images),
-                                     unet_dir=unet_uri, overlays_uri=storage.join(out_uri, "overlays"),
-                                     max_overlays=config.score.report_overlays)
-    storage.atomic_write_json(storage.join(out_uri, "segmentation.json"), segmentation)
+    prompts = _sampling_prompts(records)
+    detections_uri = scoring.detect(index_uri, prompts, config.models, score, out_uri, score.detector_batch_size)
+    multigen = storage.read_json(scoring.score_multigen(
+        detections_uri, index_uri, prompts, TEST_PROMPTS, score.detection_threshold, out_uri, model,
+        prompt_groups(records)))
+    segmentation = storage.read_json(scoring.score_segmentation(
+        config, resolve_diffusion_dir(config.models), unet_uri, test_cache_uri, out_uri))
     scores_uri = storage.join(out_uri, "scores.json")
     storage.atomic_write_json(scores_uri, {"model": model, "index_uri": index_uri, "detections_uri": detections_uri,
-                                           "multigen": multigen, "reported_ks": reported_ks(records),
+                                           "multigen": multigen["groups"], "reported_ks": multigen["reported_ks"],
                                            "segmentation": segmentation})
     return scores_uri
 
@@ -242,22 +221,11 @@ def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: st
 # ----------------------------------------------------------------------------- 4. results
 
 
-def _mg(scores: dict[str, Any], group: str, k: int) -> float:
-    return float(scores["multigen"][group][f"MG{k}"]["mean"])
-
-
 def paired_differences(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
     """Grounded minus plain, per seed, per group and MG_k (points), plus mIoU."""
-    rows = []
-    groups = list(scores["base"]["multigen"])
-    for group in groups:
-        for k in scores["base"]["reported_ks"][group]:
-            diffs = [_mg(scores[f"grounded-s{s}"], group, k) - _mg(scores[f"plain-s{s}"], group, k) for s in seeds]
-            rows.append({"metric": f"{group} MG{k}", "per_seed": diffs, "mean": float(np.mean(diffs))})
-    diffs = [scores[f"grounded-s{s}"]["segmentation"]["overall"]["miou_fixed"]
-             - scores[f"plain-s{s}"]["segmentation"]["overall"]["miou_fixed"] for s in seeds]
-    rows.append({"metric": "attention mIoU", "per_seed": diffs, "mean": float(np.mean(diffs))})
-    return rows
+    pairs = {f"seed {seed}": (f"plain-s{seed}", f"grounded-s{seed}") for seed in seeds}
+    rows = reports.paired_differences({model: _run_scores(record) for model, record in scores.items()}, pairs)
+    return [{"metric": row["metric"], "per_seed": row["per_pair"], "mean": row["mean"]} for row in rows]
 
 
 def verdict(differences: list[dict[str, Any]]) -> str:
@@ -289,11 +257,6 @@ def results_table(scores: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _difference_table(differences: list[dict[str, Any]], seeds: list[int]) -> pd.DataFrame:
-    return pd.DataFrame([{"metric": d["metric"], **{f"seed {s}": f"{v:+.1f}" for s, v in zip(seeds, d["per_seed"])},
-                          "mean": f"{d['mean']:+.1f}"} for d in differences])
-
-
 def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
     """Denoising loss of every model and grounding losses of the grounded ones (PNG)."""
     plt = pyplot()
@@ -320,16 +283,14 @@ def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
 def _run_scores(record: dict[str, Any]) -> RunScores:
     return RunScores(
         multigen={group: pd.DataFrame.from_dict(table, orient="index") for group, table in record["multigen"].items()},
-        miou=record["segmentation"], samples={"test prompts": record["index_uri"]},
-        overlays=record["segmentation"].get("overlays", []))
+        miou=record["segmentation"], samples={TEST_PROMPTS: record["index_uri"]} if "index_uri" in record else {},
+        overlays=record["segmentation"].get("overlays", []), reported_ks=record["reported_ks"])
 
 
-def _add_verdict_to_html(html_uri: str, sentence: str, differences: pd.DataFrame) -> None:
-    """Put the answer first on the shared report page: verdict, paired differences, loss curves."""
+def _add_verdict_to_html(html_uri: str, sentence: str) -> None:
+    """Put the answer first on the shared report page (the paired differences follow it)."""
     page = storage.read_bytes(html_uri).decode("utf-8")
     section = (f"<h2>Did grounding help?</h2><p><b>{html.escape(sentence)}</b></p>"
-               "<h3>Grounded minus plain fine-tune, paired by seed (points)</h3>"
-               f"{differences.to_html(index=False, escape=True)}"
                '<p><img src="loss_curves.png" alt="loss curves"></p>')
     head, sep, rest = page.partition("</h1>")
     storage.atomic_write_bytes(html_uri, (head + sep + section + rest).encode("utf-8"))
@@ -341,14 +302,16 @@ def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uri
     out_uri = _root(config, "reports")
     scores = {model: storage.read_json(uri) for model, uri in scores_uris.items()}
     seeds = list(config.demo.finetune_seeds)
-    uris = write_report({m: _run_scores(r) for m, r in scores.items()}, out_uri,
-                        title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8)
+    pairs = {f"seed {seed}": (f"plain-s{seed}", f"grounded-s{seed}") for seed in seeds}
+    uris = reports.write_report({m: _run_scores(r) for m, r in scores.items()}, out_uri,
+                                title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8, pairs=pairs)
     uris["png_loss_curves"] = plot_loss_curves(train_uris, storage.join(out_uri, "loss_curves.png"))
     for model, record in scores.items():
         uris[f"png_grid_{model}"] = grid_image(record["index_uri"], storage.join(out_uri, f"grid_{model}.png"),
                                                prompts=8, images=config.sample.images_per_prompt)
     differences = paired_differences(scores, seeds)
-    table, diff_table = results_table(scores), _difference_table(differences, seeds)
+    table, diff_table = results_table(scores), reports.difference_table(
+        [{**d, "per_pair": d["per_seed"]} for d in differences], list(pairs))
     sentence = verdict(differences)
     markdown = "\n".join([
         "# Does token-level grounding help? (synthetic world)", "",
@@ -360,7 +323,7 @@ def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uri
         markdown_table(diff_table), "", f"**{sentence}**", "",
         "![loss curves](loss_curves.png)", "",
     ])
-    _add_verdict_to_html(uris["html"], sentence, diff_table)
+    _add_verdict_to_html(uris["html"], sentence)
     uris["results_md"] = storage.join(out_uri, "results.md")
     storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
     uris["results_json"] = storage.join(out_uri, "results.json")

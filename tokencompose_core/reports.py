@@ -18,7 +18,9 @@ import pandas as pd
 
 from tokencompose_core import storage
 
-MG_ROWS = ["MG2", "MG3", "MG4", "MG5"]
+_DIFFERENCES = "Paired differences (treated minus baseline, points)"
+MG_KS = (2, 3, 4, 5)  # MG1 says little: one object of five
+MG_ROWS = [f"MG{k}" for k in MG_KS]
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RunScores:
     images_per_s: float | None = None
     samples: dict[str, str] = field(default_factory=dict)  # prompt set -> sample index.parquet URI
     overlays: list[dict[str, Any]] = field(default_factory=list)  # {"title", "uri"}
+    reported_ks: dict[str, list[int]] = field(default_factory=dict)  # table -> MG_k worth showing
 
 
 def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
@@ -47,7 +50,10 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
     for uri in scores_uris:
         record = storage.read_json(storage.join(uri, "multigen.json"))
         prompt_set = record["prompt_set"]
-        run.multigen[prompt_set] = pd.DataFrame.from_dict(record["scores"], orient="index")
+        # Scored by prompt groups (the demo's "3 objects", "unseen"...): those are the tables.
+        for name, scores in (record.get("groups") or {prompt_set: record["scores"]}).items():
+            run.multigen[name] = pd.DataFrame.from_dict(scores, orient="index")
+        run.reported_ks.update(record.get("reported_ks", {}))
         if record.get("object_accuracy"):
             run.object_accuracy[prompt_set] = record["object_accuracy"]
         if record.get("index_uri"):
@@ -202,11 +208,38 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4
 figure img{height:128px;image-rendering:pixelated}figcaption{font-size:11px;max-width:400px}"""
 
 
+def paired_differences(runs: dict[str, RunScores], pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """Treated minus baseline, in points, for each pair (label -> (baseline run, treated
+    run)) and each metric: MG_k of every MultiGen table (the k worth reporting) and
+    attention mIoU at the fixed threshold when both runs have it."""
+    first = runs[next(iter(pairs.values()))[0]]
+    rows = []
+    for name in first.multigen:
+        for k in first.reported_ks.get(name, list(MG_KS)):
+            per_pair = [float(runs[treated].multigen[name].loc[f"MG{k}", "mean"])
+                        - float(runs[baseline].multigen[name].loc[f"MG{k}", "mean"]) for baseline, treated in pairs.values()]
+            rows.append({"metric": f"{name} MG{k}", "per_pair": per_pair, "mean": float(sum(per_pair) / len(per_pair))})
+    if all(runs[run].miou for pair in pairs.values() for run in pair):
+        per_pair = [runs[treated].miou["overall"]["miou_fixed"] - runs[baseline].miou["overall"]["miou_fixed"]
+                    for baseline, treated in pairs.values()]
+        rows.append({"metric": "attention mIoU", "per_pair": per_pair, "mean": float(sum(per_pair) / len(per_pair))})
+    return rows
+
+
+def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
+    """:func:`paired_differences` as a table: one column per pair, then the mean."""
+    return pd.DataFrame([{"metric": d["metric"], **{label: f"{v:+.1f}" for label, v in zip(labels, d["per_pair"])},
+                          "mean": f"{d['mean']:+.1f}"} for d in differences])
+
+
 def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
-               runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int]) -> str:
+               runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int],
+               differences: pd.DataFrame | None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<h2>Comparison</h2>", table.to_html(index=False, escape=True)]
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if differences is not None:
+        parts += [f"<h2>{_DIFFERENCES}</h2>", differences.to_html(index=False, escape=True)]
+    parts += ["<h2>Comparison</h2>", table.to_html(index=False, escape=True)]
     if groups is not None:
         parts += ["<h3>mIoU per layer group (fixed / best threshold)</h3>", groups.to_html(index=False)]
     parts += [f'<p><img src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
@@ -223,14 +256,17 @@ def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plo
 
 
 def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, title: str = "TokenCompose report",
-                 grid_prompts: int = 4, grid_images: int = 4) -> dict[str, str]:
+                 grid_prompts: int = 4, grid_images: int = 4,
+                 pairs: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
     """Write report.md, report.html and PNG plots under ``out_uri``; returns their URIs
     (keys ``md``, ``html``, ``png_multigen``, ``png_miou`` when there is mIoU).
 
     ``runs`` maps a run name to its :class:`RunScores` or to scores folder URI(s).
+    ``pairs`` (label -> (baseline run, treated run)) adds the paired differences first.
     """
     loaded = {name: run if isinstance(run, RunScores) else load_run_scores([run] if isinstance(run, str) else run)
               for name, run in runs.items()}
+    differences = difference_table(paired_differences(loaded, pairs), list(pairs)) if pairs else None
     table = comparison_table(loaded)
     groups = _group_table(loaded)
     uris: dict[str, str] = {}
@@ -238,14 +274,17 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
         written = plot(loaded, storage.join(out_uri, f"{key[4:]}.png"))
         if written:
             uris[key] = written
-    markdown = [f"# {title}", "", markdown_table(table), ""]
+    markdown = [f"# {title}", ""]
+    if differences is not None:
+        markdown += [f"## {_DIFFERENCES}", "", markdown_table(differences), ""]
+    markdown += [markdown_table(table), ""]
     if groups is not None:
         markdown += ["## mIoU per layer group (fixed / best threshold)", "", markdown_table(groups), ""]
     markdown += [f"![{key}]({os.path.basename(uri)})" for key, uri in uris.items()]
     uris["md"] = storage.join(out_uri, "report.md")
     storage.atomic_write_bytes(uris["md"], ("\n".join(markdown) + "\n").encode("utf-8"))
     page = _html_page(title, table, groups, [uris[k] for k in ("png_multigen", "png_miou") if k in uris],
-                      loaded, out_uri, (grid_prompts, grid_images))
+                      loaded, out_uri, (grid_prompts, grid_images), differences)
     uris["html"] = storage.join(out_uri, "report.html")
     storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
     return uris

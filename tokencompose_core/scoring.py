@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
 
 from tokencompose_core import outputs, storage
-from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig
+from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
     heldout_image_ids,
     multigen_scores,
     object_accuracy,
+    read_image,
     segmentation_miou,
 )
 from tokencompose_core.identity import folder_hash, value_hash
 from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
-from tokencompose_core.reports import multigen_record
-from tokencompose_core.sampling import load_prompts, model_name, prompt_set_name
+from tokencompose_core.reports import MG_KS, multigen_record
+from tokencompose_core.sampling import Prompt, model_name
 from tokencompose_core.stages import stage_fingerprint
 
 
@@ -101,26 +105,76 @@ def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
     return HeldoutCache(uri, cache_identity(uri))
 
 
-def detect(index_uri: str, prompts: str, max_prompts: int | None, models: ModelsConfig, out_uri: str,
-           store_threshold: float, batch_size: int, device: str) -> str:
-    """Open-vocabulary detections of every sampled image -> detections.parquet URI."""
-    return detect_owlv2(index_uri, load_prompts(prompts, max_prompts), models, out_uri,
-                        store_threshold=store_threshold, batch_size=batch_size, device=device)
+def _detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
+                  batch_size: int) -> str:
+    return detect_owlv2(index_uri, prompts, models, out_uri, store_threshold=score.store_threshold,
+                        batch_size=batch_size, device=score.device)
 
 
-def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None, threshold: float,
-                   out_uri: str, model: str) -> str:
-    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI."""
-    prompt_list = load_prompts(prompts, max_prompts)
+def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig,
+                      out_uri: str, batch_size: int) -> str:
+    from tokencompose_core import synthetic
+
+    index = storage.read_parquet(index_uri)
+    images = ((row.prompt_id, row.image_index, np.asarray(read_image(row.image_uri)))
+              for row in index.itertuples(index=False))
+    frame = synthetic.detections_frame(images, score.synthetic_detector, score.store_threshold)
+    uri = storage.join(out_uri, "detections.parquet")
+    storage.atomic_write_parquet(frame, uri)
+    return uri
+
+
+# ``score.detector`` -> the function writing ``detections.parquet`` (one schema for all).
+DETECTORS: dict[str, Callable[..., str]] = {"owlv2": _detect_owlv2, "synthetic": _detect_synthetic}
+
+
+def detect(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
+           batch_size: int) -> str:
+    """Detections of every sampled image by ``score.detector`` -> detections.parquet URI."""
+    return DETECTORS[score.detector](index_uri, prompts, models, score, out_uri, batch_size)
+
+
+def reported_ks(prompts: list[Prompt]) -> list[int]:
+    """MG_k worth reporting for a set of prompts: above its largest prompt, MG_k is 0 by construction."""
+    return [k for k in MG_KS if k <= max(len(p.categories) for p in prompts)]
+
+
+def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, prompts: list[Prompt],
+                      groups: dict[str, list[int]], threshold: float) -> dict[str, dict[str, dict[str, float]]]:
+    """MG1..MG5 (mean/std over image indices) for each named group of prompt ids."""
+    out = {}
+    for group, ids in groups.items():
+        chosen = set(ids)
+        table = multigen_scores(detections[detections["prompt_id"].isin(chosen)],
+                                [p for p in prompts if p.prompt_id in chosen], threshold,
+                                images=index[index["prompt_id"].isin(chosen)])
+        out[group] = table.to_dict(orient="index")
+    return out
+
+
+def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], prompt_set: str, threshold: float,
+                   out_uri: str, model: str, groups: dict[str, list[int]] | None = None) -> str:
+    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI.
+
+    ``groups`` (name -> prompt ids), when given, are scored apart as well (the demo's
+    "3 objects", "unseen", ...), each with the MG_k worth reporting for it.
+    """
     detections = storage.read_parquet(detections_uri)
-    images = storage.read_parquet(index_uri)[["prompt_id", "image_index"]]
-    table = multigen_scores(detections, prompt_list, threshold=threshold, images=images)
-    two_object = any(len(set(p.categories)) == 2 for p in prompt_list)
-    accuracy = object_accuracy(detections, prompt_list, threshold, images) if two_object else None
+    index = storage.read_parquet(index_uri)
+    images = index[["prompt_id", "image_index"]]
+    table = multigen_scores(detections, prompts, threshold=threshold, images=images)
+    two_object = any(len(set(p.categories)) == 2 for p in prompts)
+    accuracy = object_accuracy(detections, prompts, threshold, images) if two_object else None
     stats_uri = storage.join(posixpath.dirname(index_uri), "stats.json")
     speed = storage.read_json(stats_uri).get("images_per_s") if storage.exists(stats_uri) else None
+    record = multigen_record(model, prompt_set, table, index_uri, speed, accuracy)
+    by_id = {p.prompt_id: p for p in prompts}
+    record["reported_ks"] = {prompt_set: reported_ks(prompts)}
+    if groups:
+        record["groups"] = multigen_by_group(detections, images, prompts, groups, threshold)
+        record["reported_ks"] = {group: reported_ks([by_id[i] for i in ids]) for group, ids in groups.items()}
     uri = storage.join(out_uri, "multigen.json")
-    storage.atomic_write_json(uri, multigen_record(model, prompt_set_name(prompts), table, index_uri, speed, accuracy))
+    storage.atomic_write_json(uri, record)
     return uri
 
 
