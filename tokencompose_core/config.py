@@ -146,6 +146,12 @@ class TrainConfig(_Section):
     cache_samples: bool = False  # keep decoded images and latent-grid masks in memory
     cache_text_embeddings: bool = True  # the text encoder is frozen: encode each caption once
     exclude_heldout: bool = True  # skip the score.heldout_images images used for attention mIoU
+    # How images and masks reach the training resolution (tokencompose_core/data.py).
+    # The reference: short side resized bilinear, centre crop; masks the same way to
+    # R x R, then to each layer. Ours: centre square resized bicubic; masks straight
+    # to the latent grid (smaller batches, no double resampling of thin parts).
+    image_transform: Literal["resize_crop_bilinear", "crop_resize_bicubic"] = "crop_resize_bicubic"
+    mask_transform: Literal["training_resolution", "latent_grid"] = "latent_grid"
 
 
 class SampleConfig(_Section):
