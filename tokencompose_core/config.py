@@ -69,6 +69,9 @@ class GroundingDinoConfig(_Section):
 class SamConfig(_Section):
     model_type: str = "tiny"  # "tiny", "vit_h", "vit_l", "vit_b"
     checkpoint: str | None = None
+    # "sam": segment-anything; "sam_hq": segment-anything-hq (the reference's SAM-HQ ViT-H),
+    # sharper thin parts and a checkpoint of its own (sam_hq_vit_h.pth).
+    variant: Literal["sam", "sam_hq"] = "sam"
 
 
 class ModelsConfig(_Section):
@@ -105,6 +108,11 @@ class MasksConfig(_Section):
     # Keep at most this many top-scoring boxes per image (None: all, as the reference);
     # a guard for untrained/random detectors whose every query passes the threshold.
     max_boxes: int | None = Field(None, gt=0)
+    # From detector phrases to caption nouns (grounding.py): "noun_tokens" (ours: only the
+    # nouns' tokens, ties by score, boxes of a noun unioned) or "reference" (the paper's
+    # data: every token above the threshold, its matching rules, a later phrase's mask
+    # replacing an earlier one's).
+    phrase_matching: Literal["noun_tokens", "reference"] = "noun_tokens"
 
 
 class GroundingLayersConfig(_Section):
