@@ -178,6 +178,9 @@ class SampleConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 apply on CUDA only
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
+    # Black out images the model's own safety checker flags, as the stock pipeline (and the
+    # reference's MultiGen sampling) does; off keeps every image scoreable.
+    safety_checker: bool = False
     num_shards: int = Field(1, gt=0)  # parallel sample tasks (GPUs / Prefect workers)
     tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
 
