@@ -134,3 +134,43 @@ def test_dataset_carries_the_reference_images_and_masks(tmp_path):
     assert batch.masks.shape[-2:] == (32, 32) and batch.masks.dtype == torch.uint8
     with pytest.raises(ValueError, match="unknown transforms"):
         GroundingDataset(cache, ids, 32, 4, mask_transform="nearest")
+
+
+def _reproducing_rows() -> list[tuple[str, dict[str, str]]]:
+    """(setting, {profile: value}) of every table row of docs/REPRODUCING.md that names one setting."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "REPRODUCING.md").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 6:
+            continue
+        setting = re.fullmatch(r"`([a-z_]+(?:\.[a-z_]+)+)`", cells[2])
+        if setting:
+            values = [re.fullmatch(r"`(.*)`", cell) for cell in cells[3:]]
+            assert all(values), f"row {cells[2]}: every profile value must be `quoted`"
+            rows.append((setting.group(1), dict(zip(("sd14", "sd21", "tiny"), (v.group(1) for v in values)))))
+    return rows
+
+
+def test_paper_profiles_resolve_to_the_reproducing_table():
+    from tokencompose_core.config import _load_yaml, load_config
+
+    rows = _reproducing_rows()
+    settings = {setting for setting, _ in rows}
+    # The issue's five differences and the recipe's training settings are all in the table.
+    assert {"nouns.caption_choice", "models.clip_selector", "nouns.tagger", "models.sam.variant",
+            "masks.mixed_precision", "masks.phrase_matching", "train.exclude_heldout", "sample.mixed_precision",
+            "sample.safety_checker", "train.image_transform", "train.mask_transform", "train.resolution",
+            "train.learning_rate", "train.max_steps"} <= settings
+    for profile in ("sd14", "sd21", "tiny"):
+        config = load_config(profile)
+        for setting, values in rows:
+            resolved = config
+            for part in setting.split("."):
+                resolved = getattr(resolved, part)
+            expected = _load_yaml(values[profile])
+            assert resolved == pytest.approx(expected) if isinstance(expected, float) else resolved == expected, (
+                f"{profile}: {setting} is {resolved!r}, docs/REPRODUCING.md says {values[profile]}")

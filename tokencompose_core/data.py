@@ -9,9 +9,9 @@ Two ways to bring an image and its masks to the training resolution R
   and the loss resizes that R x R mask to each layer (bilinear, then > 0);
 * ours (``crop_resize_bicubic`` / ``latent_grid``): the centre square is cut
   out and resized bicubic; masks go from the source straight to the latent grid
-  (bilinear, then > 0), so a batch carries small masks only. PIL's bilinear
-  filter widens thin parts on the way down to R, so the two differ by several
-  percent of mask area at the coarse layers.
+  (bilinear, then > 0): one resampling less, and a batch carries small masks
+  only. The two give different binary masks at the coarse layers wherever a
+  mask has thin parts.
 
 Either way the resizing runs in the data-loader workers, not in the step.
 
