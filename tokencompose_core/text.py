@@ -117,7 +117,7 @@ def _is_verb(doc: Any, index: int) -> bool:
         return True
     if _tag(doc, index - 1) not in ("NN", "NNP") or token.text[:1].isupper():
         return False
-    if token.text.lower().endswith("ing") and token.tag_ == "NN" or _tag(doc, index + 1) in _DETERMINER_TAGS:
+    if (token.text.lower().endswith("ing") and token.tag_ == "NN") or _tag(doc, index + 1) in _DETERMINER_TAGS:
         return True
     return token.tag_ == "NNS" and _tag(doc, index + 1) in _AFTER_VERB_TAGS and not token.text.endswith("ss")
 
