@@ -174,3 +174,22 @@ def test_paper_profiles_resolve_to_the_reproducing_table():
             expected = _load_yaml(values[profile])
             assert resolved == pytest.approx(expected) if isinstance(expected, float) else resolved == expected, (
                 f"{profile}: {setting} is {resolved!r}, docs/REPRODUCING.md says {values[profile]}")
+
+
+def test_training_runs_with_the_reference_transforms_on_every_image(tmp_path):
+    import json
+
+    from test_train import make_cache
+
+    from tokencompose_core.config import load_config
+    from tokencompose_core.train import train
+
+    cache = make_cache(tmp_path / "data", images=4, side=48)
+    config = load_config("tiny", [
+        f"storage.root={tmp_path}", "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+        "train.image_transform=resize_crop_bilinear", "train.mask_transform=training_resolution",
+        "train.exclude_heldout=false",
+    ])
+    assert train(config, cache, str(tmp_path / "run")).global_step == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) and r["token/up_8"] > 0 for r in records)
