@@ -15,6 +15,7 @@ the RSS). ``--device cuda --full``: the full-size SD 1.4 U-Net (random
 weights), bf16 autocast, peak ``torch.cuda.max_memory_allocated``.
 
     python bench/train_step.py --out bench-train-step.json
+    python bench/train_step.py --mask-side 512 --variants plain ours   # the paper profiles' 512x512 masks
     python bench/train_step.py --device cuda --full --out train_step.json
 
 Imports neither Prefect nor the pipeline configuration.
@@ -87,13 +88,16 @@ def build_unet(full: bool, device: torch.device) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config).train()
 
 
-def make_batch(batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(batch: int, device: torch.device, mask_side: int = 64) -> dict[str, torch.Tensor]:
+    """Three square masks per sample at ``mask_side`` (64: the latent grid; 512: train.mask_transform
+    training_resolution at 512 px), the same squares whatever the side."""
     generator = torch.Generator().manual_seed(1)
-    masks = torch.zeros(batch, 3, 64, 64, dtype=torch.uint8)
+    masks = torch.zeros(batch, 3, mask_side, mask_side, dtype=torch.uint8)
+    scale = mask_side // 64
     for b in range(batch):
         for i in range(3):
-            y, x = torch.randint(0, 40, (2,), generator=generator).tolist()
-            masks[b, i, y : y + 24, x : x + 24] = 1
+            y, x = (torch.randint(0, 40, (2,), generator=generator) * scale).tolist()
+            masks[b, i, y : y + 24 * scale, x : x + 24 * scale] = 1
     return {
         "latents": torch.randn(batch, 4, 64, 64, generator=generator).to(device),
         "timesteps": torch.randint(0, 1000, (batch,), generator=generator).to(device),
@@ -237,16 +241,17 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "full_size": args.full,
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-        "channels": unet.config.block_out_channels, "latent": 64, "dtype": str(autocast_dtype or torch.float32),
+        "channels": unet.config.block_out_channels, "latent": 64, "mask_side": args.mask_side,
+        "dtype": str(autocast_dtype or torch.float32),
         "gradient_checkpointing": args.gradient_checkpointing, "supervised_groups": {g: len(n) for g, n in groups.items()},
         "memory": "peak torch.cuda.max_memory_allocated" if device.type == "cuda"
         else "peak RSS (VmHWM) above the RSS before the model was built",
         "batches": {},
     }
     for batch in args.batches:
-        inputs = make_batch(batch, device)
+        inputs = make_batch(batch, device, args.mask_side)
         rows = {}
-        for name in ("plain", "ours", "reference"):
+        for name in args.variants:
             if name == "reference" and device.type == "cpu":
                 needed = reference_extra_bytes(unet, batch, element)
                 available = _rss_bytes("VmRSS") + _meminfo_available()
@@ -259,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"batch {batch} {name}: {rows[name]['step_s']:.3f} s/step ({rows[name]['cpu_s']:.3f} s CPU), "
                   f"{rows[name]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
         plain = rows["plain"]
-        for name in ("ours", "reference"):
+        for name in set(args.variants) - {"plain"}:
             if "step_s" in rows[name]:
                 rows[name]["time_vs_plain"] = round(rows[name]["step_s"] / plain["step_s"], 3)
                 rows[name]["cpu_time_vs_plain"] = round(rows[name]["cpu_s"] / plain["cpu_s"], 3)
@@ -284,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--mask-side", type=int, default=64, help="mask side in the batch (a multiple of 64)")
+    parser.add_argument("--variants", nargs="+", default=["plain", "ours", "reference"],
+                        choices=["plain", "ours", "reference"], help="which steps to time; plain is the baseline")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if "plain" not in args.variants:
+        parser.error("--variants needs plain: it is the baseline of every ratio")
     if args.device == "cpu" and _MMAP_ENV not in os.environ:
         # Large blocks from mmap go back to the OS when freed, so RSS follows live tensors.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, _MMAP_ENV: "1048576"})

@@ -19,10 +19,12 @@ from tokencompose_core.grounding import (
     detection_caption,
     ground_shard,
     match_phrase,
+    match_phrase_reference,
     noun_token_spans,
     run_mask_shard,
     shard_inputs_digest,
     union_by_noun,
+    union_by_phrase,
 )
 
 
@@ -41,6 +43,50 @@ from tokencompose_core.grounding import (
 def test_match_phrase(phrase: str, expected: str | None) -> None:
     nouns = ["dog", "wine glass", "T-shirt"]
     assert match_phrase(phrase, nouns, noun_scores=[0.3, 0.6, 0.1]) == expected
+
+
+@pytest.mark.parametrize(
+    "phrase, expected",
+    [
+        ("wine glass", "wine glass"),  # exact
+        ("smart car", "Smart Car"),  # no case rule fits a mixed-case noun: the substring rule does
+        ("t - shirt", "t-shirt"),  # " - " closed up
+        ("glass", "wine glass"),  # a word of the noun
+        ("dog wine glass", "dog"),  # ran over two nouns: the first in word-list order
+        ("catalog book", "cat"),  # the substring rule overrides "catalog", the word match
+        ("[CLS] dog", "dog"),  # decoded special tokens stay in the phrase
+        ("", "dog"),  # an empty phrase is inside every noun: the first one
+        ("bicycle", None),
+    ],
+)
+def test_match_phrase_reference(phrase: str, expected: str | None) -> None:
+    nouns = ["dog", "wine glass", "t-shirt", "Smart Car", "cat", "catalog"]
+    assert match_phrase_reference(phrase, nouns) == expected
+
+
+def test_reference_union_keeps_the_last_phrase_of_a_noun() -> None:
+    masks = np.zeros((3, 10, 10), bool)
+    masks[0, :5], masks[1, 5:], masks[2, :, :2] = True, True, True
+    detections = [Detection("dog", [0, 0, 5, 5], 0.4, "dog"), Detection("dog", [1, 1, 2, 2], 0.9, "dog ."),
+                  Detection("dog", [3, 4, 8, 9], 0.7, "dog")]
+    found = union_by_phrase(detections, masks)
+    assert [g.noun for g in found] == ["dog"]
+    assert np.array_equal(found[0].mask, masks[1]) and found[0].score == 0.9  # "dog ." came last
+    assert np.array_equal(union_by_noun(detections, masks)[0].mask, masks.any(0))
+
+
+def test_tiny_sam_hq_with_reference_matching(tmp_path) -> None:
+    config = load_config("tiny", ["masks.max_boxes=8", "models.sam.variant=sam_hq", "masks.phrase_matching=reference"])
+    grounder = GroundedSam.from_config(config.models, config.masks)
+    assert type(grounder.predictor.model.mask_decoder).__name__ == "MaskDecoderHQ"
+    images = [Image.fromarray(skimage.data.chelsea()), _shapes_photo(tmp_path)]
+    nouns = [["cat"], ["square", "disk"]]
+    detections = grounder.detect(images, nouns)
+    assert any(detections)
+    for image, image_nouns, found, grounded in zip(images, nouns, detections, grounder(images, nouns)):
+        assert all(d.noun == match_phrase_reference(d.phrase, image_nouns) for d in found)
+        assert {g.noun for g in grounded} == {d.noun for d in found}
+        assert all(g.mask.shape == (image.height, image.width) for g in grounded)
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,18 @@ def test_missing_real_weights_name_the_file_and_where_to_get_it() -> None:
         M.resolve_diffusion_dir(models)
 
 
+def test_sam_hq_missing_checkpoint_names_its_own_file_and_a_tiny_one_round_trips(tmp_path: Path) -> None:
+    hq = SamConfig(model_type="vit_h", variant="sam_hq", checkpoint="weights/absent_sam_hq_vit_h.pth")
+    with pytest.raises(M.MissingWeightsError, match="SAM-HQ checkpoint .*absent_sam_hq_vit_h.pth.*lkeab/hq-sam"):
+        M.load_sam(ModelsConfig(**{**PRETRAINED, "sam": hq}))
+    tiny_hq = ModelsConfig(sam=SamConfig(variant="sam_hq"))
+    model = M.load_sam(tiny_hq)
+    assert type(model).__module__.startswith("segment_anything_hq")
+    torch.save(model.state_dict(), tmp_path / "sam_hq_tiny.pth")
+    M._load_exact(M.load_sam(tiny_hq), M.load_state_dict_file(tmp_path / "sam_hq_tiny.pth"), "sam_hq_tiny.pth")
+    assert M.fingerprint(tiny_hq) != M.fingerprint(ModelsConfig())
+
+
 class _Payload:
     def __reduce__(self):  # unpickling this would run a shell command
         return (os.system, ("touch pwned-by-checkpoint",))

@@ -194,3 +194,49 @@ def test_auto_device_spreads_shards_over_gpus(monkeypatch: pytest.MonkeyPatch) -
     assert str(resolve_device("cpu", worker=1)) == "cpu"
     assert resolve_dtype("fp16", torch.device("cuda:1")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.float32  # half precision is GPU-only
+
+
+def _with_safety_checker(model_dir: str, root: Path, concept_weight: float) -> str:
+    """A copy of the tiny model with a tiny random safety checker: concept weight -1 flags every
+    image (cosine + 1 > 0), +2 none (cosine - 2 < 0)."""
+    import shutil
+
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    copy = root / f"model-{concept_weight}"
+    shutil.copytree(model_dir, copy)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(concept_weight)
+        checker.special_care_embeds_weights.fill_(concept_weight)
+    checker.save_pretrained(copy / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        copy / "feature_extractor")
+    return str(copy)
+
+
+def test_safety_checker_blacks_out_flagged_images_like_the_stock_pipeline(tiny_model_dir: str, tmp_path: Path) -> None:
+    from tokencompose_core.models import MissingWeightsError
+
+    prompts = load_prompts("multigen:coco", max_prompts=1)
+    plain = load_config("tiny", [*STEPS, "sample.images_per_prompt=2"])
+    checked = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", "sample.safety_checker=true"])
+    with pytest.raises(MissingWeightsError, match="safety_checker"):
+        sample(checked, tiny_model_dir, str(tmp_path / "none"), prompts)
+    baseline = storage.read_parquet(sample(plain, tiny_model_dir, str(tmp_path / "plain"), prompts))
+    flag_all = _with_safety_checker(tiny_model_dir, tmp_path, -1.0)
+    flagged = storage.read_parquet(sample(checked, flag_all, str(tmp_path / "flagged"), prompts))
+    assert all(_pixels(uri).max() == 0 for uri in flagged["image_uri"])
+    flag_none = _with_safety_checker(tiny_model_dir, tmp_path, 2.0)
+    kept = storage.read_parquet(sample(checked, flag_none, str(tmp_path / "kept"), prompts))
+    for ours, theirs in zip(kept["image_uri"], baseline["image_uri"]):
+        assert np.array_equal(_pixels(ours), _pixels(theirs)) and _pixels(ours).max() > 0

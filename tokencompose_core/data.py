@@ -1,9 +1,19 @@
-"""Training data from the stage-2 mask cache: images, captions, nouns and latent-grid masks.
+"""Training data from the stage-2 mask cache: images, captions, nouns and masks.
 
-Each image is centre-cropped to a square and resized to the training
-resolution; its masks get the same crop and go straight to the latent grid
-(bilinear, then > 0, as docs/METHOD.md section 2), so a batch carries small masks only. The
-loss resizes them further to each supervised layer's resolution.
+Two ways to bring an image and its masks to the training resolution R
+(``train.image_transform`` and ``train.mask_transform``):
+
+* the reference's (``resize_crop_bilinear`` / ``training_resolution``): the
+  short side is resized to R with PIL bilinear, then the centre R x R is cut
+  out; masks take the same path as 0/255 grey images (:func:`training_mask`),
+  and the loss resizes that R x R mask to each layer (bilinear, then > 0);
+* ours (``crop_resize_bicubic`` / ``latent_grid``): the centre square is cut
+  out and resized bicubic; masks go from the source straight to the latent grid
+  (bilinear, then > 0, as docs/METHOD.md section 2): one resampling less, and a batch carries small masks
+  only. The two give different binary masks at the coarse layers wherever a
+  mask has thin parts.
+
+Either way the resizing runs in the data-loader workers, not in the step.
 
 Batches are drawn by :class:`ResumableBatchSampler`: an endless sequence of
 seeded per-epoch permutations, split between processes, that can start at any
@@ -30,10 +40,54 @@ def load_image(uri: str) -> Image.Image:
         return image.convert("RGB")
 
 
+IMAGE_TRANSFORMS = ("resize_crop_bilinear", "crop_resize_bicubic")
+MASK_TRANSFORMS = ("training_resolution", "latent_grid")
+
+
 def _center_square(height: int, width: int) -> tuple[int, int, int]:
     """(top, left, side) of the central square crop."""
     side = min(height, width)
     return (height - side) // 2, (width - side) // 2, side
+
+
+def _resize_short_side_and_crop(image: Image.Image, side: int) -> Image.Image:
+    """Short side to ``side`` (PIL bilinear, long side truncated), then the centre ``side`` square.
+
+    Sizes and offsets follow torchvision's ``Resize(side)`` and ``CenterCrop(side)``,
+    the reference's transforms, to the pixel.
+    """
+    width, height = image.size
+    if width <= height:
+        size = (side, int(side * height / width))
+    else:
+        size = (int(side * width / height), side)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    top = int(round((size[1] - side) / 2.0))
+    left = int(round((size[0] - side) / 2.0))
+    return image.crop((left, top, left + side, top + side))
+
+
+def _training_mask_pixels(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """(H0, W0) mask -> (R, R) uint8 0..255: the reference's mask image, resized and cropped.
+
+    The reference stores each mask as a black/white image; this is its first
+    channel after the transform, before scaling to [0, 1].
+    """
+    image = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L")
+    return np.asarray(_resize_short_side_and_crop(image, resolution))
+
+
+def training_mask(mask: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
+    """The (R, R) float mask the reference trains with, from a (H0, W0) bool/uint8 mask.
+
+    Short side to R (PIL bilinear), centre crop, scaled to [0, 1] and divided by
+    its maximum. :func:`tokencompose_core.losses.grounding_losses` then resizes it
+    to each layer (bilinear, no antialias) and keeps every pixel > 0.
+    """
+    pixels = torch.from_numpy(_training_mask_pixels(np.asarray(mask), resolution).astype(np.float32)) / 255
+    peak = pixels.max()
+    return pixels / peak if peak > 0 else pixels
 
 
 def training_image_ids(cache: MaskCache, heldout: int) -> list[str]:
@@ -48,18 +102,34 @@ def training_image_ids(cache: MaskCache, heldout: int) -> list[str]:
 class GroundingDataset(torch.utils.data.Dataset):
     """Examples ``{pixels (3, R, R) uint8, caption, masks (N, m, m) uint8, token_positions}``.
 
-    ``mask_size`` is the latent side (resolution / VAE factor). With
-    ``in_memory`` every example is decoded once and kept: worth it for small
-    images (the synthetic demo), where decoding would dominate the step.
+    ``image_transform`` and ``mask_transform`` are one of :data:`IMAGE_TRANSFORMS`
+    and :data:`MASK_TRANSFORMS` (module docstring). With ``training_resolution``
+    the masks are (N, R, R) 0..255: :func:`training_mask` before its scaling,
+    which changes no pixel's sign, so the losses see the same binary masks.
+    ``mask_size`` (``latent_grid`` only) is the latent side (resolution / VAE
+    factor). With ``in_memory`` every example is decoded once and kept: worth it
+    for small images (the synthetic demo), where decoding would dominate the step.
     """
 
     def __init__(
-        self, cache: MaskCache, image_ids: list[str], resolution: int, mask_size: int, in_memory: bool = False
+        self,
+        cache: MaskCache,
+        image_ids: list[str],
+        resolution: int,
+        mask_size: int,
+        in_memory: bool = False,
+        image_transform: str = "crop_resize_bicubic",
+        mask_transform: str = "latent_grid",
     ) -> None:
+        if image_transform not in IMAGE_TRANSFORMS or mask_transform not in MASK_TRANSFORMS:
+            raise ValueError(f"unknown transforms {image_transform!r}, {mask_transform!r}; "
+                             f"use one of {IMAGE_TRANSFORMS} and one of {MASK_TRANSFORMS}")
         self.cache = cache
         self.image_ids = list(image_ids)
         self.resolution = resolution
         self.mask_size = mask_size
+        self.image_transform = image_transform
+        self.mask_transform = mask_transform
         self._memory: dict[int, dict] | None = {} if in_memory else None
 
     def __len__(self) -> int:
@@ -73,22 +143,31 @@ class GroundingDataset(torch.utils.data.Dataset):
             self._memory[index] = example
         return example
 
-    def _load(self, image_id: str) -> dict:
-        grounded = self.cache.get(image_id)
-        image = load_image(grounded.image_uri)
+    def _image(self, image: Image.Image) -> Image.Image:
+        if self.image_transform == "resize_crop_bilinear":
+            return _resize_short_side_and_crop(image, self.resolution)
         top, left, side = _center_square(image.height, image.width)
         image = image.crop((left, top, left + side, top + side))
         if image.size != (self.resolution, self.resolution):
             image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
+        return image
+
+    def _masks(self, masks: np.ndarray) -> np.ndarray:
+        """(N, H0, W0) masks at the image's recorded size -> (N, m, m) uint8."""
+        if self.mask_transform == "training_resolution":
+            resized = [_training_mask_pixels(mask, self.resolution) for mask in masks]
+            return np.stack(resized) if resized else np.zeros((0, self.resolution, self.resolution), np.uint8)
+        top, left, side = _center_square(masks.shape[1], masks.shape[2])
+        return resize_masks(masks[:, top : top + side, left : left + side], (self.mask_size, self.mask_size))
+
+    def _load(self, image_id: str) -> dict:
+        grounded = self.cache.get(image_id)
+        image = self._image(load_image(grounded.image_uri))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        # Masks are stored at the image's recorded size; crop the same square of them.
-        mtop, mleft, mside = _center_square(grounded.height, grounded.width)
-        masks = grounded.masks[:, mtop : mtop + mside, mleft : mleft + mside]
-        masks = resize_masks(masks, (self.mask_size, self.mask_size))
         return {
             "pixels": pixels,
             "caption": grounded.caption,
-            "masks": torch.from_numpy(masks),
+            "masks": torch.from_numpy(self._masks(grounded.masks)),
             "token_positions": grounded.token_positions,
         }
 

@@ -4,9 +4,19 @@ Per batch of images: one GroundingDINO forward, each image prompted with its own
 "noun1 . noun2 . noun3 ." caption. A query is kept when its best token logit is
 above ``box_threshold``; its phrase is the decoded text of the tokens above
 ``text_threshold`` (groundingdino's ``get_phrases_from_posmap``), and the phrase
-is matched back to one of the caption's nouns (:func:`match_phrase`). Then per
-image: one SAM image embedding and ONE batched ``predict_torch`` call for all kept
-boxes; the masks of boxes matched to the same noun are unioned.
+is matched back to one of the caption's nouns. Then per image: one SAM (or
+SAM-HQ) image embedding and ONE batched ``predict_torch`` call for all kept boxes.
+
+Two ways from phrases to nouns (``masks.phrase_matching``):
+
+* ``noun_tokens`` (ours): only the nouns' own tokens can make the phrase (never
+  [CLS], [SEP] or the " . " separators); a phrase that ran over several nouns
+  goes to the best-scoring one (:func:`match_phrase`); the masks of all boxes of
+  a noun are unioned;
+* ``reference`` (the paper's data): every token above the threshold is decoded;
+  boxes with the same phrase are unioned; each phrase is matched by the
+  reference's rules in word-list order (:func:`match_phrase_reference`), and a
+  later phrase matched to the same noun replaces the earlier one's mask.
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ class Detection:
     noun: str
     box: list[float]  # x0, y0, x1, y1 pixels
     score: float
+    phrase: str = ""  # the decoded tokens above the text threshold
+
+
+PHRASE_MATCHING = ("noun_tokens", "reference")
 
 
 def _words(text: str) -> list[str]:
@@ -82,6 +96,25 @@ def match_phrase(phrase: str, nouns: Sequence[str], noun_scores: Sequence[float]
         if candidates:
             return nouns[max(candidates, key=lambda i: scores[i])]
     return None
+
+
+def match_phrase_reference(phrase: str, nouns: Sequence[str]) -> str | None:
+    """The caption noun a phrase stands for, by the reference's rules, or None.
+
+    Exact; the phrase upper-cased, lower-cased, or with " - " closed up; else the
+    first noun that is one of the phrase's words or has the phrase as one of its
+    words, overridden by the first noun that contains the phrase or is contained
+    in it as a substring; else the first noun containing every word of the phrase.
+    """
+    for candidate in (phrase, phrase.upper(), phrase.lower(), phrase.replace(" - ", "-")):
+        if candidate in nouns:
+            return candidate
+    low = phrase.lower()
+    found = next((n for n in nouns if n.lower() in low.split(" ") or low in n.lower().split(" ")), None)
+    found = next((n for n in nouns if n.lower() in low or low in n.lower()), found)
+    if found is None:
+        found = next((n for n in nouns if all(word.lower() in n.lower() for word in phrase.split(" "))), None)
+    return found
 
 
 def detection_caption(nouns: Sequence[str]) -> str:
@@ -119,18 +152,32 @@ def _cxcywh_to_pixels(boxes: torch.Tensor, height: int, width: int) -> torch.Ten
     return (xyxy * scale).clamp(min=torch.zeros(4), max=scale)
 
 
+def _union(detections: Sequence[Detection], masks: np.ndarray, indices: list[int]) -> Grounding:
+    boxes = np.array([detections[i].box for i in indices])
+    box = [float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()), float(boxes[:, 3].max())]
+    score = max(detections[i].score for i in indices)
+    return Grounding(detections[indices[0]].noun, masks[indices].any(axis=0), box, float(score))
+
+
 def union_by_noun(detections: Sequence[Detection], masks: np.ndarray) -> list[Grounding]:
     """Union the masks (K, H, W) and boxes of detections of the same noun, in first-seen order."""
     grouped: dict[str, list[int]] = {}
     for index, detection in enumerate(detections):
         grouped.setdefault(detection.noun, []).append(index)
-    result = []
-    for noun, indices in grouped.items():
-        boxes = np.array([detections[i].box for i in indices])
-        box = [float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()), float(boxes[:, 3].max())]
-        score = max(detections[i].score for i in indices)
-        result.append(Grounding(noun, masks[indices].any(axis=0), box, float(score)))
-    return result
+    return [_union(detections, masks, indices) for indices in grouped.values()]
+
+
+def union_by_phrase(detections: Sequence[Detection], masks: np.ndarray) -> list[Grounding]:
+    """The reference's aggregation: union per phrase; a later phrase of the same noun replaces an earlier one."""
+    grouped: dict[str, list[int]] = {}
+    for index, detection in enumerate(detections):
+        grouped.setdefault(detection.phrase, []).append(index)
+    by_noun: dict[str, Grounding] = {}
+    for indices in grouped.values():
+        grounding = _union(detections, masks, indices)
+        by_noun.pop(grounding.noun, None)  # re-insert: the kept mask is the last phrase's
+        by_noun[grounding.noun] = grounding
+    return list(by_noun.values())
 
 
 class GroundedSam:
@@ -146,11 +193,16 @@ class GroundedSam:
         device: str = "cpu",
         mixed_precision: str = "no",
         max_boxes: int | None = None,
+        sam_variant: str = "sam",
+        phrase_matching: str = "noun_tokens",
     ) -> None:
-        from segment_anything import SamPredictor
+        from tokencompose_core.models import sam_package
 
+        if phrase_matching not in PHRASE_MATCHING:
+            raise ValueError(f"unknown phrase_matching {phrase_matching!r}; use one of {PHRASE_MATCHING}")
         self.dino = dino.eval().to(device)
-        self.predictor = SamPredictor(sam.eval().to(device))
+        self.predictor = sam_package(sam_variant).SamPredictor(sam.eval().to(device))
+        self.phrase_matching = phrase_matching
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         self.image_size = image_size
@@ -177,6 +229,8 @@ class GroundedSam:
             device=device,
             mixed_precision=masks.mixed_precision,
             max_boxes=masks.max_boxes,
+            sam_variant=models.sam.variant,
+            phrase_matching=masks.phrase_matching,
         )
 
     @contextlib.contextmanager
@@ -223,15 +277,20 @@ class GroundedSam:
         wordy = torch.zeros(len(input_ids), dtype=torch.bool)
         for span in spans:
             wordy[list(span)] = True
+        if self.phrase_matching == "reference":  # the reference decodes [CLS], [SEP] and " . " too
+            wordy[:] = True
         pixels = _cxcywh_to_pixels(boxes[kept], height=size[1], width=size[0])
         detections = []
         for row, query in enumerate(kept.tolist()):
             above = (logits[query] > self.text_threshold) & wordy
             phrase = tokenizer.decode([input_ids[i] for i in torch.nonzero(above).flatten().tolist()])
-            scores = [float(logits[query, list(span)].max()) if len(span) else 0.0 for span in spans]
-            noun = match_phrase(phrase, nouns, scores)
+            if self.phrase_matching == "reference":
+                noun = match_phrase_reference(phrase, nouns)
+            else:
+                scores = [float(logits[query, list(span)].max()) if len(span) else 0.0 for span in spans]
+                noun = match_phrase(phrase, nouns, scores)
             if noun is not None:
-                detections.append(Detection(noun, pixels[row].tolist(), float(best[query])))
+                detections.append(Detection(noun, pixels[row].tolist(), float(best[query]), phrase))
         return detections
 
     @torch.no_grad()
@@ -246,7 +305,8 @@ class GroundedSam:
             boxes = self.predictor.transform.apply_boxes_torch(boxes, array.shape[:2])
             masks, _, _ = self.predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
         self.predictor.reset_image()
-        return union_by_noun(detections, masks[:, 0].cpu().numpy())
+        union = union_by_phrase if self.phrase_matching == "reference" else union_by_noun
+        return union(detections, masks[:, 0].cpu().numpy())
 
     def __call__(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Grounding]]:
         """Groundings of each image's nouns (nouns without a detection are absent)."""

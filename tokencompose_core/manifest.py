@@ -264,10 +264,11 @@ def _chosen_captions(
 def nouns_table(
     manifest: pd.DataFrame,
     tokenizer: Any,
-    spacy_model: str | None = None,
+    tagger_model: str | None = None,
     batch_size: int = 256,
     selector: CaptionSelector | None = None,
     max_image_pixels: int = 50_000_000,
+    tagger: str = "spacy",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: manifest rows -> (nouns table, rejects).
 
@@ -276,7 +277,7 @@ def nouns_table(
     """
     captions = _chosen_captions(manifest, selector, max_image_pixels)
     with_caption = [caption for caption in captions if caption is not None]
-    nouns_iter = iter(extract_nouns_batch(with_caption, model=spacy_model, batch_size=batch_size))
+    nouns_iter = iter(extract_nouns_batch(with_caption, model=tagger_model, batch_size=batch_size, tagger=tagger))
     rows, rejects = [], []
     for row, caption in zip(manifest.itertuples(index=False), captions):
         if caption is None:
@@ -322,9 +323,12 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_im
     if nouns.caption_choice == "clip":
         if not models.clip_selector:
             raise ValueError("nouns.caption_choice is 'clip' but models.clip_selector is not set")
-        selector = CaptionSelector.from_pretrained(models.clip_selector)
+        from tokencompose_core.grounding import resolve_device
+
+        selector = CaptionSelector.from_pretrained(models.clip_selector, device=resolve_device("auto"))
     manifest = read_manifest(manifest_uri)
-    table, rejects = nouns_table(manifest, clip_tokenizer(), nouns.spacy_model, nouns.batch_size, selector,
-                                 max_image_pixels)
+    tagger_model = nouns.flair_model if nouns.tagger == "flair" else nouns.spacy_model
+    table, rejects = nouns_table(manifest, clip_tokenizer(), tagger_model, nouns.batch_size, selector,
+                                 max_image_pixels, nouns.tagger)
     uris = write_nouns(table, rejects, out_dir)
     return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}

@@ -460,19 +460,53 @@ def load_grounding_dino(
 # --------------------------------------------------------------------------- SAM
 
 
-def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+SAM_HQ_CHECKPOINT_URLS = {
+    "vit_h": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_h.pth",
+    "vit_l": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_l.pth",
+    "vit_b": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth",
+}
 
+
+def sam_package(variant: str) -> types.ModuleType:
+    """The package that builds and runs a SAM ``variant``: segment_anything or segment_anything_hq."""
+    if variant == "sam":
+        import segment_anything
+
+        return segment_anything
+    if variant == "sam_hq":
+        import warnings
+
+        with warnings.catch_warnings():  # its TinyViT registers with timm's deprecated API on import
+            warnings.simplefilter("ignore")
+            import segment_anything_hq
+        return segment_anything_hq
+    raise ValueError(f"unknown SAM variant {variant!r}; use sam or sam_hq")
+
+
+def _build_tiny_sam(spec: dict[str, Any], variant: str) -> nn.Module:
+    modeling = importlib.import_module(f"{sam_package(variant).__name__}.modeling")
     size, patch, dim = spec["img_size"], spec["patch_size"], spec["prompt_embed_dim"]
-    # Same composition as segment_anything.build_sam._build_sam, at a small width.
-    return Sam(
-        image_encoder=ImageEncoderViT(
+    decoder = dict(
+        num_multimask_outputs=3,
+        transformer=modeling.TwoWayTransformer(
+            depth=2,
+            embedding_dim=dim,
+            mlp_dim=spec["decoder_mlp_dim"],
+            num_heads=spec["decoder_num_heads"],
+        ),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=spec["iou_head_hidden_dim"],
+    )
+    # SAM-HQ's decoder also reads the encoder's first global-attention features.
+    mask_decoder = (
+        modeling.MaskDecoderHQ(**decoder, vit_dim=spec["encoder_embed_dim"])
+        if variant == "sam_hq"
+        else modeling.MaskDecoder(**decoder)
+    )
+    # Same composition as the packages' own _build_sam, at a small width.
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
             img_size=size,
             patch_size=patch,
             embed_dim=spec["encoder_embed_dim"],
@@ -486,24 +520,13 @@ def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
             window_size=spec["window_size"],
             out_chans=dim,
         ),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=modeling.PromptEncoder(
             embed_dim=dim,
             image_embedding_size=(size // patch, size // patch),
             input_image_size=(size, size),
             mask_in_chans=16,
         ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2,
-                embedding_dim=dim,
-                mlp_dim=spec["decoder_mlp_dim"],
-                num_heads=spec["decoder_num_heads"],
-            ),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=spec["iou_head_hidden_dim"],
-        ),
+        mask_decoder=mask_decoder,
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
@@ -512,29 +535,29 @@ def _build_tiny_sam(spec: dict[str, Any]) -> nn.Module:
 def load_sam(
     models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False
 ) -> nn.Module:
-    """segment-anything ``Sam`` in eval mode: tiny, vit_h/l/b checkpoint, or full-size random."""
-    from segment_anything import sam_model_registry
-
+    """SAM or SAM-HQ (``models.sam.variant``) in eval mode: tiny, vit_h/l/b checkpoint, or full-size random."""
     spec = models.sam
+    package = sam_package(spec.variant)
     if spec.model_type == TINY:
         with _seeded(models.seed, "sam"):
-            model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"))
+            model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"), spec.variant)
         return model.to(device).eval()
-    if spec.model_type not in SAM_CHECKPOINT_URLS:
-        known = ", ".join([TINY, *SAM_CHECKPOINT_URLS])
+    urls = SAM_HQ_CHECKPOINT_URLS if spec.variant == "sam_hq" else SAM_CHECKPOINT_URLS
+    if spec.model_type not in urls:
+        known = ", ".join([TINY, *urls])
         raise ValueError(f"unknown SAM model_type {spec.model_type!r}; use one of {known}")
     checkpoint = None
     if not random_weights:
         if not spec.checkpoint or not Path(spec.checkpoint).is_file():
             raise MissingWeightsError(
-                f"SAM checkpoint {spec.checkpoint or 'models.sam.checkpoint (unset)'} not found. "
-                f"Download {SAM_CHECKPOINT_URLS[spec.model_type]} "
-                "and set models.sam.checkpoint to its path."
+                f"{'SAM-HQ' if spec.variant == 'sam_hq' else 'SAM'} checkpoint "
+                f"{spec.checkpoint or 'models.sam.checkpoint (unset)'} not found. "
+                f"Download {urls[spec.model_type]} and set models.sam.checkpoint to its path."
             )
         checkpoint = load_state_dict_file(spec.checkpoint)
     with _seeded(models.seed, "sam"):
-        # checkpoint=None: segment_anything's own loader uses an unrestricted torch.load.
-        model = sam_model_registry[spec.model_type](checkpoint=None)
+        # checkpoint=None: the packages' own loaders use an unrestricted torch.load.
+        model = package.sam_model_registry[spec.model_type](checkpoint=None)
     if checkpoint is not None:
         _load_exact(model, checkpoint, spec.checkpoint)
     return model.to(device).eval()

@@ -243,6 +243,42 @@ def decode_images(parts: Any, latents: torch.Tensor) -> np.ndarray:
     return (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+class SafetyChecker:
+    """The Stable Diffusion safety checker of a model folder: flagged images become black, as in the stock pipeline."""
+
+    def __init__(self, checker: torch.nn.Module, feature_extractor: Any) -> None:
+        self.checker = checker.eval()
+        self.feature_extractor = feature_extractor
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        from tokencompose_core.models import MissingWeightsError
+
+        try:
+            checker = StableDiffusionSafetyChecker.from_pretrained(model_dir, subfolder="safety_checker",
+                                                                   local_files_only=True)
+            extractor = CLIPImageProcessor.from_pretrained(model_dir, subfolder="feature_extractor",
+                                                           local_files_only=True)
+        except OSError as error:
+            raise MissingWeightsError(
+                f"sample.safety_checker is on but {model_dir} has no safety_checker/ and feature_extractor/ "
+                f"({error}); use the full Stable Diffusion snapshot or set sample.safety_checker=false"
+            ) from error
+        return cls(checker.to(device=device, dtype=dtype), extractor)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+        """(B, H, W, 3) uint8 -> the same with flagged images zeroed, and the flags."""
+        parameter = next(self.checker.parameters())
+        clip_input = self.feature_extractor(list(images), return_tensors="pt").pixel_values
+        checked, flagged = self.checker(clip_input=clip_input.to(parameter.device, parameter.dtype),
+                                        images=images.copy())
+        return np.asarray(checked, dtype=np.uint8), [bool(flag) for flag in flagged]
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -288,8 +324,11 @@ def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
     cfg = config.sample
     # The prompt source is in (image names are per prompt id); max_prompts and
     # images_per_prompt are not, so a rerun with more of either extends the folder.
-    return value_hash((model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler,
-                       cfg.resolution, cfg.mixed_precision, cfg.seed))
+    keys = (model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
+            cfg.mixed_precision, cfg.seed)
+    if cfg.safety_checker:  # appended only when on: folders sampled before the switch existed stay valid
+        keys += ("safety_checker",)
+    return value_hash(keys)
 
 
 def shard_items(prompts: list[Prompt], images_per_prompt: int, base_seed: int, out_uri: str,
@@ -351,8 +390,10 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     seconds = 0.0
     if todo:
         device = resolve_device(cfg.device, worker=shard[0])
-        parts = load_parts(model_dir, unet_dir, device, resolve_dtype(cfg.mixed_precision, device))
-        seconds = generate_images(parts, config, todo, device)
+        dtype = resolve_dtype(cfg.mixed_precision, device)
+        parts = load_parts(model_dir, unet_dir, device, dtype)
+        checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if cfg.safety_checker else None
+        seconds = generate_images(parts, config, todo, device, checker)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
     index_uri = shard_index_uri(out_uri, shard)
@@ -366,7 +407,8 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     return index_uri
 
 
-def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem], device: torch.device) -> float:
+def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem], device: torch.device,
+                    checker: SafetyChecker | None = None) -> float:
     """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
     from tqdm.auto import tqdm
 
@@ -390,7 +432,10 @@ def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem],
         latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config),
                           initial_noise(seeds, shape, device, dtype), cond, uncond,
                           cfg.guidance_scale, cfg.num_inference_steps, generators)
-        for item, image in zip(batch, decode_images(parts, latents)):
+        images = decode_images(parts, latents)
+        if checker is not None:
+            images, _ = checker(images)
+        for item, image in zip(batch, images):
             storage.atomic_write_bytes(item.image_uri, png_bytes(image))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

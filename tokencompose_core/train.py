@@ -501,7 +501,8 @@ def train(
     cache = MaskCache(cache_uri, max_cached_shards=1_000_000)  # shard tables hold RLE text only
     heldout = config.score.heldout_images if cfg.exclude_heldout else 0
     dataset = GroundingDataset(
-        cache, training_image_ids(cache, heldout), cfg.resolution, latent_side, in_memory=cfg.cache_samples
+        cache, training_image_ids(cache, heldout), cfg.resolution, latent_side, in_memory=cfg.cache_samples,
+        image_transform=cfg.image_transform, mask_transform=cfg.mask_transform,
     )
     sampler = ResumableBatchSampler(
         len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
