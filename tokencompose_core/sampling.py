@@ -279,6 +279,21 @@ class SafetyChecker:
         return np.asarray(checked, dtype=np.uint8), [bool(flag) for flag in flagged]
 
 
+def is_whole_png(uri: str) -> bool:
+    """The image is there, its chunks check out to the end marker and it decodes (a
+    truncated or damaged PNG is redone, never handed to scoring)."""
+    if not storage.exists(uri):
+        return False
+    data = storage.read_bytes(uri)
+    try:
+        Image.open(io.BytesIO(data)).verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for cut or corrupt files
+        return False
+    return True
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -386,7 +401,7 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
             "model_dir": model_dir, "unet_dir": unet_dir, "sample": cfg.model_dump(mode="json")}
     _check_settings(out_uri, meta)
     items = shard_items(prompts, cfg.images_per_prompt, cfg.seed, out_uri, shard)
-    todo = [item for item in items if not storage.exists(item.image_uri)]
+    todo = [item for item in items if not is_whole_png(item.image_uri)]
     seconds = 0.0
     if todo:
         device = resolve_device(cfg.device, worker=shard[0])
@@ -399,8 +414,10 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     index_uri = shard_index_uri(out_uri, shard)
     storage.atomic_write_parquet(index, index_uri)
     stats_uri = shard_stats_uri(out_uri, shard)
-    # A rerun with nothing left to do keeps the throughput measured by the run that sampled.
-    if todo or not storage.exists(stats_uri):
+    # The throughput stays the one measured by the run that sampled the folder: a rerun
+    # with nothing to do, or one that only redid a few lost images, measures nothing useful
+    # (and rewriting it would change the folder's content identity for no new pixels).
+    if not storage.exists(stats_uri):
         stats = {"images": len(todo), "seconds": seconds, "images_per_s": len(todo) / seconds if seconds else None,
                  "skipped": len(items) - len(todo), "batch_size": cfg.batch_size}
         storage.atomic_write_json(stats_uri, stats)

@@ -395,11 +395,24 @@ def _resume_checkpoint(output_dir: str, enabled: bool) -> str | None:
     return checkpoint_dir(output_dir, steps[-1]) if steps else None
 
 
+def _drop_load_path(config_path: str) -> None:
+    """Remove ``_name_or_path`` (where the weights were loaded from: the base model, or a
+    checkpoint when a lost ``unet/`` is restored) so the published U-Net's bytes depend
+    on its weights and architecture alone, and its content identity with them."""
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.pop("_name_or_path", None)
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
 def _publish_unet(unet: torch.nn.Module, output_dir: str) -> str:
     """Save the final U-Net to <output>/unet by renaming a finished folder over the old one."""
     final = os.path.join(output_dir, "unet")
     temp = os.path.join(output_dir, f".tmp-unet-{uuid.uuid4().hex}")
     unet.save_pretrained(temp, safe_serialization=True)
+    _drop_load_path(os.path.join(temp, "config.json"))
     old = None
     if os.path.exists(final):
         old = os.path.join(output_dir, f".old-unet-{uuid.uuid4().hex}")
