@@ -47,8 +47,11 @@ def test_each_layer_imports_only_the_layers_below(package: str) -> None:
 
 def test_core_imports_without_prefect_installed() -> None:
     """The GPU machines run the core without Prefect: every core module must import."""
-    modules = sorted(f"tokencompose_core.{p.stem}" for p in (ROOT / "tokencompose_core").glob("*.py")
-                     if p.stem != "__init__")
+    # rglob: subpackages (tokencompose_core.models.*) are core modules too.
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "tokencompose_core").rglob("*.py")
+    )
     script = ("import sys; sys.modules['prefect'] = None\n"
               f"import importlib\nfor name in {modules!r}:\n    importlib.import_module(name)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)

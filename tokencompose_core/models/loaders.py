@@ -1,37 +1,16 @@
-"""Model profiles: one place that builds or loads every model the pipeline uses.
+"""The public loaders: every model the pipeline uses, tiny or real, and the profile's identity.
 
-Two kinds of profile (``ModelsConfig.kind``):
-
-* ``tiny``: random-initialised, seeded models built from architecture configs in
-  ``configs/models/`` — no network, no weights. Used by tests and the demo.
-* ``pretrained``: real weights — a Stable Diffusion hub id or local diffusers
-  directory, GroundingDINO and SAM checkpoint files, an OWLv2 hub id or directory.
-  Everything is read offline; a missing file raises :class:`MissingWeightsError`
-  naming the file and how to get it. A real profile never falls back to random
-  weights.
-
-Benchmarks pass ``random_weights=True`` (or ``diffusion: sd14-random``) to get the
-full-size architectures with random weights, still offline.
-
-Checkpoints are read with safetensors or ``torch.load(weights_only=True)``, never
-with plain pickle.
+A real profile reads everything offline and never falls back to random weights; a
+missing file raises :class:`MissingWeightsError` naming the file and how to get it.
 """
 
 from __future__ import annotations
 
 import ast
-import gzip
 import importlib.resources
-import json
 import os
-import shutil
-import threading
 import types
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -40,43 +19,39 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
-    BertTokenizer,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    Owlv2Config,
     Owlv2ForObjectDetection,
-    Owlv2ImageProcessor,
     Owlv2Processor,
     PreTrainedTokenizerBase,
 )
 
-from tokencompose_core.config import ModelsConfig, configs_dir
-from tokencompose_core.identity import bytes_hash, component_seed, tree_hash, value_hash
+from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
+from tokencompose_core.identity import tree_hash, value_hash
+from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
+from tokencompose_core.models.tiny import (
+    _build_tiny_sam,
+    _diffusion_parts,
+    _library_versions,
+    _materialise_tiny_diffusion,
+    _owlv2_from_arch,
+    _seeded,
+)
+from tokencompose_core.models.tokenizers import _local_bert_tokenizer
+from tokencompose_core.models.weights import (
+    GDINO_RELEASES,
+    GDINO_SWINT_OGC_URL,
+    SAM_CHECKPOINT_URLS,
+    SAM_HQ_CHECKPOINT_URLS,
+    MissingWeightsError,
+    _hub_snapshot,
+    _load_exact,
+    load_state_dict_file,
+)
 
-GDINO_RELEASES = "https://github.com/IDEA-Research/GroundingDINO/releases"
-GDINO_SWINT_OGC_URL = f"{GDINO_RELEASES}/download/v0.1.0-alpha/groundingdino_swint_ogc.pth"
-SAM_CHECKPOINT_URLS = {
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-}
-TINY = "tiny"
 # Architecture folder used for OWLv2 when ``random_weights=True`` on a real profile.
 OWLV2_RANDOM_ARCH = "owlv2-large-patch14"
-CLIP_MAX_LENGTH = 77
-OWLV2_MAX_LENGTH = 16
-# Buffers that older checkpoints store but transformers 5 no longer persists.
-_BENIGN_UNEXPECTED_SUFFIXES = ("position_ids", "token_type_ids")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A real profile needs a weight file or hub snapshot that is not on this machine."""
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds more than tensors (a pickle that could run code) and was refused."""
 
 
 @dataclass
@@ -93,148 +68,6 @@ class DiffusionParts:
     vae_scale_factor: int  # pixels per latent cell (1 in pixel space)
     latent_scaling: float  # multiply VAE latents by this before the U-Net
     sample_size: int  # image side in pixels
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's reversible byte -> printable character table (in CLIP's vocab order)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-@lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The SD/CLIP vocabulary and merges, rebuilt from open_clip's BPE file (as CLIP does)."""
-    bpe_file = importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.decompress(bpe_file.read_bytes()).decode("utf-8").split("\n")
-    # Line 0 is a version header; CLIP keeps the first 49152 - 256 - 2 merges.
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    base = _bytes_to_unicode()
-    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def _build_clip_tokenizer(**kwargs: Any) -> CLIPTokenizer:
-    vocab, merges = _clip_bpe()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)
-
-
-@lru_cache(maxsize=1)
-def clip_tokenizer() -> CLIPTokenizer:
-    """The Stable Diffusion CLIP tokenizer, built offline (ids as SD's, max length 77)."""
-    return _build_clip_tokenizer(model_max_length=CLIP_MAX_LENGTH)
-
-
-def _owlv2_tokenizer() -> CLIPTokenizer:
-    # OWLv2 pads with "!" (id 0) to 16 tokens; otherwise the same BPE as SD.
-    return _build_clip_tokenizer(model_max_length=OWLV2_MAX_LENGTH, pad_token="!")
-
-
-def _local_bert_tokenizer() -> BertTokenizer:
-    """Uncased WordPiece tokenizer from the vocabulary kept in the repo (no download).
-
-    ``vocab.txt`` holds BERT's special tokens, ASCII punctuation, digits and letters
-    (with ``##`` continuations) and the words of the MultiGen prompts and of COCO
-    captions, so any lowercase ASCII caption tokenizes; rarer words split into letters.
-    """
-    lines = (_arch_dir(TINY) / "grounding_dino" / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    return BertTokenizer(vocab={token: index for index, token in enumerate(lines)}, do_lower_case=True)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _arch_dir(name: str) -> Path:
-    path = configs_dir() / "models" / name
-    if not path.is_dir():
-        known = sorted(p.name for p in (configs_dir() / "models").iterdir() if p.is_dir())
-        raise FileNotFoundError(f"no architecture folder {path}; known: {', '.join(known)}")
-    return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# torch's global RNG is shared by all threads: two tiny models built at once (two
-# mask shards on a thread pool) would interleave their draws and get different
-# weights. One lock makes every seeded build see only its own draws.
-_SEEDED_BUILD = threading.RLock()
-
-
-@contextmanager
-def _seeded(seed: int, component: str) -> Iterator[None]:
-    """Seed initialisation per component, leaving the caller's RNG state untouched."""
-    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(component_seed(seed, component))
-        yield
-
-
-def _library_versions() -> str:
-    import diffusers
-    import transformers
-
-    # Random init depends on library code, so it is part of a tiny model's identity.
-    versions = (("torch", torch), ("diffusers", diffusers), ("transformers", transformers))
-    return ";".join(f"{name}={module.__version__}" for name, module in versions)
-
-
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or ``.pth`` checkpoint; pickled code is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingWeightsError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError or RuntimeError variants
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: not a plain tensor checkpoint "
-            f"(weights-only unpickling failed: {type(error).__name__}: {str(error).splitlines()[0]})"
-        ) from None
-
-
-def _load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights; any missing parameter is an error (never a partly random model)."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    unexpected = [k for k in unexpected if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the model architecture: "
-            f"{len(missing)} missing keys {missing[:5]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
-        )
-
-
-def _hub_snapshot(repo_id: str, what: str, how: str) -> str:
-    """Local snapshot folder of a hub repo, from the cache only."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception as error:  # not cached, or not a valid repo id (e.g. a missing local dir)
-        raise MissingWeightsError(
-            f"{what} {repo_id!r} is neither a local directory nor in the Hugging Face cache "
-            f"(models are read offline). Get it with `huggingface-cli download {repo_id}{how}`, "
-            f"or point the profile at a local copy. ({type(error).__name__})"
-        ) from None
 
 
 # --------------------------------------------------------------------------- diffusion
@@ -264,58 +97,6 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
                 f"download the full diffusers layout, e.g. `huggingface-cli download {models.diffusion}`"
             )
     return os.path.abspath(model_dir)
-
-
-def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
-    arch = _arch_dir(models.diffusion)
-    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
-    cache = Path(models.cache_dir).resolve()
-    target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
-    if (target / "model_index.json").is_file():
-        return str(target)
-    cache.mkdir(parents=True, exist_ok=True)
-    temp = cache / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        _write_tiny_diffusion(arch, models.seed, temp)
-        try:
-            os.rename(temp, target)  # atomic publish of the whole folder
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise  # not a lost race with another builder: a real error
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return str(target)
-
-
-def _diffusion_parts(arch: Path) -> list[Path]:
-    """The sub-folders of an architecture folder that make up the diffusion model."""
-    parts = ("unet", "vae", "text_encoder", "scheduler")
-    return [arch / part for part in parts if (arch / part).is_dir()]
-
-
-def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
-    components = [
-        ("unet", "diffusers", "UNet2DConditionModel", UNet2DConditionModel.from_config),
-        ("vae", "diffusers", "AutoencoderKL", AutoencoderKL.from_config),
-        ("text_encoder", "transformers", "CLIPTextModel", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
-    ]
-    for name, library, class_name, build in components:
-        config_file = arch / name / "config.json"
-        if name == "vae" and not config_file.is_file():
-            continue  # no VAE: a pixel-space model
-        with _seeded(seed, name):
-            module = build(_read_json(config_file))
-        module.save_pretrained(out / name)
-        index[name] = [library, class_name]
-    clip_tokenizer().save_pretrained(out / "tokenizer")
-    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    scheduler = DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json"))
-    scheduler.save_pretrained(out / "scheduler")
-    index["scheduler"] = ["diffusers", "DDPMScheduler"]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def load_diffusion(
@@ -460,13 +241,6 @@ def load_grounding_dino(
 # --------------------------------------------------------------------------- SAM
 
 
-SAM_HQ_CHECKPOINT_URLS = {
-    "vit_h": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_h.pth",
-    "vit_l": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_l.pth",
-    "vit_b": "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth",
-}
-
-
 def sam_package(variant: str) -> types.ModuleType:
     """The package that builds and runs a SAM ``variant``: segment_anything or segment_anything_hq."""
     if variant == "sam":
@@ -483,55 +257,6 @@ def sam_package(variant: str) -> types.ModuleType:
     raise ValueError(f"unknown SAM variant {variant!r}; use sam or sam_hq")
 
 
-def _build_tiny_sam(spec: dict[str, Any], variant: str) -> nn.Module:
-    modeling = importlib.import_module(f"{sam_package(variant).__name__}.modeling")
-    size, patch, dim = spec["img_size"], spec["patch_size"], spec["prompt_embed_dim"]
-    decoder = dict(
-        num_multimask_outputs=3,
-        transformer=modeling.TwoWayTransformer(
-            depth=2,
-            embedding_dim=dim,
-            mlp_dim=spec["decoder_mlp_dim"],
-            num_heads=spec["decoder_num_heads"],
-        ),
-        transformer_dim=dim,
-        iou_head_depth=3,
-        iou_head_hidden_dim=spec["iou_head_hidden_dim"],
-    )
-    # SAM-HQ's decoder also reads the encoder's first global-attention features.
-    mask_decoder = (
-        modeling.MaskDecoderHQ(**decoder, vit_dim=spec["encoder_embed_dim"])
-        if variant == "sam_hq"
-        else modeling.MaskDecoder(**decoder)
-    )
-    # Same composition as the packages' own _build_sam, at a small width.
-    return modeling.Sam(
-        image_encoder=modeling.ImageEncoderViT(
-            img_size=size,
-            patch_size=patch,
-            embed_dim=spec["encoder_embed_dim"],
-            depth=spec["encoder_depth"],
-            num_heads=spec["encoder_num_heads"],
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=tuple(spec["encoder_global_attn_indexes"]),
-            window_size=spec["window_size"],
-            out_chans=dim,
-        ),
-        prompt_encoder=modeling.PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(size // patch, size // patch),
-            input_image_size=(size, size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=mask_decoder,
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-
-
 def load_sam(
     models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False
 ) -> nn.Module:
@@ -540,7 +265,7 @@ def load_sam(
     package = sam_package(spec.variant)
     if spec.model_type == TINY:
         with _seeded(models.seed, "sam"):
-            model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"), spec.variant)
+            model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"), spec.variant, package)
         return model.to(device).eval()
     urls = SAM_HQ_CHECKPOINT_URLS if spec.variant == "sam_hq" else SAM_CHECKPOINT_URLS
     if spec.model_type not in urls:
@@ -564,19 +289,6 @@ def load_sam(
 
 
 # --------------------------------------------------------------------------- OWLv2
-
-
-def _owlv2_from_arch(name: str, seed: int) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
-    folder = _arch_dir(name) / "owlv2" if name == TINY else _arch_dir(name)
-    config = Owlv2Config.from_dict(_read_json(folder / "config.json"))
-    with _seeded(seed, "owlv2"):
-        model = Owlv2ForObjectDetection(config)
-    side = config.vision_config.image_size
-    processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
-        tokenizer=_owlv2_tokenizer(),
-    )
-    return model, processor
 
 
 def load_owlv2(

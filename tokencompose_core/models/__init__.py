@@ -1,0 +1,51 @@
+"""Model profiles: one place that builds or loads every model the pipeline uses.
+
+Two kinds of profile (``ModelsConfig.kind``):
+
+* ``tiny``: random-initialised, seeded models built from architecture configs in
+  ``configs/models/`` — no network, no weights. Used by tests and the demo.
+* ``pretrained``: real weights — a Stable Diffusion hub id or local diffusers
+  directory, GroundingDINO and SAM checkpoint files, an OWLv2 hub id or directory.
+  Everything is read offline; a missing file raises :class:`MissingWeightsError`
+  naming the file and how to get it. A real profile never falls back to random
+  weights.
+
+Benchmarks pass ``random_weights=True`` (or ``diffusion: sd14-random``) to get the
+full-size architectures with random weights, still offline.
+
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)``, never
+with plain pickle.
+
+Modules: ``tokenizers`` (CLIP/OWLv2/BERT, offline), ``tiny`` (seeded random-init
+factories), ``weights`` (reading real checkpoints and hub snapshots), ``loaders``
+(the public loaders and ``fingerprint``), ``architectures`` (the ``configs/models/``
+folders). Import public names from this package.
+"""
+
+from tokencompose_core.models.loaders import (
+    DiffusionParts,
+    fingerprint,
+    load_diffusion,
+    load_grounding_dino,
+    load_owlv2,
+    load_sam,
+    resolve_diffusion_dir,
+    sam_package,
+)
+from tokencompose_core.models.tokenizers import clip_tokenizer
+from tokencompose_core.models.weights import MissingWeightsError, UnsafeCheckpointError, load_state_dict_file
+
+__all__ = [
+    "DiffusionParts",
+    "MissingWeightsError",
+    "UnsafeCheckpointError",
+    "clip_tokenizer",
+    "fingerprint",
+    "load_diffusion",
+    "load_grounding_dino",
+    "load_owlv2",
+    "load_sam",
+    "load_state_dict_file",
+    "resolve_diffusion_dir",
+    "sam_package",
+]

@@ -1,0 +1,184 @@
+"""Random-initialised, seeded models built from the architecture folders in ``configs/models/``.
+
+No network and no weights: the tiny profile's models (used by tests and the demo),
+and the full-size random architectures benchmarks ask for. The same seed, architecture
+files and library versions give the same weights, so those make up a tiny model's identity.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import threading
+import types
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    Owlv2Config,
+    Owlv2ForObjectDetection,
+    Owlv2ImageProcessor,
+    Owlv2Processor,
+)
+
+from tokencompose_core.config import ModelsConfig
+from tokencompose_core.identity import bytes_hash, component_seed, tree_hash
+from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
+from tokencompose_core.models.tokenizers import _owlv2_tokenizer, clip_tokenizer
+
+# torch's global RNG is shared by all threads: two tiny models built at once (two
+# mask shards on a thread pool) would interleave their draws and get different
+# weights. One lock makes every seeded build see only its own draws.
+_SEEDED_BUILD = threading.RLock()
+
+
+@contextmanager
+def _seeded(seed: int, component: str) -> Iterator[None]:
+    """Seed initialisation per component, leaving the caller's RNG state untouched."""
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(component_seed(seed, component))
+        yield
+
+
+def _library_versions() -> str:
+    import diffusers
+    import transformers
+
+    # Random init depends on library code, so it is part of a tiny model's identity.
+    versions = (("torch", torch), ("diffusers", diffusers), ("transformers", transformers))
+    return ";".join(f"{name}={module.__version__}" for name, module in versions)
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
+    arch = _arch_dir(models.diffusion)
+    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
+    cache = Path(models.cache_dir).resolve()
+    target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
+    if (target / "model_index.json").is_file():
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    temp = cache / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        _write_tiny_diffusion(arch, models.seed, temp)
+        try:
+            os.rename(temp, target)  # atomic publish of the whole folder
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise  # not a lost race with another builder: a real error
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return str(target)
+
+
+def _diffusion_parts(arch: Path) -> list[Path]:
+    """The sub-folders of an architecture folder that make up the diffusion model."""
+    parts = ("unet", "vae", "text_encoder", "scheduler")
+    return [arch / part for part in parts if (arch / part).is_dir()]
+
+
+def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
+    components = [
+        ("unet", "diffusers", "UNet2DConditionModel", UNet2DConditionModel.from_config),
+        ("vae", "diffusers", "AutoencoderKL", AutoencoderKL.from_config),
+        ("text_encoder", "transformers", "CLIPTextModel", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
+    ]
+    for name, library, class_name, build in components:
+        config_file = arch / name / "config.json"
+        if name == "vae" and not config_file.is_file():
+            continue  # no VAE: a pixel-space model
+        with _seeded(seed, name):
+            module = build(_read_json(config_file))
+        module.save_pretrained(out / name)
+        index[name] = [library, class_name]
+    clip_tokenizer().save_pretrained(out / "tokenizer")
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    scheduler = DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json"))
+    scheduler.save_pretrained(out / "scheduler")
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- SAM
+
+
+def _build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleType) -> nn.Module:
+    # ``package`` is ``sam_package(variant)``; the caller passes it so that this module
+    # does not import the loaders, which import it.
+    modeling = importlib.import_module(f"{package.__name__}.modeling")
+    size, patch, dim = spec["img_size"], spec["patch_size"], spec["prompt_embed_dim"]
+    decoder = dict(
+        num_multimask_outputs=3,
+        transformer=modeling.TwoWayTransformer(
+            depth=2,
+            embedding_dim=dim,
+            mlp_dim=spec["decoder_mlp_dim"],
+            num_heads=spec["decoder_num_heads"],
+        ),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=spec["iou_head_hidden_dim"],
+    )
+    # SAM-HQ's decoder also reads the encoder's first global-attention features.
+    mask_decoder = (
+        modeling.MaskDecoderHQ(**decoder, vit_dim=spec["encoder_embed_dim"])
+        if variant == "sam_hq"
+        else modeling.MaskDecoder(**decoder)
+    )
+    # Same composition as the packages' own _build_sam, at a small width.
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            img_size=size,
+            patch_size=patch,
+            embed_dim=spec["encoder_embed_dim"],
+            depth=spec["encoder_depth"],
+            num_heads=spec["encoder_num_heads"],
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(spec["encoder_global_attn_indexes"]),
+            window_size=spec["window_size"],
+            out_chans=dim,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(size // patch, size // patch),
+            input_image_size=(size, size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=mask_decoder,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+# --------------------------------------------------------------------------- OWLv2
+
+
+def _owlv2_from_arch(name: str, seed: int) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    folder = _arch_dir(name) / "owlv2" if name == TINY else _arch_dir(name)
+    config = Owlv2Config.from_dict(_read_json(folder / "config.json"))
+    with _seeded(seed, "owlv2"):
+        model = Owlv2ForObjectDetection(config)
+    side = config.vision_config.image_size
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+        tokenizer=_owlv2_tokenizer(),
+    )
+    return model, processor
