@@ -241,10 +241,13 @@ def _check_units(stage: str, out: Path) -> None:
             assert len(rows) == record["rows"], f"shard {name}: {len(rows)} rows, marker says {record['rows']}"
             assert (out / "rejects" / f"{name}.parquet").is_file(), f"shard {name} has no rejects file"
     elif stage == "train":
+        from tokencompose_core.outputs import verify_manifest
         from tokencompose_core.train import checkpoint_dir, checkpoint_steps
 
         for step in checkpoint_steps(str(out)):
             folder = Path(checkpoint_dir(str(out), step))
+            problems = verify_manifest(str(folder))
+            assert not problems, f"checkpoint-{step} does not match its manifest: {problems}"
             state = json.loads((folder / "state.json").read_text())
             assert state["global_step"] == step, f"checkpoint-{step} says step {state['global_step']}"
             for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng-0.pt"):
