@@ -302,8 +302,14 @@ def shard_row(
     }
 
 
+def _writable(text: str | None) -> str | None:
+    # A rejected row may be rejected for holding a lone surrogate, which Parquet cannot store: keep it escaped.
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def reject_row(image_id: str, image_uri: str, stage: str, reason: str, noun: str | None = None) -> dict[str, Any]:
-    return {"image_id": image_id, "image_uri": image_uri, "noun": noun, "stage": stage, "reason": reason}
+    return {"image_id": _writable(image_id), "image_uri": _writable(image_uri), "noun": _writable(noun),
+            "stage": stage, "reason": _writable(reason)}
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -55,6 +55,16 @@ def load_spacy(name: str | None = None) -> Any:
     )
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone surrogate, from a JSON "\\ud800" escape,
+    cannot be encoded and crashes the tagger and Parquet), or None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"lone surrogate {text[error.start]!r} at character {error.start}"
+    return None
+
+
 def _is_noun(token: Any) -> bool:
     return token.tag_ in NOUN_TAGS
 
