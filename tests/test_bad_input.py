@@ -273,3 +273,75 @@ def test_hostile_image_ids_never_leave_the_output_folder(tmp_path: Path, image_i
 def test_storage_join_refuses_escaping_parts(part: str) -> None:
     with pytest.raises(ValueError, match="unsafe path component"):
         storage.join("/data/out", part)
+
+
+# ----------------------------------------------------------------------------- decoding budget
+
+
+def _huge_png(path: Path, side: int = 7000) -> Path:
+    """A 7000 x 7000 PNG of about 160 KB (flat colour, one square): 49 MP behind a small file."""
+    image = Image.new("RGB", (side, side), (200, 200, 200))
+    image.paste((30, 30, 200), (side // 4, side // 4, side // 2, side // 2))
+    image.save(path, optimize=True)
+    return path
+
+
+def test_a_batch_decodes_a_bounded_number_of_pixels_whatever_the_files(
+    grounder: GroundedSam, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    from tokencompose_core import manifest
+    from tokencompose_core.rle import decode
+
+    small = Image.open(BAD / "images" / "good.png").size
+    paths = [_huge_png(tmp_path / "a.png"), BAD / "images" / "good.png", _huge_png(tmp_path / "b.png"),
+             BAD / "images" / "good.jpg"]
+    assert all(path.stat().st_size < 200_000 for path in paths)
+    table = pd.DataFrame({"image_id": [f"i{n}" for n in range(4)], "image_uri": [str(p) for p in paths],
+                          "caption": "a dog next to a red ball", "noun": "dog", "token_positions": [[2]] * 4})
+    decoded_refs: list[weakref.ref] = []  # every decoded image; alive while referenced anywhere
+    decode_image = manifest.decode_image
+
+    def tracked(*args, **kwargs):
+        decoded = decode_image(*args, **kwargs)
+        decoded_refs.append(weakref.ref(decoded.image))
+        return decoded
+
+    held_per_batch: list[int] = []
+
+    def counting(images, nouns):
+        gc.collect()
+        alive = [ref() for ref in decoded_refs]
+        held_per_batch.append(sum(image.width * image.height for image in alive if image is not None))
+        return grounder(images, nouns)
+
+    counting.decode_long_side = grounder.decode_long_side
+    monkeypatch.setattr(manifest, "decode_image", tracked)
+    rows, rejects = ground_shard(table, counting, "fp", batch_size=2, max_image_pixels=MAX_PIXELS)
+    side = grounder.decode_long_side
+    bound = 2 * side * side  # batch_size x (decode_long_side)^2
+    assert held_per_batch and max(held_per_batch) <= bound, (held_per_batch, bound)
+    assert 7000 * 7000 > 100 * bound  # what decoding whole would have held
+    assert set(rows["image_id"]) | set(rejects["image_id"]) == {"i0", "i1", "i2", "i3"}
+    big = rows[rows["image_id"] == "i0"].iloc[0]
+    assert (big["height"], big["width"]) == (7000, 7000)  # the cache keeps the file's size ...
+    if big["mask_counts"] is not None:  # ... and masks of that size
+        assert decode(big["mask_counts"], 7000, 7000).shape == (7000, 7000)
+    good = rows[rows["image_id"] == "i1"].iloc[0]
+    assert (good["width"], good["height"]) == small  # small images are not touched
+
+
+def test_jpeg_is_decoded_reduced_and_other_formats_are_reduced_after(tmp_path: Path) -> None:
+    from tokencompose_core.manifest import decode_image
+
+    jpeg = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (10, 120, 40)).save(jpeg, quality=80)
+    decoded = decode_image(str(jpeg), MAX_PIXELS, long_side=400)
+    assert decoded.original_size == (4000, 3000) and decoded.image.size == (400, 300)
+    assert decoded.decoded_pixels == 500 * 375  # DCT scaling at 1/8: the full raster is never built
+    png = _huge_png(tmp_path / "big.png", side=3000)
+    decoded = decode_image(str(png), MAX_PIXELS, long_side=400)
+    assert decoded.image.size == (400, 400) and decoded.decoded_pixels == 3000 * 3000
+    assert decode_image(str(png), MAX_PIXELS).image.size == (3000, 3000)  # no long_side: full size

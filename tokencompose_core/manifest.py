@@ -16,6 +16,7 @@ import io
 import json
 import posixpath
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -148,8 +149,24 @@ def _read_image_bytes(uri: str) -> bytes:
         raise ImageError(f"unreadable image: {uri}: {type(error).__name__}: {error}") from error
 
 
-def open_image(uri: str, max_pixels: int) -> Image.Image:
-    """The RGB image at ``uri``; :class:`ImageError` (with the reason) when it cannot be used."""
+@dataclass
+class DecodedImage:
+    """An image decoded no larger than a stage needs, with what its file holds."""
+
+    image: Image.Image  # RGB
+    original_size: tuple[int, int]  # (width, height) in the file's header
+    decoded_pixels: int  # the largest raster decoded on the way: the full size unless the format decodes reduced
+
+
+def decode_image(uri: str, max_pixels: int, long_side: int | None = None) -> DecodedImage:
+    """The RGB image at ``uri``, its long side reduced to ``long_side`` when larger.
+
+    :class:`ImageError` (with the reason) when it cannot be used. The header's
+    size is checked against ``max_pixels`` before any pixel is decoded. A JPEG is
+    decoded reduced (DCT scaling: 1/2, 1/4 or 1/8 of each side, never below the
+    target); other formats are decoded whole, one image at a time, then reduced,
+    so the caller holds only the reduced image.
+    """
     buffer = io.BytesIO(_read_image_bytes(uri))
     try:
         image = Image.open(buffer)
@@ -159,13 +176,28 @@ def open_image(uri: str, max_pixels: int) -> Image.Image:
         # PIL names the buffer ("<_io.BytesIO object at 0x...>"); the reader needs the image's URI.
         message = str(error).replace(repr(buffer), repr(uri))
         raise ImageError(f"unreadable image: {type(error).__name__}: {message}") from error
-    # The header gives the size before any pixel is decoded: refuse bombs early.
-    if image.width * image.height > max_pixels:
-        raise ImageError(f"image too large: {image.width}x{image.height} > {max_pixels} pixels")
+    original = image.size
+    if original[0] * original[1] > max_pixels:
+        raise ImageError(f"image too large: {original[0]}x{original[1]} > {max_pixels} pixels")
+    target = original
+    if long_side and max(original) > long_side:
+        scale = long_side / max(original)
+        target = (max(1, round(original[0] * scale)), max(1, round(original[1] * scale)))
+        image.draft("RGB", target)  # JPEG only; a no-op for other formats
+    decoded_pixels = image.size[0] * image.size[1]
     try:
-        return image.convert("RGB")
+        with image:
+            rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt pixel data
         raise ImageError(f"unreadable image: {type(error).__name__}: {error}") from error
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return DecodedImage(rgb, original, decoded_pixels)
+
+
+def open_image(uri: str, max_pixels: int) -> Image.Image:
+    """The RGB image at ``uri``, full size; :class:`ImageError` (with the reason) when it cannot be used."""
+    return decode_image(uri, max_pixels).image
 
 
 def image_size(uri: str) -> tuple[int, int]:
