@@ -235,17 +235,17 @@ class _Trainer:
     def restore(self, checkpoint: "_Checkpoint") -> dict:
         """Restore everything but the U-Net weights (loaded with the model) from a read checkpoint."""
         states = checkpoint.states
-        self.optimizer.load_state_dict(states["optimizer.pt"])
-        self.lr_scheduler.load_state_dict(states["lr_scheduler.pt"])
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
         if self.ema is not None:
-            if "ema.pt" in states:
-                self.ema.load_state_dict(states["ema.pt"])
+            if "ema" in states:
+                self.ema.load_state_dict(states["ema"])
                 self.ema.to(self.accelerator.device)
             else:
                 logger.warning("checkpoint %s has no EMA state; EMA restarts from the current weights",
                                checkpoint.path)
-        if "rng.pt" in states:
-            _set_rng_state(states["rng.pt"], self.noise)
+        if "rng" in states:
+            _set_rng_state(states["rng"], self.noise)
         else:  # resumed on more processes than saved: data order is still exact, noise is not
             logger.warning("no RNG state for process %d in %s", self.accelerator.process_index, checkpoint.path)
         return checkpoint.state
@@ -261,7 +261,7 @@ class _Checkpoint:
 
     path: str
     state: dict  # state.json
-    states: dict  # file name ("optimizer.pt", ..., "rng.pt" for this process) -> loaded state
+    states: dict  # "optimizer", "lr_scheduler", "ema", "rng" (this process's) -> loaded state
 
 
 class _Damaged(Exception):
@@ -275,14 +275,14 @@ _LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError,
 
 def _read_checkpoint(path: str, process_index: int) -> _Checkpoint:
     """Load a checkpoint's states (and the U-Net files' headers); :class:`_Damaged` names the file that fails."""
-    names = {"optimizer.pt": "optimizer.pt", "lr_scheduler.pt": "lr_scheduler.pt", "ema.pt": "ema.pt",
-             "rng.pt": f"rng-{process_index}.pt"}
-    optional = {"ema.pt", "rng.pt"}  # EMA off; resumed on more processes than saved
+    files = {"optimizer": "optimizer.pt", "lr_scheduler": "lr_scheduler.pt", "ema": "ema.pt",
+             "rng": f"rng-{process_index}.pt"}
+    optional = {"ema", "rng"}  # EMA off; resumed on more processes than saved
     states = {}
     current = os.path.join(path, "state.json")
     try:
         state = storage.read_json(current)
-        for key, name in names.items():
+        for key, name in files.items():
             current = os.path.join(path, name)
             if key in optional and not os.path.isfile(current):
                 continue
