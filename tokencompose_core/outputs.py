@@ -90,11 +90,12 @@ def verify_manifest(folder: str, deep: bool = True) -> list[str]:
             continue
         try:
             actual = int(fs.size(path))
+            if actual != size:
+                problems.append(f"{shown}: {actual} bytes, the manifest says {size}")
+            elif deep and _sha256(fs, path) != sha256:
+                problems.append(f"{shown}: content differs from the manifest (sha256)")
         except FileNotFoundError:
             problems.append(f"{shown}: missing")
-            continue
-        if actual != size:
-            problems.append(f"{shown}: {actual} bytes, the manifest says {size}")
-        elif deep and _sha256(fs, path) != sha256:
-            problems.append(f"{shown}: content differs from the manifest (sha256)")
+        except OSError as error:  # unreadable: as unusable as missing
+            problems.append(f"{shown}: unreadable ({type(error).__name__}: {error})")
     return problems
