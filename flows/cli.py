@@ -69,11 +69,14 @@ def _load_flow(module: str, function: str) -> Any:
 
 def _is_user_error(error: BaseException) -> bool:
     """An error the user can fix from its message: configuration, inputs, weights, disk, checkpoints."""
-    from tokencompose_core.storage import StorageError
-    from tokencompose_core.train import CheckpointError
-
+    # Only a loaded module can have raised its error: a config error is not kept waiting for torch.
+    train = sys.modules.get("tokencompose_core.train")
+    extra = (train.CheckpointError,) if train else ()
+    # StorageError is an OSError; disk full and failed uploads name the URI and the cause.
+    storage = sys.modules.get("tokencompose_core.storage")
+    extra += (storage.StorageError,) if storage else ()
     return isinstance(error, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                              StorageError, CheckpointError))
+                              *extra))
 
 
 class _UserErrorTracebacks(logging.Filter):
