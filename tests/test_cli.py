@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -55,24 +56,52 @@ STAGE1_ERROR = (f"tokencompose: {STAGE1_MANIFEST} is a stage-1 manifest (rows of
                 "(--debug shows the traceback)")
 
 
-def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Prefect's log records that carry a traceback."""
-    return [record.getMessage() for record in caplog.records if record.exc_info]
+@pytest.fixture
+def run_records(monkeypatch: pytest.MonkeyPatch) -> list[logging.LogRecord]:
+    """Records of Prefect's run loggers that passed the loggers' filters, whatever handlers Prefect's
+    logging set-up (which replaces them, pytest's included) puts in place."""
+    seen: list[logging.LogRecord] = []
+    call_handlers = logging.Logger.callHandlers
+
+    def recording(self: logging.Logger, record: logging.LogRecord) -> None:
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            seen.append(record)
+        call_handlers(self, record)
+
+    monkeypatch.setattr(logging.Logger, "callHandlers", recording)
+    return seen
+
+
+def _tracebacks(records: list[logging.LogRecord]) -> list[str]:
+    return [record.getMessage() for record in records if record.exc_info]
 
 
 def test_a_users_error_inside_a_flow_is_one_line_and_prefect_logs_no_traceback(
-    prefect_harness, tmp_path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    prefect_harness, tmp_path, capsys: pytest.CaptureFixture[str], run_records: list[logging.LogRecord]
 ) -> None:
     argv = ["masks", "-p", "tiny", f"storage.root={tmp_path}", "--input", STAGE1_MANIFEST]
-    assert main(argv) == 2
-    assert [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line] == [STAGE1_ERROR]
-    assert not _tracebacks(caplog)
-    caplog.clear()
-    assert main(["train", "-p", "tiny", f"storage.root={tmp_path}", "--input", str(tmp_path / "no-cache")]) == 2
-    assert capsys.readouterr().err.count("tokencompose: ") == 1 and not _tracebacks(caplog)
     with pytest.raises(ValueError, match="is a stage-1 manifest"):
         main([*argv, "--debug"])
-    assert _tracebacks(caplog)  # with --debug Prefect reports the failed run as it always did
+    assert _tracebacks(run_records)  # with --debug Prefect reports the failed run as it always did
+    capsys.readouterr()
+    run_records.clear()
+    assert main(argv) == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line] == [STAGE1_ERROR]
+    assert run_records and not _tracebacks(run_records)  # the task's one-line failed state is still logged
+    run_records.clear()
+    assert main(["train", "-p", "tiny", f"storage.root={tmp_path}", "--input", str(tmp_path / "no-cache")]) == 2
+    assert capsys.readouterr().err.count("tokencompose: ") == 1 and not _tracebacks(run_records)
+
+
+def test_missing_weights_are_one_line(prefect_harness, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokencompose_core.manifest import nouns_table, read_manifest, write_nouns
+    from tokencompose_core.models import clip_tokenizer
+
+    write_nouns(*nouns_table(read_manifest(STAGE1_MANIFEST).head(2), clip_tokenizer()), str(tmp_path / "nouns"))
+    nouns = str(tmp_path / "nouns" / "nouns.parquet")
+    assert main(["masks", "-p", "sd14", f"storage.root={tmp_path}", "--input", nouns]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
+    assert line.startswith("tokencompose: GroundingDINO checkpoint weights/groundingdino_swint_ogc.pth not found")
 
 
 def test_the_real_command_prints_one_line_and_no_traceback(tmp_path) -> None:
