@@ -22,12 +22,18 @@ sends SIGKILL. Then it checks:
 
 Temporary files of interrupted writes (``*.tmp-*``) may stay behind; the check is
 that no reader ever lists one as an artefact.
+
+Storage faults: the n-th file write of a fresh run fails half-way with ENOSPC.
+Damaged checkpoints (training): one file of the newest checkpoint of a finished
+run is changed, cut short, deleted, or replaced under a rewritten manifest; the
+rerun must name the file, resume from the checkpoint before and end equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -241,10 +247,13 @@ def _check_units(stage: str, out: Path) -> None:
             assert len(rows) == record["rows"], f"shard {name}: {len(rows)} rows, marker says {record['rows']}"
             assert (out / "rejects" / f"{name}.parquet").is_file(), f"shard {name} has no rejects file"
     elif stage == "train":
+        from tokencompose_core.outputs import verify_manifest
         from tokencompose_core.train import checkpoint_dir, checkpoint_steps
 
         for step in checkpoint_steps(str(out)):
             folder = Path(checkpoint_dir(str(out), step))
+            problems = verify_manifest(str(folder))
+            assert not problems, f"checkpoint-{step} does not match its manifest: {problems}"
             state = json.loads((folder / "state.json").read_text())
             assert state["global_step"] == step, f"checkpoint-{step} says step {state['global_step']}"
             for name in ("unet/diffusion_pytorch_model.safetensors", "optimizer.pt", "lr_scheduler.pt", "rng-0.pt"):
@@ -491,6 +500,105 @@ def storage_sweep(work: Path, stages: list[str], points: int, seed: int) -> list
     return records
 
 
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+# How the newest checkpoint of a finished run is damaged: bytes changed in place (same size),
+# cut short, deleted, or replaced by random bytes *before* the manifest was written (so the
+# manifest vouches for them and only loading the file shows the damage).
+DAMAGES = ("same-size bytes", "truncated", "deleted", "random bytes, manifest rewritten")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append((record.levelno, record.getMessage()))
+
+
+def _damage(path: Path, kind: str, rng: random.Random) -> None:
+    from tokencompose_core.outputs import write_manifest
+
+    data = path.read_bytes()
+    if kind == "same-size bytes":
+        start = rng.randrange(len(data))
+        path.write_bytes(data[:start] + bytes(b ^ 0xFF for b in data[start : start + 64]) + data[start + 64 :])
+    elif kind == "truncated":
+        path.write_bytes(data[: rng.randrange(len(data))])
+    elif kind == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(rng.randbytes(len(data)))
+        folder = next(parent for parent in path.parents if parent.name.startswith("checkpoint-"))
+        write_manifest(str(folder))
+
+
+def damage_point(work: Path, number: int, rng: random.Random, reference: Path) -> dict[str, Any]:
+    """Damage one file of the newest checkpoint of a copy of the finished reference run, rerun
+    with a resume: it must warn naming the file, resume from the checkpoint before, and end
+    equal to the reference."""
+    import shutil
+
+    from tokencompose_core.outputs import MANIFEST_NAME
+    from tokencompose_core.train import checkpoint_dir, checkpoint_steps
+
+    out = work / "damage" / f"train-{number:02d}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(reference, out)
+    steps = checkpoint_steps(str(out))
+    newest = Path(checkpoint_dir(str(out), steps[-1]))
+    kind = rng.choice(DAMAGES)
+    # Without state.json a checkpoint is not listed at all, so deleting it damages nothing.
+    files = sorted(p for p in newest.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                   and not (kind == "deleted" and p.name == "state.json"))
+    target = rng.choice(files)
+    _damage(target, kind, rng)
+    record: dict[str, Any] = {"stage": "train", "point": number, "damage": kind,
+                              "file": str(target.relative_to(newest)), "checks": {}}
+    point = KillPoint("train", number, unit=0, fraction=0.0)
+    handler, logger = _Records(), logging.getLogger("tokencompose_core.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = run_stage("train", work, out)
+    except Exception as error:  # recorded, so one failing point does not end the sweep
+        point.checks["rerun completes"] = f"FAILED: {error!r}"
+        return {**record, "checks": point.checks}
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    point.checks["rerun completes"] = "ok"
+    warned = [m for lvl, m in handler.messages if lvl == logging.WARNING and str(target) in m]
+    _checked(point, "a warning names the damaged file", lambda: _assert(bool(warned), handler.messages))
+    resumed = f"resumed from {checkpoint_dir(str(out), steps[-2])} at step {steps[-2]}"
+    _checked(point, "resumed from the checkpoint before",
+             lambda: _assert(any(resumed in m for _, m in handler.messages), handler.messages))
+    _checked(point, "final step count", lambda: _assert(result["global_step"] == TRAIN_STEPS, result))
+    _checked(point, "equal to the uninterrupted run", lambda: check_equal("train", out, reference))
+    _checked(point, "final artefacts read back", lambda: check_published("train", out))
+    return {**record, "checks": point.checks}
+
+
+def damage_sweep(work: Path, points: int, seed: int) -> list[dict[str, Any]]:
+    """``points`` seeded damaged-checkpoint points of the training reference run."""
+    import torch
+
+    torch.set_num_threads(1)  # as the reference children, so reruns are bit-identical
+    rng = random.Random(f"{seed}:train:damage")
+    return [damage_point(work, n, rng, work / "reference" / "train") for n in range(points)]
+
+
+def damage_markdown(records: list[dict[str, Any]]) -> str:
+    """One line per damage point: what was damaged, what the checks said."""
+    lines = ["| point | damage | file | checks failed |", "|---|---|---|---|"]
+    for r in records:
+        failed = sum(outcome != "ok" for outcome in r["checks"].values())
+        lines.append(f"| {r['point']} | {r['damage']} | `{r['file']}` | {failed} of {len(r['checks'])} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the suite
 
 
@@ -622,13 +730,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_suite(args.work, args.stages, args.points, args.seed, args.kills)
     shutil.rmtree(args.work / "storage-faults", ignore_errors=True)
     summary["storage"] = storage_sweep(args.work, args.stages, args.points, args.seed)
-    summary["failures"] += [(r["stage"], r["point"], name, outcome) for r in summary["storage"]
+    summary["damage"] = damage_sweep(args.work, args.points, args.seed) if "train" in args.stages else []
+    summary["failures"] += [(r["stage"], r["point"], name, outcome) for r in summary["storage"] + summary["damage"]
                             for name, outcome in r["checks"].items() if outcome != "ok"]
     summary["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     print(markdown(summary))
     print(storage_markdown(summary["storage"]))
+    if summary["damage"]:
+        print(damage_markdown(summary["damage"]))
     print(f"{len(summary['records'])} kill points in {summary['seconds']} s; failures: {summary['failures'] or 'none'}")
     return 1 if summary["failures"] else 0
 

@@ -12,6 +12,7 @@ subprocesses of this one. Needs a Prefect server (``PREFECT_API_URL``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.flows import load_flow_from_entrypoint
 
+from tokencompose_core.config import load_config
+
 PREFECT_YAML = Path(__file__).resolve().with_name("prefect.yaml")
 REPO_ROOT = PREFECT_YAML.parents[1]
 SMOKE_TAG = "smoke"
+ROOTS_OVERRIDE = "storage.allowed_roots="
 
 
 def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
@@ -32,13 +36,29 @@ def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
         return yaml.safe_load(handle)["deployments"]
 
 
+def roots_override(profile: str) -> str:
+    """The override confining a deployment's runs to ``profile``'s storage roots (``storage.root``
+    and its ``allowed_roots``): URIs sent through the API or UI cannot read other files."""
+    config = load_config(profile).storage
+    return ROOTS_OVERRIDE + json.dumps([config.root, *config.allowed_roots])
+
+
 def build_deployments(profile: str | None = None, path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
-    """RunnerDeployments for every entry; ``profile`` replaces the profile of non-smoke ones."""
+    """RunnerDeployments for every entry; ``profile`` replaces the profile of non-smoke ones.
+
+    Each gets its profile's storage roots (:func:`roots_override`) unless its entry sets
+    ``storage.allowed_roots`` itself for the profile it keeps.
+    """
     deployments = []
     for spec in deployment_specs(path):
         parameters = dict(spec.get("parameters") or {})
+        overrides = list(parameters.get("overrides") or [])
         if profile and SMOKE_TAG not in spec.get("tags", []):
             parameters["profile"] = profile
+            overrides = [o for o in overrides if not o.startswith(ROOTS_OVERRIDE)]  # the old profile's roots
+        if not any(o.startswith(ROOTS_OVERRIDE) for o in overrides):
+            overrides.insert(0, roots_override(parameters.get("profile", "tiny")))
+        parameters["overrides"] = overrides
         flow = load_flow_from_entrypoint(str(REPO_ROOT / spec["entrypoint"]))
         deployments.append(flow.to_deployment(
             name=spec["name"],

@@ -5,6 +5,10 @@ Each subcommand calls the stage's Prefect flow in-process. With no
 backend, so nothing needs a server; with one set, runs show up in its UI.
 
     tokencompose train -p tiny train.max_steps=50 train.learning_rate=1e-4
+
+A user's error (a bad profile or override, an unreadable input, missing weights,
+no whole checkpoint) prints one line and exits with status 2; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import os
 import sys
 from typing import Any
 
 from tokencompose_core.stages import STAGES
+
+# Before anything imports Prefect, which reads its settings then: the temporary server
+# of a local run would otherwise send usage telemetry, and log an ERROR when offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Prefect's loggers that log a failed task or flow run with its traceback.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 # Verbs beyond the five stages: the whole DAG, and the embedded demo.
 RUN = ("flows.pipeline:pipeline_flow", "the whole DAG: nouns -> masks -> train -> sample -> score")
@@ -26,15 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="tokencompose",
         description="TokenCompose pipeline: token-level grounding for text-to-image diffusion.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     verbs = {name: stage.help for name, stage in STAGES.items()} | {"run": RUN[1]}
     for name, help_text in verbs.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common])
         sub.add_argument("-p", "--profile", default="tiny", help="profile name in configs/ or a YAML path")
         sub.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
         sub.add_argument("--input", dest="input_uri", default=None,
                          help="upstream URI to read (default: the previous stage's output under storage.root)")
-    demo = commands.add_parser("demo", help="the embedded synthetic-world experiment (no weights, no network)")
+    demo = commands.add_parser("demo", help="the embedded synthetic-world experiment (no weights, no network)",
+                               parents=[common])
     demo.add_argument("--quick", action="store_true", help="a <=3 minute smoke version")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     return parser
@@ -48,28 +64,59 @@ def _load_flow(target: str) -> Any:
         raise SystemExit(f"tokencompose: {module}.{function} is not available in this build ({error})")
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """An error the user can fix from its message: configuration, inputs, weights, disk, checkpoints."""
+    # Only a loaded module can have raised its error: a config error is not kept waiting for torch.
+    train = sys.modules.get("tokencompose_core.train")
+    extra = (train.CheckpointError,) if train else ()
+    # StorageError is an OSError; disk full and failed uploads name the URI and the cause.
+    storage = sys.modules.get("tokencompose_core.storage")
+    extra += (storage.StorageError,) if storage else ()
+    return isinstance(error, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                              *extra))
+
+
+class _UserErrorTracebacks(logging.Filter):
+    """Drops Prefect's log records that carry a user error's traceback: the CLI prints that error in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not _is_user_error(error)
+
+
+def _run(args: argparse.Namespace) -> Any:
+    if args.command == "demo":
+        return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out)
+    from tokencompose_core.config import load_config
+
+    config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts
+    from tasks.common import configured
+
+    target = RUN[0] if args.command == "run" else STAGES[args.command].flow
+    # The profile picks the task runner (default or Dask) and the result storage.
+    flow = configured(_load_flow(target), config)
+    kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
+    if args.input_uri:
+        kwargs["input_uri"] = args.input_uri
+    return flow(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        flow = _load_flow("flows.demo:demo_flow")
-        result = flow(quick=args.quick, out=args.out)
-    else:
-        from tokencompose_core.config import ConfigError, load_config
-
-        try:
-            config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts
-        except ConfigError as error:
-            print(f"tokencompose: {error}", file=sys.stderr)
-            return 2
-        from tasks.common import configured
-
-        target = RUN[0] if args.command == "run" else STAGES[args.command].flow
-        # The profile picks the task runner (default or Dask) and the result storage.
-        flow = configured(_load_flow(target), config)
-        kwargs: dict[str, Any] = {"profile": args.profile, "overrides": list(args.overrides)}
-        if args.input_uri:
-            kwargs["input_uri"] = args.input_uri
-        result = flow(**kwargs)
+    quiet = None if args.debug else _UserErrorTracebacks()
+    for name in _RUN_LOGGERS if quiet else ():
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        result = _run(args)
+    except Exception as error:
+        if args.debug or not _is_user_error(error):
+            raise
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"tokencompose: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        for name in _RUN_LOGGERS if quiet else ():
+            logging.getLogger(name).removeFilter(quiet)
     print(json.dumps(result, indent=2, default=str) if not isinstance(result, str) else result)
     return 0
 

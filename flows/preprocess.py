@@ -19,6 +19,7 @@ from tokencompose_core import outputs, storage
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.grounding import plan_masks
 from tokencompose_core.identity import uri_hash
+from tokencompose_core.manifest import masks_input_kind
 from tokencompose_core.mask_cache import cache_identity
 from tokencompose_core.stages import stage_fingerprint
 
@@ -52,7 +53,7 @@ def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     config = load_config(profile, overrides)
     source = input_uri or storage.join(outputs.current(config, "nouns"), "nouns.parquet")
     storage.check_input(source, config.storage)
-    if source.endswith(".jsonl"):
+    if masks_input_kind(source) == "reference":
         return _import_reference(source, config)
     fingerprint = stage_fingerprint(config, "masks")
     cache_uri = outputs.output_folder(config, "masks", "masks", fingerprint)

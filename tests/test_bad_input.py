@@ -19,7 +19,16 @@ from PIL import Image
 from tokencompose_core import mask_cache, storage
 from tokencompose_core.config import load_config
 from tokencompose_core.grounding import GroundedSam, ground_shard
-from tokencompose_core.manifest import ImageError, export_reference, nouns_table, open_image, read_manifest
+from tokencompose_core.manifest import (
+    ImageError,
+    export_reference,
+    masks_input_kind,
+    nouns_table,
+    open_image,
+    read_manifest,
+    read_reference_metadata,
+    write_nouns,
+)
 from tokencompose_core.models import clip_tokenizer
 from tokencompose_core.sampling import load_prompts
 
@@ -57,6 +66,21 @@ def test_each_image_is_opened_as_rgb_or_refused_with_a_reason(name: str) -> None
         assert str(caught.value).startswith(expected)
 
 
+@pytest.mark.parametrize("row_id", sorted(corpus.OTHER_IMAGES))
+def test_urls_without_a_backend_and_folders_are_refused_with_a_reason(row_id: str) -> None:
+    image, expected = corpus.OTHER_IMAGES[row_id]
+    uri = image if "://" in image else str(BAD / image)
+    with pytest.raises(ImageError) as caught:
+        open_image(uri, MAX_PIXELS)
+    assert str(caught.value).startswith(expected) and uri in str(caught.value)
+
+
+def test_reasons_name_the_image_not_a_buffer() -> None:
+    with pytest.raises(ImageError) as caught:
+        open_image(str(BAD / "images" / "not_an_image.png"), MAX_PIXELS)
+    assert "BytesIO" not in str(caught.value) and str(BAD / "images" / "not_an_image.png") in str(caught.value)
+
+
 @pytest.fixture(scope="module")
 def batch() -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The whole corpus manifest through stage 1."""
@@ -73,15 +97,34 @@ def test_nouns_stage_keeps_going_and_says_why(batch) -> None:
             assert image_rejects.get(image_id) == outcome, image_id
         elif outcome == "nouns":
             assert rows["noun"].notna().any(), f"{image_id}: no usable noun"
-        else:  # the tagger decides; the row is either used or rejected with a reason
+        elif outcome == "handled":  # the tagger decides; the row is either used or rejected with a reason
             assert len(rows) or image_id in image_rejects, image_id
+        else:
+            assert image_rejects.get(image_id, "").startswith(outcome) and not len(rows), image_id
         positions = [p for ps in rows["token_positions"] for p in ps]
         assert all(1 <= p <= 75 for p in positions), f"{image_id}: positions {positions} outside the 77 tokens"
     giraffe = rejects[(rejects["image_id"] == "cap-500-words") & (rejects["noun"] == "giraffe")]
     assert giraffe["reason"].tolist() == ["token-span failure: cut off by the token limit"]
-    # Every image with a caption reaches the table, whatever its pixels.
-    with_caption = [i for i, o in expected["captions"].items() if o != "no caption"] + list(expected["images"])
-    assert set(with_caption) <= set(table["image_id"])
+    # Every image with a usable caption reaches the table, whatever its pixels.
+    with_caption = [i for i, o in expected["captions"].items() if o in ("nouns", "handled", "no nouns")]
+    assert set(with_caption + list(expected["images"])) <= set(table["image_id"])
+
+
+def test_rows_that_are_not_text_are_rejected_and_the_tables_still_write(tmp_path: Path) -> None:
+    good = str(BAD / "images" / "good.png")
+    manifest = pd.DataFrame([
+        {"id": "bad-id-\ud800", "image": good, "captions": ["a dog"]},
+        {"id": "one-bad-caption", "image": good, "captions": ["a \udfff cat", "a dog on a mat"]},
+        {"id": "fine", "image": good, "captions": ["a red ball"]},
+    ], dtype=object)
+    table, rejects = nouns_table(manifest, clip_tokenizer())
+    assert set(table["image_id"]) == {"one-bad-caption", "fine"}
+    assert table[table["image_id"] == "one-bad-caption"]["caption"].iloc[0] == "a dog on a mat"
+    (reason,) = rejects["reason"]
+    assert reason == "image id is not valid Unicode text: lone surrogate '\\ud800' at character 7"
+    assert rejects["image_id"].tolist() == ["bad-id-\\ud800"]  # escaped, so that Parquet can store it
+    write_nouns(table, rejects, str(tmp_path))
+    assert storage.read_parquet(str(tmp_path / "rejects.parquet"))["image_id"].tolist() == ["bad-id-\\ud800"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +137,7 @@ def test_masks_stage_rejects_bad_images_and_grounds_the_rest(batch, grounder: Gr
     table, _, expected = batch
     rows, rejects = ground_shard(table, grounder, "fp", batch_size=4, max_image_pixels=MAX_PIXELS)
     reasons = rejects[rejects["noun"].isna()].set_index("image_id")["reason"]
+    assert not rejects["reason"].str.contains("BytesIO").any()
     for image_id, outcome in expected["images"].items():
         if outcome == "ok":
             assert (rows["image_id"] == image_id).any(), f"{image_id} was not processed"
@@ -106,9 +150,10 @@ def test_masks_stage_rejects_bad_images_and_grounds_the_rest(batch, grounder: Gr
     mask_cache.commit_shard(cache, "shard-00000", rows, rejects)
     reader = mask_cache.MaskCache(cache)
     stored = set(reader.image_ids())
-    good = {i for i, o in expected["images"].items() if o == "ok"} | set(expected["captions"])
+    with_caption = {i for i, o in expected["captions"].items() if o in ("nouns", "handled", "no nouns")}
+    good = {i for i, o in expected["images"].items() if o == "ok"} | with_caption
     bad = {i for i, o in expected["images"].items() if o not in ("ok", "handled")}
-    assert good - {i for i, o in expected["captions"].items() if o == "no caption"} <= stored
+    assert good <= stored
     assert not bad & stored
     for image_id in reader.image_ids():  # every stored image reads back with masks of its size
         image = reader.get(image_id)
@@ -122,6 +167,7 @@ def test_masks_stage_rejects_bad_images_and_grounds_the_rest(batch, grounder: Gr
         ("manifest_missing_image.jsonl", "row 2 has no 'image'"),
         ("manifest_wrong_types.jsonl", "row 2"),
         ("manifest_not_json.jsonl", "line 2 is not valid JSON"),
+        ("manifest_not_utf8.jsonl", "line 2 is not UTF-8 text (byte 0xe9)"),
         ("manifest_not_object.jsonl", "row 1"),
         ("manifest_missing_columns.parquet", "'image'"),
         ("manifest_wrong_types.parquet", "row 1"),
@@ -131,6 +177,26 @@ def test_bad_manifests_give_one_clear_error(name: str, problem: str) -> None:
     with pytest.raises(ValueError) as caught:
         read_manifest(str(BAD / name))
     assert str(BAD / name) in str(caught.value) and problem in str(caught.value)
+
+
+def test_a_stage_one_manifest_given_to_stage_two_says_what_was_expected(tmp_path: Path) -> None:
+    manifest = str(BAD / "manifest.jsonl")
+    for check in (masks_input_kind, read_reference_metadata):
+        with pytest.raises(ValueError) as caught:
+            check(manifest)
+        assert str(caught.value).startswith(f"{manifest} is a stage-1 manifest")
+        assert "run `tokencompose nouns" in str(caught.value)
+    parquet = tmp_path / "manifest.parquet"
+    read_manifest(manifest).head(3).to_parquet(parquet)
+    with pytest.raises(ValueError, match="is a stage-1 manifest"):
+        masks_input_kind(str(parquet))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"file_name": "a.jpg", "text": "a dog", "attn_list": []}\n{"name": "b.jpg"}\n')
+    with pytest.raises(ValueError, match=f"{other}: row 2 is not a reference metadata row"):
+        masks_input_kind(str(other))
+    nouns = tmp_path / "nouns.parquet"
+    write_nouns(*nouns_table(read_manifest(manifest).head(2), clip_tokenizer()), str(tmp_path))
+    assert masks_input_kind(str(nouns)) == "nouns"
 
 
 @pytest.mark.parametrize(
@@ -207,3 +273,75 @@ def test_hostile_image_ids_never_leave_the_output_folder(tmp_path: Path, image_i
 def test_storage_join_refuses_escaping_parts(part: str) -> None:
     with pytest.raises(ValueError, match="unsafe path component"):
         storage.join("/data/out", part)
+
+
+# ----------------------------------------------------------------------------- decoding budget
+
+
+def _huge_png(path: Path, side: int = 7000) -> Path:
+    """A 7000 x 7000 PNG of about 160 KB (flat colour, one square): 49 MP behind a small file."""
+    image = Image.new("RGB", (side, side), (200, 200, 200))
+    image.paste((30, 30, 200), (side // 4, side // 4, side // 2, side // 2))
+    image.save(path, optimize=True)
+    return path
+
+
+def test_a_batch_decodes_a_bounded_number_of_pixels_whatever_the_files(
+    grounder: GroundedSam, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    from tokencompose_core import manifest
+    from tokencompose_core.rle import decode
+
+    small = Image.open(BAD / "images" / "good.png").size
+    paths = [_huge_png(tmp_path / "a.png"), BAD / "images" / "good.png", _huge_png(tmp_path / "b.png"),
+             BAD / "images" / "good.jpg"]
+    assert all(path.stat().st_size < 200_000 for path in paths)
+    table = pd.DataFrame({"image_id": [f"i{n}" for n in range(4)], "image_uri": [str(p) for p in paths],
+                          "caption": "a dog next to a red ball", "noun": "dog", "token_positions": [[2]] * 4})
+    decoded_refs: list[weakref.ref] = []  # every decoded image; alive while referenced anywhere
+    decode_image = manifest.decode_image
+
+    def tracked(*args, **kwargs):
+        decoded = decode_image(*args, **kwargs)
+        decoded_refs.append(weakref.ref(decoded.image))
+        return decoded
+
+    held_per_batch: list[int] = []
+
+    def counting(images, nouns):
+        gc.collect()
+        alive = [ref() for ref in decoded_refs]
+        held_per_batch.append(sum(image.width * image.height for image in alive if image is not None))
+        return grounder(images, nouns)
+
+    counting.decode_long_side = grounder.decode_long_side
+    monkeypatch.setattr(manifest, "decode_image", tracked)
+    rows, rejects = ground_shard(table, counting, "fp", batch_size=2, max_image_pixels=MAX_PIXELS)
+    side = grounder.decode_long_side
+    bound = 2 * side * side  # batch_size x (decode_long_side)^2
+    assert held_per_batch and max(held_per_batch) <= bound, (held_per_batch, bound)
+    assert 7000 * 7000 > 100 * bound  # what decoding whole would have held
+    assert set(rows["image_id"]) | set(rejects["image_id"]) == {"i0", "i1", "i2", "i3"}
+    big = rows[rows["image_id"] == "i0"].iloc[0]
+    assert (big["height"], big["width"]) == (7000, 7000)  # the cache keeps the file's size ...
+    if big["mask_counts"] is not None:  # ... and masks of that size
+        assert decode(big["mask_counts"], 7000, 7000).shape == (7000, 7000)
+    good = rows[rows["image_id"] == "i1"].iloc[0]
+    assert (good["width"], good["height"]) == small  # small images are not touched
+
+
+def test_jpeg_is_decoded_reduced_and_other_formats_are_reduced_after(tmp_path: Path) -> None:
+    from tokencompose_core.manifest import decode_image
+
+    jpeg = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (10, 120, 40)).save(jpeg, quality=80)
+    decoded = decode_image(str(jpeg), MAX_PIXELS, long_side=400)
+    assert decoded.original_size == (4000, 3000) and decoded.image.size == (400, 300)
+    assert decoded.decoded_pixels == 500 * 375  # DCT scaling at 1/8: the full raster is never built
+    png = _huge_png(tmp_path / "big.png", side=3000)
+    decoded = decode_image(str(png), MAX_PIXELS, long_side=400)
+    assert decoded.image.size == (400, 400) and decoded.decoded_pixels == 3000 * 3000
+    assert decode_image(str(png), MAX_PIXELS).image.size == (3000, 3000)  # no long_side: full size

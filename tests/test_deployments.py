@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prefect.workers.process import ProcessWorker
 
-from deployments.serve import PREFECT_YAML, REPO_ROOT, build_deployments, deployment_specs
+from deployments.serve import PREFECT_YAML, REPO_ROOT, build_deployments, deployment_specs, roots_override
 from flows.reevaluate import reevaluate_flow
 from tokencompose_core.reevaluation import newest_checkpoint
 from tokencompose_core import storage
@@ -52,6 +52,24 @@ def test_serve_builds_the_prefect_yaml_deployments():
     for deployment in deployments.values():  # every entrypoint keeps the stage-flow signature
         schema = deployment._parameter_openapi_schema.properties
         assert {"profile", "overrides", "input_uri"} <= set(schema), deployment.name
+
+
+def test_every_deployment_confines_its_runs_to_its_profiles_roots(tmp_path):
+    from flows.preprocess import nouns_flow
+
+    outside = tmp_path / "manifest.jsonl"
+    outside.write_text('{"image": "a.png", "captions": "a dog"}\n')
+    for spec in deployment_specs():  # in the file itself, so that `prefect deploy` gets it too
+        parameters = spec["parameters"]
+        assert roots_override(parameters["profile"]) in parameters["overrides"], spec["name"]
+        config = load_config(parameters["profile"], parameters["overrides"])
+        assert config.storage.allowed_roots == [config.storage.root], spec["name"]
+        with pytest.raises(ValueError, match="outside the configured storage roots"):
+            nouns_flow.fn(parameters["profile"], parameters["overrides"], input_uri=str(outside))
+    served = {d.name: d.parameters["overrides"] for d in build_deployments(profile="sd21")}
+    assert served["pipeline"][0] == roots_override("sd21") == 'storage.allowed_roots=["runs/sd21"]'
+    assert not any("runs/sd14" in override for overrides in served.values() for override in overrides)
+    assert roots_override("tiny") in served["quick-eval"]
 
 
 def test_reevaluation_compares_with_the_previous_checkpoint(prefect_harness, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import logging
 import random
 import sys
 import uuid
@@ -191,3 +192,59 @@ def test_death_while_deleting_an_old_checkpoint_never_lists_a_broken_one(runner:
     monkeypatch.undo()
     assert checkpoint_steps(str(out))[-1] == 4
     faults.check_published("train", out)  # every listed checkpoint is whole
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _scramble(path: Path) -> None:
+    """Random bytes of the same size: only the content digest (or the load) can tell."""
+    path.write_bytes(random.Random(path.name).randbytes(path.stat().st_size))
+
+
+def _trained(runner: faults.Runner, out: Path, steps: int):
+    from tokencompose_core.train import checkpoint_steps, train
+
+    config = faults.stage_config("train", runner.work)
+    config.train.max_steps = steps
+    cache = faults.prepare(runner.work)["cache"]
+    train(config, cache, str(out))
+    assert checkpoint_steps(str(out)) == [2, 4]
+    return config, cache
+
+
+@pytest.mark.parametrize("manifest_rewritten", [False, True], ids=["content-differs", "passes-manifest-fails-load"])
+def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        manifest_rewritten: bool) -> None:
+    from tokencompose_core.outputs import write_manifest
+    from tokencompose_core.train import checkpoint_dir, train
+
+    out = tmp_path / "run"
+    config, cache = _trained(runner, out, 4)
+    damaged = Path(checkpoint_dir(str(out), 4)) / "optimizer.pt"
+    _scramble(damaged)
+    if manifest_rewritten:  # damaged before the manifest was written: only loading it shows the damage
+        write_manifest(str(damaged.parent))
+    config.train.max_steps = 6
+    with caplog.at_level(logging.INFO, logger="tokencompose_core.train"):
+        assert train(config, cache, str(out)).global_step == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(damaged) in message and "damaged" in message for message in warnings), warnings
+    assert any(f"resumed from {checkpoint_dir(str(out), 2)} at step 2" in r.getMessage() for r in caplog.records)
+    faults.check_published("train", out)  # the re-saved checkpoint-4 and checkpoint-6 are whole
+
+
+def test_no_whole_checkpoint_is_one_error_naming_them(runner: faults.Runner, tmp_path: Path) -> None:
+    from tokencompose_core.train import CheckpointError, checkpoint_dir, train
+
+    out = tmp_path / "run"
+    config, cache = _trained(runner, out, 4)
+    _scramble(Path(checkpoint_dir(str(out), 4)) / "optimizer.pt")
+    (Path(checkpoint_dir(str(out), 2)) / "lr_scheduler.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as caught:
+        train(config, cache, str(out))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(Path(checkpoint_dir(str(out), 4)) / "optimizer.pt") in message
+    assert str(Path(checkpoint_dir(str(out), 2)) / "lr_scheduler.pt") in message

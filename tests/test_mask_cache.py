@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import threading
 
 import numpy as np
@@ -54,7 +56,8 @@ def test_commit_and_read_back(tmp_path) -> None:
     uri = mask_cache.commit_shard(cache, "shard-00000", rows, rejects, inputs="abc")
     assert uri.endswith("shards/shard-00000.parquet")
     record = mask_cache.completed_shards(cache)["shard-00000"]
-    assert record == {"rows": 3, "images": 2, "rejects": 1, "fingerprint": "fp", "inputs": "abc"}
+    shard_bytes = (Path(cache) / "shards" / "shard-00000.parquet").stat().st_size
+    assert record == {"rows": 3, "images": 2, "rejects": 1, "fingerprint": "fp", "inputs": "abc", "bytes": shard_bytes}
 
     reader = mask_cache.MaskCache(cache)
     assert reader.image_ids() == ["a", "b"] and len(reader) == 2

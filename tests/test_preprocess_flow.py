@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import skimage.data
@@ -11,7 +12,9 @@ from PIL import Image
 
 import tokencompose_core.grounding as grounding
 from flows.preprocess import masks_flow, nouns_flow, preprocess_flow
-from tokencompose_core import mask_cache
+from tokencompose_core import mask_cache, outputs
+from tokencompose_core.config import load_config
+from tokencompose_core.stages import stage_fingerprint
 
 PHOTOS = {
     "astronaut": ("astronaut", "An astronaut in a space suit holding a flag."),
@@ -69,9 +72,11 @@ def test_kill_and_resume(prefect_harness, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(grounding, "ground_shard", failing_on_shard_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         masks_flow("tiny", overrides, nouns["nouns_uri"])
-    cache_uri = str(tmp_path / "run" / "masks")
+    config = load_config("tiny", overrides)
+    cache_uri = outputs.output_folder(config, "masks", "masks", stage_fingerprint(config, "masks"))
+    assert "shard-00000" in mask_cache.completed_shards(cache_uri)
     assert "shard-00001" not in mask_cache.completed_shards(cache_uri)
-    assert not (tmp_path / "run" / "masks" / "shards" / "shard-00001.parquet").exists()  # no half shard
+    assert not (Path(cache_uri) / "shards" / "shard-00001.parquet").exists()  # no half shard
 
     def counting(rows, *args, **kwargs):
         grounded.append(sorted(set(rows["image_id"])))

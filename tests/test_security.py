@@ -207,3 +207,23 @@ def test_flows_refuse_user_uris_outside_the_storage_roots(tmp_path: Path, module
     function = getattr(importlib.import_module(module), flow).fn  # the flow body, without a Prefect run
     with pytest.raises(ValueError, match="outside the configured storage roots"):
         function(profile="tiny", overrides=overrides, input_uri=None if extra else str(outside))
+
+
+def test_a_symlink_inside_a_root_that_points_outside_is_refused(tmp_path: Path) -> None:
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.jsonl").write_text("{}\n")
+    (data / "link.jsonl").symlink_to(elsewhere / "secret.jsonl")
+    (data / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
+    (data / "real.jsonl").write_text("{}\n")
+    closed = load_config("tiny", [f"storage.root={tmp_path / 'runs'}", f"storage.allowed_roots=[{data}]"]).storage
+    for escape in (data / "link.jsonl", data / "linked-folder" / "secret.jsonl", data / "linked-folder" / "new"):
+        with pytest.raises(ValueError, match=f"outside the configured storage roots .* resolves to {elsewhere}"):
+            storage.check_input(str(escape), closed)
+    assert storage.check_input(str(data / "real.jsonl"), closed)
+    # A root that is itself a link (a mounted volume) holds what lies behind it.
+    (tmp_path / "mounted").symlink_to(elsewhere, target_is_directory=True)
+    via_link = load_config("tiny", [f"storage.allowed_roots=[{tmp_path / 'mounted'}]"]).storage
+    assert storage.check_input(str(elsewhere / "secret.jsonl"), via_link)
+    assert storage.check_input(str(tmp_path / "mounted" / "secret.jsonl"), via_link)

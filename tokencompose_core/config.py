@@ -320,26 +320,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _origin(field: str, path: Path, overrides: list[str]) -> str:
+    """Where a field's value came from: the last command-line override that set it, else the profile."""
+    for override in reversed(overrides):
+        key = override.partition("=")[0].strip()
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            return f"override {override!r}"
+    return f"invalid configuration in {path}"
+
+
+def _format_validation_error(error: ValidationError, path: Path, overrides: list[str]) -> str:
+    """One line per invalid field, each saying whether the profile file or an override set it."""
+    lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
+        lines.append(f"{_origin(field, path, overrides)}: {field}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
 
 
 def load_config(profile: str = "tiny", overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a profile and apply overrides; errors name the offending field."""
+    """Load a profile and apply overrides; errors name the offending field and where it was set."""
     path = profile_path(profile)
+    overrides = list(overrides or [])
     with open(path, encoding="utf-8") as handle:
         data = _load_yaml(handle.read()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, overrides)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, str(path))) from None
+        raise ConfigError(_format_validation_error(error, path, overrides)) from None
 
 
 def dump_config(config: PipelineConfig) -> str:

@@ -209,6 +209,10 @@ class GroundedSam:
         self.device = device
         self.mixed_precision = mixed_precision
         self.max_boxes = max_boxes
+        # The largest image side either model looks at: GroundingDINO caps the long side at
+        # image_size * 1333/800, SAM resizes the long side to its encoder's input. Images are
+        # decoded no larger (ground_shard), which bounds a batch's pixels whatever the input.
+        self.decode_long_side = max(round(image_size * _MAX_SIZE_RATIO), int(sam.image_encoder.img_size))
         # SamPredictor holds the current image: shards grounded from several
         # threads of one process take turns.
         self._lock = threading.Lock()
@@ -331,31 +335,86 @@ def shard_inputs_digest(nouns_rows: pd.DataFrame) -> str:
     return bytes_hash(nouns_rows[columns].to_json(orient="values").encode("utf-8"))
 
 
-def _image_rows(nouns_rows: pd.DataFrame) -> list[tuple[str, str, str, list[str], dict[str, list[int]]]]:
-    """(image_id, image_uri, caption, nouns, positions by noun) per image, in table order."""
-    images = []
+@dataclass
+class _ShardImage:
+    """One image of a shard on its way through grounding."""
+
+    image_id: str
+    image_uri: str
+    caption: str
+    nouns: list[str]
+    positions: dict[str, list[int]]
+    size: tuple[int, int] = (0, 0)  # (width, height) of the file: the cache's masks have this size
+    image: Image.Image | None = None  # decoded (reduced) while waiting for its batch; None without nouns
+
+
+def _image_rows(nouns_rows: pd.DataFrame) -> Iterator[_ShardImage]:
+    """The shard's images with their nouns and positions, in table order; one at a time, so
+    that an image grounded and dropped is no longer referenced."""
     for image_id, group in nouns_rows.groupby("image_id", sort=False):
         named = group[group["noun"].notna()]
         positions = {noun: [int(p) for p in pos] for noun, pos in zip(named["noun"], named["token_positions"])}
         first = group.iloc[0]
-        images.append((str(image_id), str(first["image_uri"]), str(first["caption"]), list(positions), positions))
-    return images
+        yield _ShardImage(str(image_id), str(first["image_uri"]), str(first["caption"]), list(positions), positions)
 
 
-def _ground_each(grounder: Callable, batch: list[tuple]) -> list[list[Grounding] | Exception]:
+def _ground_each(grounder: Callable, batch: list[_ShardImage]) -> list[list[Grounding] | Exception]:
     """Ground a batch; if it fails, each image alone, so that an image the models cannot
     take (a 400 x 1 sliver breaks GroundingDINO and SAM) fails only itself.
 
     Out of memory is no image's fault: it propagates, and the task retries with a smaller batch.
     """
     try:
-        return grounder([item[5] for item in batch], [item[3] for item in batch])
+        return grounder([item.image for item in batch], [item.nouns for item in batch])
     except Exception as error:  # noqa: BLE001 - the image's reject row carries the error
         if isinstance(error, torch.OutOfMemoryError):
             raise
         if len(batch) == 1:
             return [error]
         return [_ground_each(grounder, [item])[0] for item in batch]
+
+
+def _to_file_size(grounding: Grounding, decoded: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, list]:
+    """Mask and box of an image decoded at ``decoded`` (width, height), at the file's ``size``.
+
+    The mask is scaled up by nearest neighbour: SAM's masks come from 256 x 256 logits,
+    so at the decoded size (long side >= SAM's input) they hold all the detail they have.
+    """
+    if decoded == size:
+        return grounding.mask, grounding.box
+    mask = Image.fromarray(grounding.mask.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+    sx, sy = size[0] / decoded[0], size[1] / decoded[1]
+    x0, y0, x1, y1 = grounding.box
+    return np.asarray(mask, dtype=bool), [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+
+
+def _ground_chunk(grounder: Callable, chunk: list[_ShardImage], fingerprint: str, rows: list[dict],
+                  rejects: list[dict]) -> None:
+    """Ground the images of ``chunk`` that have nouns (one batch) and add every image's rows."""
+    batch = [item for item in chunk if item.image is not None]
+    grounded: dict[str, list[Grounding]] = {}
+    for item, found in zip(batch, _ground_each(grounder, batch) if batch else []):
+        if isinstance(found, Exception):
+            reason = f"grounding failed: {type(found).__name__}: {found}"
+            rejects.append(mask_cache.reject_row(item.image_id, item.image_uri, MASKS_STAGE, reason))
+        else:
+            grounded[item.image_id] = found
+    for item in chunk:
+        if item.image is not None and item.image_id not in grounded:  # rejected above
+            continue
+        decoded = item.image.size if item.image is not None else item.size
+        found = {g.noun: g for g in grounded.get(item.image_id, [])}
+        width, height = item.size
+        head = (item.image_id, item.image_uri, item.caption, height, width, fingerprint)
+        for noun in item.nouns:
+            if noun not in found:
+                rejects.append(mask_cache.reject_row(item.image_id, item.image_uri, MASKS_STAGE,
+                                                     "noun without detection", noun))
+                continue
+            mask, box = _to_file_size(found[noun], decoded, item.size)  # one full-size mask at a time
+            rows.append(mask_cache.shard_row(*head, noun, item.positions[noun], mask, box, found[noun].score))
+        if not found:
+            rows.append(mask_cache.shard_row(*head))
 
 
 def ground_shard(
@@ -371,41 +430,31 @@ def ground_shard(
     and skipped; a noun without a detection is rejected but its image stays (with
     its other nouns, or as the single noun-less row that still trains with the
     denoising loss).
-    """
-    from tokencompose_core.manifest import ImageError, open_image
 
-    rows, rejects, loaded = [], [], []
-    for image_id, image_uri, caption, nouns, positions in _image_rows(nouns_rows):
+    Memory: images are decoded batch by batch, each reduced to the grounder's
+    ``decode_long_side`` (when it has one, as :class:`GroundedSam` does), so a
+    batch holds at most ``batch_size`` such images whatever the files' sizes; masks
+    are scaled back to the file's size one at a time as they are encoded.
+    """
+    from tokencompose_core.manifest import ImageError, decode_image
+
+    long_side = getattr(grounder, "decode_long_side", None)
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    chunk: list[_ShardImage] = []
+    for item in _image_rows(nouns_rows):
         try:
-            image = open_image(image_uri, max_image_pixels)
+            decoded = decode_image(item.image_uri, max_image_pixels, long_side)
         except ImageError as error:
-            rejects.append(mask_cache.reject_row(image_id, image_uri, MASKS_STAGE, str(error)))
+            rejects.append(mask_cache.reject_row(item.image_id, item.image_uri, MASKS_STAGE, str(error)))
             continue
-        loaded.append((image_id, image_uri, caption, nouns, positions, image))
-    with_nouns = [item for item in loaded if item[3]]
-    groundings: dict[str, list[Grounding]] = {item[0]: [] for item in loaded}
-    for start in range(0, len(with_nouns), batch_size):
-        batch = with_nouns[start : start + batch_size]
-        for item, found in zip(batch, _ground_each(grounder, batch)):
-            if isinstance(found, Exception):
-                reason = f"grounding failed: {type(found).__name__}: {found}"
-                rejects.append(mask_cache.reject_row(item[0], item[1], MASKS_STAGE, reason))
-                del groundings[item[0]]
-            else:
-                groundings[item[0]] = found
-    for image_id, image_uri, caption, nouns, positions, image in loaded:
-        if image_id not in groundings:  # rejected above
-            continue
-        found = {g.noun: g for g in groundings[image_id]}
-        head = (image_id, image_uri, caption, image.height, image.width, fingerprint)
-        for noun in nouns:
-            if noun not in found:
-                rejects.append(mask_cache.reject_row(image_id, image_uri, MASKS_STAGE, "noun without detection", noun))
-                continue
-            g = found[noun]
-            rows.append(mask_cache.shard_row(*head, noun, positions[noun], g.mask, g.box, g.score))
-        if not found:
-            rows.append(mask_cache.shard_row(*head))
+        item.size = decoded.original_size
+        item.image = decoded.image if item.nouns else None  # without nouns only the size is needed
+        chunk.append(item)
+        if sum(entry.image is not None for entry in chunk) == batch_size:
+            _ground_chunk(grounder, chunk, fingerprint, rows, rejects)
+            chunk = []  # releases the batch's images before the next is decoded
+    _ground_chunk(grounder, chunk, fingerprint, rows, rejects)
     return mask_cache.rows_frame(rows), mask_cache.rejects_frame(rejects)
 
 
@@ -471,5 +520,5 @@ def run_mask_shard(
         return {"shard": shard_name, "skipped": True, **done}
     rows, rejects = ground_shard(nouns_rows, grounder_factory(), fingerprint, batch_size, max_image_pixels)
     # A shard where every image was rejected still commits (its rejects say why).
-    mask_cache.commit_shard(cache_uri, shard_name, rows, rejects, inputs=inputs)
+    mask_cache.commit_shard(cache_uri, shard_name, rows, rejects, inputs=inputs, fingerprint=fingerprint)
     return {"shard": shard_name, "skipped": False, **mask_cache.completed_shards(cache_uri)[shard_name]}

@@ -11,11 +11,13 @@ writes a cache back out in that format.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,13 @@ import pyarrow as pa
 from PIL import Image
 
 from tokencompose_core import mask_cache, storage
-from tokencompose_core.text import CaptionSelector, choose_caption, extract_nouns_batch, token_positions
+from tokencompose_core.text import (
+    CaptionSelector,
+    choose_caption,
+    extract_nouns_batch,
+    token_positions,
+    unicode_problem,
+)
 
 MANIFEST_COLUMNS = ["id", "image", "captions"]
 REFERENCE_STAGE = "reference"
@@ -58,10 +66,28 @@ def resolve(base_dir: str, path: str) -> str:
     return joined if is_url(base_dir) else posixpath.normpath(joined)
 
 
+@contextlib.contextmanager
+def _parquet_errors(uri: str) -> Iterator[None]:
+    """A file that is not Parquet: a ValueError naming it (pyarrow names a buffer, not the file)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{uri} is not a readable Parquet file ({error})") from None
+
+
 def _read_rows(uri: str) -> list[dict[str, Any]]:
     if uri.endswith((".parquet", ".pq")):
-        return storage.read_parquet(uri).to_dict("records")
-    text = storage.read_bytes(uri).decode("utf-8")
+        with _parquet_errors(uri):
+            return storage.read_parquet(uri).to_dict("records")
+    data = storage.read_bytes(uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{uri}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                         "save the manifest as UTF-8") from None
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -101,32 +127,77 @@ def read_manifest(uri: str) -> pd.DataFrame:
         except ValueError as error:
             raise ValueError(f"{uri}: row {number}: {error}") from None
         records.append({"id": image_id, "image": image, "captions": captions})
-    frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS)
+    # object dtype: pandas' Arrow-backed strings refuse a lone surrogate, which stage 1 rejects row by row.
+    frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS, dtype=object)
     duplicated = frame["id"][frame["id"].duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(f"{uri}: duplicate image ids {duplicated[:5]}; give each row a unique 'id'")
     return frame
 
 
-def open_image(uri: str, max_pixels: int) -> Image.Image:
-    """The RGB image at ``uri``; :class:`ImageError` (with the reason) when it cannot be used."""
+def _read_image_bytes(uri: str) -> bytes:
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except FileNotFoundError as error:
         raise ImageError(f"unreadable image: file not found ({uri})") from error
+    except IsADirectoryError as error:
+        raise ImageError(f"unreadable image: {uri} is a folder, not an image file") from error
+    except ImportError as error:  # fsspec knows the protocol, its package is not installed (http: aiohttp)
+        raise ImageError(f"unreadable image: {uri}: the filesystem package for this URL is not installed "
+                         f"({error})") from error
+    except (OSError, ValueError) as error:  # permissions, network; ValueError: a protocol fsspec does not know
+        raise ImageError(f"unreadable image: {uri}: {type(error).__name__}: {error}") from error
+
+
+@dataclass
+class DecodedImage:
+    """An image decoded no larger than a stage needs, with what its file holds."""
+
+    image: Image.Image  # RGB
+    original_size: tuple[int, int]  # (width, height) in the file's header
+    decoded_pixels: int  # the largest raster decoded on the way: the full size unless the format decodes reduced
+
+
+def decode_image(uri: str, max_pixels: int, long_side: int | None = None) -> DecodedImage:
+    """The RGB image at ``uri``, its long side reduced to ``long_side`` when larger.
+
+    :class:`ImageError` (with the reason) when it cannot be used. The header's
+    size is checked against ``max_pixels`` before any pixel is decoded. A JPEG is
+    decoded reduced (DCT scaling: 1/2, 1/4 or 1/8 of each side, never below the
+    target); other formats are decoded whole, one image at a time, then reduced,
+    so the caller holds only the reduced image.
+    """
+    buffer = io.BytesIO(_read_image_bytes(uri))
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(buffer)
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"unreadable image: {type(error).__name__}: {error}") from error
-    # The header gives the size before any pixel is decoded: refuse bombs early.
-    if image.width * image.height > max_pixels:
-        raise ImageError(f"image too large: {image.width}x{image.height} > {max_pixels} pixels")
+        # PIL names the buffer ("<_io.BytesIO object at 0x...>"); the reader needs the image's URI.
+        message = str(error).replace(repr(buffer), repr(uri))
+        raise ImageError(f"unreadable image: {type(error).__name__}: {message}") from error
+    original = image.size
+    if original[0] * original[1] > max_pixels:
+        raise ImageError(f"image too large: {original[0]}x{original[1]} > {max_pixels} pixels")
+    target = original
+    if long_side and max(original) > long_side:
+        scale = long_side / max(original)
+        target = (max(1, round(original[0] * scale)), max(1, round(original[1] * scale)))
+        image.draft("RGB", target)  # JPEG only; a no-op for other formats
+    decoded_pixels = image.size[0] * image.size[1]
     try:
-        return image.convert("RGB")
+        with image:
+            rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt pixel data
         raise ImageError(f"unreadable image: {type(error).__name__}: {error}") from error
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return DecodedImage(rgb, original, decoded_pixels)
+
+
+def open_image(uri: str, max_pixels: int) -> Image.Image:
+    """The RGB image at ``uri``, full size; :class:`ImageError` (with the reason) when it cannot be used."""
+    return decode_image(uri, max_pixels).image
 
 
 def image_size(uri: str) -> tuple[int, int]:
@@ -175,6 +246,52 @@ def _reference_image(
     return rows, rejects
 
 
+def _stage1_manifest_error(uri: str) -> ValueError:
+    return ValueError(
+        f"{uri} is a stage-1 manifest (rows of 'image' and 'captions'), not a stage-2 input; run "
+        f"`tokencompose nouns --input {uri}` on it first, or pass the nouns table (nouns.parquet) or the "
+        "reference's metadata.jsonl to `tokencompose masks --input`"
+    )
+
+
+def read_reference_metadata(uri: str) -> list[dict[str, Any]]:
+    """The rows of the reference's ``metadata.jsonl``; a ``ValueError`` naming the file and the
+    row when it is not in that format (a stage-1 manifest given to stage 2 is told so)."""
+    rows = _read_rows(uri)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{uri}: row {number} is not an object with 'file_name', 'text' and 'attn_list'")
+        if "file_name" not in row and "image" in row:
+            raise _stage1_manifest_error(uri)
+        missing = [key for key in ("file_name", "text") if not isinstance(row.get(key), str)]
+        if missing or not isinstance(row.get("attn_list", []), list):
+            raise ValueError(f"{uri}: row {number} is not a reference metadata row: needs 'file_name' and 'text' "
+                             f"strings and an 'attn_list' list, has keys {sorted(row)[:8]}")
+    return rows
+
+
+def masks_input_kind(uri: str) -> str:
+    """What stage 2 was given: ``"nouns"`` (stage 1's nouns table, Parquet) or ``"reference"``
+    (the authors' ``metadata.jsonl``). A ``ValueError`` says what was expected otherwise,
+    e.g. for a stage-1 manifest."""
+    if uri.endswith(".jsonl"):
+        read_reference_metadata(uri)
+        return "reference"
+    if not uri.endswith((".parquet", ".pq")):
+        raise ValueError(f"{uri}: stage 2 takes the nouns table (nouns.parquet) or the reference's metadata.jsonl")
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with _parquet_errors(uri), fs.open(path, "rb") as handle:
+        columns = set(pq.read_schema(handle).names)
+    missing = [name for name in NOUNS_SCHEMA.names if name not in columns]
+    if missing and "image" in columns:
+        raise _stage1_manifest_error(uri)
+    if missing:
+        raise ValueError(f"{uri} is not a nouns table: columns {missing} are missing")
+    return "nouns"
+
+
 def import_reference(
     metadata_uri: str,
     cache_uri: str,
@@ -190,7 +307,7 @@ def import_reference(
     rejects as "noun without detection"; the score column is NaN (none released).
     """
     base_dir = posixpath.dirname(metadata_uri)
-    rows = _read_rows(metadata_uri)
+    rows = read_reference_metadata(metadata_uri)
     shards = []
     for start in range(0, len(rows), shard_size):
         shard_rows, shard_rejects = [], []
@@ -243,12 +360,10 @@ def export_reference(cache_uri: str, out_uri: str, image_root: str | None = None
     return metadata_uri
 
 
-def _chosen_captions(
-    manifest: pd.DataFrame, selector: CaptionSelector | None, max_image_pixels: int
-) -> list[str | None]:
+def _chosen_captions(rows: list[Any], selector: CaptionSelector | None, max_image_pixels: int) -> list[str | None]:
     """One caption per row (None when it has none); CLIP choice needs the image."""
     chosen: list[str | None] = []
-    for row in manifest.itertuples(index=False):
+    for row in rows:
         if not row.captions:
             chosen.append(None)
         elif selector is None or len(row.captions) == 1:
@@ -259,6 +374,18 @@ def _chosen_captions(
             except ImageError:  # stage 2 rejects the image; any caption will do here
                 chosen.append(row.captions[0])
     return chosen
+
+
+def _text_problem(row: Any) -> str | None:
+    """Why a manifest row's text cannot be processed at all (None when it can)."""
+    for field, value in (("image id", row.id), ("image path", row.image)):
+        problem = unicode_problem(value)
+        if problem:
+            return f"{field} is not valid Unicode text: {problem}"
+    problems = [unicode_problem(caption) for caption in row.captions]
+    if row.captions and all(problems):
+        return f"caption is not valid Unicode text: {problems[0]}"
+    return None
 
 
 def nouns_table(
@@ -272,14 +399,21 @@ def nouns_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: manifest rows -> (nouns table, rejects).
 
-    Rejected: rows without a caption (dropped), captions without nouns and nouns
-    without a token span (kept as an image with no usable noun).
+    Rejected: rows without a caption or whose id, path or every caption is not
+    valid Unicode (dropped; a row's other valid captions are used), captions
+    without nouns and nouns without a token span (kept as an image with no usable noun).
     """
-    captions = _chosen_captions(manifest, selector, max_image_pixels)
+    rows, rejects, usable_rows = [], [], []
+    for row in manifest.itertuples(index=False):
+        problem = _text_problem(row)
+        if problem:
+            rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, problem))
+        else:
+            usable_rows.append(row._replace(captions=[c for c in row.captions if unicode_problem(c) is None]))
+    captions = _chosen_captions(usable_rows, selector, max_image_pixels)
     with_caption = [caption for caption in captions if caption is not None]
     nouns_iter = iter(extract_nouns_batch(with_caption, model=tagger_model, batch_size=batch_size, tagger=tagger))
-    rows, rejects = [], []
-    for row, caption in zip(manifest.itertuples(index=False), captions):
+    for row, caption in zip(usable_rows, captions):
         if caption is None:
             rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, "no caption"))
             continue

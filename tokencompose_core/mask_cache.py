@@ -99,16 +99,19 @@ def commit_shard(
     rows: pd.DataFrame,
     rejects: pd.DataFrame | None = None,
     inputs: str | None = None,
+    fingerprint: str | None = None,
 ) -> str:
     """Publish one shard (rows + rejects) atomically and record it as completed.
 
-    ``inputs`` is an optional digest of what the shard was computed from, so a
-    re-run can tell a completed shard of the same inputs from a stale one.
+    ``inputs`` is an optional digest of what the shard was computed from, and
+    ``fingerprint`` the settings it was computed with (default: the rows'), so a
+    re-run can tell a completed shard of the same inputs and settings from a stale
+    one, also when every image of it was rejected and it has no row to say so.
     Returns the shard's URI.
     """
     _check_name(shard_name)
     table = to_table(rows, SHARD_SCHEMA)
-    fingerprints = sorted(set(table.column("fingerprint").to_pylist()) - {None})
+    fingerprints = sorted(set(table.column("fingerprint").to_pylist()) - {None} | ({fingerprint} - {None}))
     if len(fingerprints) > 1:
         raise ValueError(f"shard {shard_name} mixes fingerprints {fingerprints}")
     reject_table = to_table(rejects if rejects is not None else empty_rejects(), REJECT_SCHEMA)
@@ -324,8 +327,14 @@ def shard_row(
     }
 
 
+def _writable(text: str | None) -> str | None:
+    # A rejected row may be rejected for holding a lone surrogate, which Parquet cannot store: keep it escaped.
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def reject_row(image_id: str, image_uri: str, stage: str, reason: str, noun: str | None = None) -> dict[str, Any]:
-    return {"image_id": image_id, "image_uri": image_uri, "noun": noun, "stage": stage, "reason": reason}
+    return {"image_id": _writable(image_id), "image_uri": _writable(image_uri), "noun": _writable(noun),
+            "stage": stage, "reason": _writable(reason)}
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -1,26 +1,109 @@
-"""Stage output folders: named after what made them, with a record written last.
+"""Output folders that prove they are whole, and stage outputs named after what made them.
 
-Every stage writes into ``<root>/<stage>/<name>-<key>`` where ``key`` hashes the
-stage fingerprint and the identities of its inputs, so a changed setting never
-shares a folder with another setting and an unchanged one always finds its own.
-Beside the outputs go ``config.yaml`` (the resolved configuration that made
-them) and, last, ``_stage.json``: the stage, its fingerprint, its inputs, the
-package versions and every output file with its size and sha256. A folder
-without that record, or whose files no longer match it, is not a result.
+A folder (a training checkpoint, a stage's output) is published file by file;
+each file is atomic, but the set is not, and a file can later be damaged in
+place (a bad disk, a copy cut short, a hand edit). A **manifest**, written last,
+records each file's relative path, size and sha256; :func:`verify_manifest`
+lists what differs. A folder whose check returns no problem holds exactly the
+bytes that were written. Works on any fsspec URI.
+
+Every **stage output** lives in ``<root>/<stage>/<name>-<key>``, the key hashing
+the stage fingerprint and the identities of its inputs, so a changed setting
+never shares a folder with another setting and an unchanged one always finds its
+own. Beside the outputs go ``config.yaml`` (the resolved configuration that made
+them) and, last, the stage record ``_stage.json``: a manifest that also names the
+stage, its fingerprint, its inputs and the package versions. A folder without
+that record, or whose files no longer match it, is not a result.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from tokencompose_core import storage
 from tokencompose_core.config import PipelineConfig, dump_config
-from tokencompose_core.identity import SHORT, file_digest, package_versions, value_hash
+from tokencompose_core.identity import file_digest, package_versions, value_hash
 
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_VERSION = 1
 RECORD = "_stage.json"
 CONFIG = "config.yaml"
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _files_under(fs: Any, root: str) -> list[str]:
+    """Relative paths of the files under ``root``, without manifests or temporary files."""
+    found = []
+    for path in fs.find(root):
+        relative = posixpath.relpath(path, root)
+        hidden = any(part.startswith(".") for part in relative.split("/"))
+        if relative not in (MANIFEST_NAME, RECORD) and ".tmp-" not in posixpath.basename(relative) and not hidden:
+            found.append(relative)
+    return sorted(found)
+
+
+def write_manifest(folder: str, files: Iterable[str] | None = None, name: str = MANIFEST_NAME,
+                   extra: dict[str, Any] | None = None) -> str:
+    """Record size and sha256 of ``files`` (relative to ``folder``; default: every file
+    under it) in ``<folder>/<name>``, published atomically, with ``extra`` keys beside
+    them. Call it after the last file of the folder is written. Returns its URI."""
+    fs, root = storage.filesystem(folder)
+    entries = []
+    for relative in sorted(files) if files is not None else _files_under(fs, root):
+        size, sha256 = file_digest(storage.join(folder, relative))
+        entries.append({"path": relative, "size": size, "sha256": sha256})
+    uri = storage.join(folder, name)
+    storage.atomic_write_json(uri, {**(extra or {}), "version": MANIFEST_VERSION, "files": entries})
+    return uri
+
+
+def has_manifest(folder: str) -> bool:
+    """Whether ``folder`` has a manifest (folders written before manifests existed have none)."""
+    return storage.exists(storage.join(folder, MANIFEST_NAME))
+
+
+def verify_manifest(folder: str, deep: bool = True, name: str = MANIFEST_NAME) -> list[str]:
+    """Problems that make ``folder`` differ from its manifest ``name``; empty when it is whole.
+
+    Each problem is one line naming the file: missing, wrong size, or (with
+    ``deep``) different content. ``deep=False`` compares sizes only, for a cheap
+    check of large folders on object stores. A missing or unreadable manifest is
+    itself a problem. Files not in the manifest are ignored (logs may be added).
+    """
+    uri = storage.join(folder, name)
+    try:
+        manifest = storage.read_json(uri)
+        checked = [(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in manifest["files"]]
+    except FileNotFoundError:
+        return [f"{uri}: missing"]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSON, UTF-8 or shape errors
+        return [f"{uri}: unreadable manifest ({type(error).__name__}: {error})"]
+    fs, root = storage.filesystem(folder)
+    problems = []
+    for relative, size, sha256 in checked:
+        try:
+            path, shown = storage.join(root, relative), storage.join(folder, relative)
+        except ValueError as error:  # a manifest naming '../x' must not make us read outside
+            problems.append(f"{uri}: {error}")
+            continue
+        try:
+            actual = int(fs.size(path))
+            if actual != size:
+                problems.append(f"{shown}: {actual} bytes, the manifest says {size}")
+            elif deep and file_digest(shown)[1] != sha256:
+                problems.append(f"{shown}: content differs from the manifest (sha256)")
+        except FileNotFoundError:
+            problems.append(f"{shown}: missing")
+        except OSError as error:  # unreadable: as unusable as missing
+            problems.append(f"{shown}: unreadable ({type(error).__name__}: {error})")
+    return problems
+
+
+# ----------------------------------------------------------------------------- stage outputs
 
 
 def output_folder(config: PipelineConfig, stage: str, name: str, key: Any) -> str:
@@ -28,75 +111,39 @@ def output_folder(config: PipelineConfig, stage: str, name: str, key: Any) -> st
     return storage.join(config.storage.root, stage, f"{name}-{value_hash(key)}")
 
 
-def _file_entry(uri: str) -> dict[str, Any]:
-    size, sha256 = file_digest(uri)
-    return {"size": size, "sha256": sha256}
-
-
-def _listed_files(folder: str) -> list[str]:
-    """Every file under ``folder`` except the record itself and hidden temporaries."""
-    fs, base = storage.filesystem(folder)
-    found = []
-    for path in sorted(fs.find(base)):
-        relative = posixpath.relpath(path, base)
-        if relative == RECORD or any(part.startswith(".") for part in relative.split("/")):
-            continue
-        found.append(relative)
-    return found
-
-
 def write_record(folder: str, config: PipelineConfig, stage: str, fingerprint: str,
                  inputs: dict[str, Any], files: list[str] | None = None) -> dict[str, Any]:
-    """Write ``config.yaml``, then the record of ``files`` (default: all in the folder) last."""
+    """Write ``config.yaml``, then the stage record of ``files`` (default: all in the folder) last."""
     storage.atomic_write_bytes(storage.join(folder, CONFIG), dump_config(config).encode("utf-8"))
-    listed = sorted(set(files if files is not None else _listed_files(folder)) | {CONFIG})
-    record = {
-        "stage": stage,
-        "fingerprint": fingerprint,
-        "inputs": inputs,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": package_versions(),
-        "files": {name: _file_entry(storage.join(folder, name)) for name in listed},
-    }
-    storage.atomic_write_json(storage.join(folder, RECORD), record)
-    return record
+    listed = None if files is None else sorted(set(files) | {CONFIG})
+    extra = {"stage": stage, "fingerprint": fingerprint, "inputs": inputs,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": package_versions()}
+    return storage.read_json(write_manifest(folder, listed, RECORD, extra))
 
 
 def seal(folder: str, config: PipelineConfig, stage: str, fingerprint: str, inputs: dict[str, Any],
          files: list[str] | None = None) -> dict[str, Any]:
     """The folder's record, written only when missing, damaged or made by other inputs:
     an unchanged output is never republished, so its content identity stays put."""
-    record = read_record(folder) if storage.exists(storage.join(folder, RECORD)) else None
+    record = read_record(folder)
     if record and record.get("fingerprint") == fingerprint and record.get("inputs") == inputs and is_whole(folder):
         return record
     return write_record(folder, config, stage, fingerprint, inputs, files)
 
 
 def read_record(folder: str) -> dict[str, Any] | None:
+    """The stage record of ``folder``; None when it has none or it is unreadable."""
     uri = storage.join(folder, RECORD)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    try:
+        return storage.read_json(uri) if storage.exists(uri) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def problems(folder: str, deep: bool = False) -> list[str]:
     """What is wrong with a stage output folder: no record, missing or resized files
     (and, with ``deep``, changed contents). Empty when the folder is whole."""
-    try:
-        record = read_record(folder)
-    except (ValueError, UnicodeDecodeError):
-        return [f"{storage.join(folder, RECORD)} is not a readable record"]
-    if record is None:
-        return [f"{folder} has no {RECORD} (never finished)"]
-    found = []
-    for name, entry in record["files"].items():
-        uri = storage.join(folder, name)
-        fs, path = storage.filesystem(uri)
-        if not fs.exists(path):
-            found.append(f"{uri} is missing")
-        elif fs.info(path)["size"] != entry["size"]:
-            found.append(f"{uri} has {fs.info(path)['size']} bytes, recorded {entry['size']}")
-        elif deep and _file_entry(uri)["sha256"] != entry["sha256"]:
-            found.append(f"{uri} changed since it was recorded")
-    return found
+    return verify_manifest(folder, deep, RECORD)
 
 
 def is_whole(folder: str) -> bool:
@@ -109,8 +156,8 @@ def content_identity(folder: str, prefix: str = "") -> str | None:
     record = read_record(folder)
     if record is None:
         return None
-    entries = {name: entry["sha256"] for name, entry in record["files"].items() if name.startswith(prefix)}
-    return value_hash(entries, SHORT) if entries else None
+    entries = {e["path"]: e["sha256"] for e in record["files"] if e["path"].startswith(prefix)}
+    return value_hash(entries) if entries else None
 
 
 def discover(config: PipelineConfig, stage: str, fingerprint: str) -> list[str]:

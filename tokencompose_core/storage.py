@@ -96,18 +96,25 @@ def read_parquet(uri: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(read_bytes(uri)))
 
 
+def _real_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` with ``..`` folded and, on local disks, every symlink resolved: a link inside
+    a root that points outside it is outside it."""
+    return os.path.realpath(path) if _is_local(fs) else posixpath.normpath(path)
+
+
 def check_under_roots(uri: str, roots: list[str]) -> str:
-    """Refuse a URI that is not inside one of the configured storage roots."""
+    """Refuse a URI that is not inside one of the configured storage roots (symlinks resolved)."""
     fs, path = filesystem(uri)
-    normalised = posixpath.normpath(path)
+    real = _real_path(fs, path)
     for root in roots:
         root_fs, root_path = filesystem(root)
         if root_fs.protocol != fs.protocol:
             continue
-        root_path = posixpath.normpath(root_path)
-        if normalised == root_path or normalised.startswith(root_path.rstrip("/") + "/"):
+        root_path = _real_path(root_fs, root_path)
+        if real == root_path or real.startswith(root_path.rstrip("/") + "/"):
             return uri
-    raise ValueError(f"{uri!r} is outside the configured storage roots {roots}")
+    resolved = f" (it resolves to {real})" if real != posixpath.normpath(path) else ""
+    raise ValueError(f"{uri!r} is outside the configured storage roots {roots}{resolved}")
 
 
 def check_input(uri: str, config: "StorageConfig") -> str:

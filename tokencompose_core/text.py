@@ -82,6 +82,14 @@ _ALWAYS_NOUNS = frozenset(
 )
 _DETERMINER_TAGS = frozenset({"DT", "PRP$"})
 _AFTER_VERB_TAGS = frozenset({"IN", "RP", "RB", "VBN", "VBD", "TO"})
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone surrogate, from a JSON "\\ud800" escape,
+    cannot be encoded and crashes the tagger and Parquet), or None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"lone surrogate {text[error.start]!r} at character {error.start}"
+    return None
 
 
 def _is_noun(token: Any) -> bool:

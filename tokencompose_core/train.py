@@ -14,14 +14,16 @@ at 0 the step is a plain fine-tune with fused attention everywhere.
 Output folder::
 
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
-    checkpoints/checkpoint-<N>/  unet/, optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json
+    checkpoints/checkpoint-<N>/  unet/, optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
+                                 _manifest.json (sizes and sha256 of the others, written last)
     metrics.jsonl                one record per optimizer step
     loss_curve.png, tensorboard/ (when tensorboard is installed)
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a
 killed run never leaves a half checkpoint. ``train.resume`` continues from the
-newest one: model, optimizer, lr schedule, EMA, RNG states and data position,
-so an interrupted run ends where an uninterrupted one would.
+newest whole one (its files match its manifest and load; a damaged newer one is
+passed over with a warning): model, optimizer, lr schedule, EMA, RNG states and
+data position, so an interrupted run ends where an uninterrupted one would.
 
 Run on several processes (GPUs, or CPU processes over gloo) with::
 
@@ -37,11 +39,13 @@ metrics.jsonl are those of process 0.
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import logging
 import os
 import posixpath
+import pickle
 import random
 import shutil
 import time
@@ -55,6 +59,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from tokencompose_core import outputs, storage
@@ -221,29 +226,106 @@ class _Trainer:
             if self.ema is not None:
                 storage.atomic_write_bytes(os.path.join(temp, "ema.pt"), _torch_bytes(self.ema.state_dict()))
             storage.atomic_write_json(os.path.join(temp, "state.json"), {**state, "global_step": step})
+            outputs.write_manifest(temp)  # last: it vouches for every file above, every process's RNG too
             _remove_checkpoint(final)
             os.replace(temp, final)
             for old in checkpoint_steps(output_dir)[: -keep] if keep else []:
                 _remove_checkpoint(checkpoint_dir(output_dir, old))
         acc.wait_for_everyone()
 
-    def load(self, path: str) -> dict:
-        """Restore everything but the U-Net weights (loaded with the model) from ``path``."""
-        self.optimizer.load_state_dict(_load_torch(os.path.join(path, "optimizer.pt")))
-        self.lr_scheduler.load_state_dict(_load_torch(os.path.join(path, "lr_scheduler.pt")))
+    def restore(self, checkpoint: "_Checkpoint") -> dict:
+        """Restore everything but the U-Net weights (loaded with the model) from a read checkpoint."""
+        states = checkpoint.states
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
         if self.ema is not None:
-            ema_path = os.path.join(path, "ema.pt")
-            if os.path.isfile(ema_path):
-                self.ema.load_state_dict(_load_torch(ema_path))
+            if "ema" in states:
+                self.ema.load_state_dict(states["ema"])
                 self.ema.to(self.accelerator.device)
             else:
-                logger.warning("checkpoint %s has no EMA state; EMA restarts from the current weights", path)
-        rng_path = os.path.join(path, f"rng-{self.accelerator.process_index}.pt")
-        if os.path.isfile(rng_path):
-            _set_rng_state(_load_torch(rng_path), self.noise)
+                logger.warning("checkpoint %s has no EMA state; EMA restarts from the current weights",
+                               checkpoint.path)
+        if "rng" in states:
+            _set_rng_state(states["rng"], self.noise)
         else:  # resumed on more processes than saved: data order is still exact, noise is not
-            logger.warning("no RNG state for process %d in %s", self.accelerator.process_index, path)
-        return storage.read_json(os.path.join(path, "state.json"))
+            logger.warning("no RNG state for process %d in %s", self.accelerator.process_index, checkpoint.path)
+        return checkpoint.state
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none is whole; the message names each one and what is wrong with it."""
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint verified and read before the model is built, so a damaged one is passed over."""
+
+    path: str
+    state: dict  # state.json
+    states: dict  # "optimizer", "lr_scheduler", "ema", "rng" (this process's) -> loaded state
+
+
+class _Damaged(Exception):
+    """A checkpoint file that does not load; the message names the file."""
+
+
+# What a damaged file raises on load: pickle/zip errors, truncated data, unreadable or missing files.
+_LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+                TypeError)
+
+
+def _read_checkpoint(path: str, process_index: int) -> _Checkpoint:
+    """Load a checkpoint's states (and the U-Net files' headers); :class:`_Damaged` names the file that fails."""
+    files = {"optimizer": "optimizer.pt", "lr_scheduler": "lr_scheduler.pt", "ema": "ema.pt",
+             "rng": f"rng-{process_index}.pt"}
+    optional = {"ema", "rng"}  # EMA off; resumed on more processes than saved
+    states = {}
+    current = os.path.join(path, "state.json")
+    try:
+        state = storage.read_json(current)
+        for key, name in files.items():
+            current = os.path.join(path, name)
+            if key in optional and not os.path.isfile(current):
+                continue
+            states[key] = _load_torch(current)
+        for current in sorted(glob.glob(os.path.join(path, "unet", "*.safetensors"))) or [os.path.join(path, "unet")]:
+            with safe_open(current, framework="pt") as weights:  # reads the header only
+                weights.keys()
+        current = os.path.join(path, "unet", "config.json")
+        storage.read_json(current)
+    except _LOAD_ERRORS as error:
+        raise _Damaged(f"{current}: {type(error).__name__}: {error}".splitlines()[0]) from error
+    return _Checkpoint(path, state, states)
+
+
+def _checkpoint_problems(path: str) -> list[str]:
+    if not outputs.has_manifest(path):
+        # Written before checkpoints had manifests: only a failed load can show damage.
+        logger.warning("checkpoint %s has no %s; resuming from it unverified", path, outputs.MANIFEST_NAME)
+        return []
+    return outputs.verify_manifest(path, deep=True)
+
+
+def _resume_checkpoint(output_dir: str, enabled: bool, process_index: int) -> _Checkpoint | None:
+    """The newest whole checkpoint, read; damaged newer ones are passed over with a warning.
+
+    Raises :class:`CheckpointError` when checkpoints exist but none is whole.
+    """
+    damaged = []
+    for step in reversed(checkpoint_steps(output_dir) if enabled else []):
+        path = checkpoint_dir(output_dir, step)
+        problems = _checkpoint_problems(path)
+        if not problems:
+            try:
+                return _read_checkpoint(path, process_index)
+            except _Damaged as error:
+                problems = [str(error)]
+        logger.warning("checkpoint %s is damaged, trying an older one: %s", path, "; ".join(problems))
+        damaged.append(f"{path} ({'; '.join(problems)})")
+    if damaged:
+        raise CheckpointError(f"no whole checkpoint to resume from: {', '.join(damaged)}; "
+                              "delete them, or set train.resume=false to start over")
+    return None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -390,11 +472,6 @@ def _groups(unet: torch.nn.Module, config: PipelineConfig, latent_side: int) -> 
     return {name: layers for name, layers in groups.items() if cfg.grounding.group_weights.get(name, 1.0) > 0}
 
 
-def _resume_checkpoint(output_dir: str, enabled: bool) -> str | None:
-    steps = checkpoint_steps(output_dir) if enabled else []
-    return checkpoint_dir(output_dir, steps[-1]) if steps else None
-
-
 def _drop_load_path(config_path: str) -> None:
     """Remove ``_name_or_path`` (where the weights were loaded from: the base model, or a
     checkpoint when a lost ``unet/`` is restored) so the published U-Net's bytes depend
@@ -472,9 +549,9 @@ def train(
 
     if accelerator.is_main_process:
         _remove_partial_checkpoints(output_dir)
-    resume = _resume_checkpoint(output_dir, cfg.resume)
+    resume = _resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
     model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
-    unet_dir = os.path.join(resume, "unet") if resume else init_unet
+    unet_dir = os.path.join(resume.path, "unet") if resume else init_unet
     parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=torch.float32)
     unet = parts.unet
     unet.train().requires_grad_(True)
@@ -504,12 +581,12 @@ def train(
 
     global_step = 0
     if resume:
-        state = trainer.load(resume)
+        state = trainer.restore(resume)
         global_step = int(state["global_step"])
         if state.get("config") != _config_digest(config):
             logger.warning("resuming %s with different settings %s (was %s): the data order changes",
-                           resume, _config_digest(config), state.get("config"))
-        logger.info("resumed from %s at step %d", resume, global_step)
+                           resume.path, _config_digest(config), state.get("config"))
+        logger.info("resumed from %s at step %d", resume.path, global_step)
 
     cache = MaskCache(cache_uri, max_cached_shards=1_000_000)  # shard tables hold RLE text only
     heldout = config.score.heldout_images if cfg.exclude_heldout else 0

@@ -11,7 +11,7 @@ Layout::
     images/   good and bad image files (see IMAGES)
     manifest.jsonl            one row per image and per bad caption: the batch test
     manifest_duplicate_ids.jsonl, manifest_missing_image.jsonl, manifest_wrong_types.jsonl,
-    manifest_not_json.jsonl, manifest_missing_columns.parquet, manifest_wrong_types.parquet
+    manifest_not_json.jsonl, manifest_not_utf8.jsonl, manifest_missing_columns.parquet, manifest_wrong_types.parquet
     prompts_not_json.json, prompts_wrong_shape.json, prompts_binary.txt
     expected.json             what each manifest row must turn into (the test's oracle)
 """
@@ -127,6 +127,13 @@ IMAGE_OUTCOMES = {
     "missing.jpg": "unreadable image: file not found",  # listed in the manifest, not on disk
 }
 
+# Manifest rows whose image is not a file of images/: row id -> (image, start of its rejects reason).
+OTHER_IMAGES = {
+    # No fsspec HTTP backend (aiohttp) is installed, or nothing listens on port 9: either way unreadable.
+    "img-http-url": ("http://127.0.0.1:9/remote.png", "unreadable image: http://127.0.0.1:9/remote.png"),
+    "img-folder": ("images/folder.png", "unreadable image: "),  # a folder named like an image
+}
+
 # Caption id -> (caption, what the nouns stage must do): "nouns" (at least one
 # usable noun), "handled" (nouns or a rejects row: the tagger decides), or the
 # rejects reason of the image.
@@ -146,6 +153,8 @@ CAPTIONS = {
     "cap-dotdot": ("a ../../etc/passwd file next to a .. folder", "nouns"),
     "cap-nul": ("a cat\x00dog on a \x00 mat", "nouns"),
     "cap-rtl-control": ("a dog\u202e llab a\u202c next to a tree", "nouns"),
+    # A JSON "\ud800" escape decodes to a lone surrogate: not text, the tagger cannot take it.
+    "cap-lone-surrogate": ("a dog \ud800 and a ball", "caption is not valid Unicode text"),
 }
 
 
@@ -153,6 +162,7 @@ def manifest_rows() -> list[dict]:
     """The batch manifest: every image with a good caption, every bad caption with a good image."""
     rows = [{"id": f"img-{Path(name).stem}-{Path(name).suffix[1:]}", "image": f"images/{name}", "captions": [GOOD_CAPTION]}
             for name in IMAGE_OUTCOMES]
+    rows += [{"id": row_id, "image": image, "captions": [GOOD_CAPTION]} for row_id, (image, _) in OTHER_IMAGES.items()]
     rows += [{"id": caption_id, "image": "images/good.png", "captions": [caption]}
              for caption_id, (caption, _) in CAPTIONS.items()]
     return rows
@@ -161,11 +171,19 @@ def manifest_rows() -> list[dict]:
 def expected() -> dict:
     rows = manifest_rows()
     image_ids = {row["id"]: IMAGE_OUTCOMES[Path(row["image"]).name] for row in rows[: len(IMAGE_OUTCOMES)]}
+    image_ids.update({row_id: outcome for row_id, (_, outcome) in OTHER_IMAGES.items()})
     return {"images": image_ids, "captions": {key: outcome for key, (_, outcome) in CAPTIONS.items()}}
 
 
+def _json_line(row: dict) -> str:
+    try:
+        return json.dumps(row, ensure_ascii=False).encode("utf-8").decode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only a \u escape can carry it, as in real files
+        return json.dumps(row)
+
+
 def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    return "".join(_json_line(row) + "\n" for row in rows).encode("utf-8")
 
 
 def bad_manifests() -> dict[str, bytes]:
@@ -181,6 +199,7 @@ def bad_manifests() -> dict[str, bytes]:
         "manifest_wrong_types.jsonl": _jsonl([{"id": "a", **good}, {"id": "b", "image": ["a.png"], "captions": 5}]),
         "manifest_not_json.jsonl": _jsonl([{"id": "a", **good}]) + b"{this is not json\n",
         "manifest_not_object.jsonl": b'["images/good.png", "a dog"]\n',
+        "manifest_not_utf8.jsonl": _jsonl([{"id": "a", **good}]) + '{"id": "b", "captions": ["caf\u00e9"]}\n'.encode("latin-1"),
         "manifest_missing_columns.parquet": missing_columns.getvalue(),
         "manifest_wrong_types.parquet": wrong_types.getvalue(),
         "prompts_not_json.json": b"a dog and a ball\nthis is not JSON\n",
@@ -193,6 +212,7 @@ def write(out: Path = OUT) -> list[Path]:
     """Write the corpus; returns the files written."""
     files = {**{f"images/{name}": data for name, data in images().items()}, **bad_manifests()}
     files["manifest.jsonl"] = _jsonl(manifest_rows())
+    files["images/folder.png/README"] = b"A folder named like an image: the masks stage must reject it.\n"
     files["expected.json"] = (json.dumps(expected(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     written = []
     for relative, data in sorted(files.items()):

@@ -1,0 +1,61 @@
+"""Output manifests: write_manifest records a folder, verify_manifest names every difference."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tokencompose_core import storage
+from tokencompose_core.outputs import MANIFEST_NAME, has_manifest, verify_manifest, write_manifest
+
+
+@pytest.fixture(params=["local", "memory"])
+def folder(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    root = str(tmp_path / "out") if request.param == "local" else f"memory://outputs-{uuid.uuid4().hex}"
+    storage.atomic_write_bytes(storage.join(root, "a.bin"), b"0123456789")
+    storage.atomic_write_bytes(storage.join(root, "sub", "b.json"), b"{}")
+    return root
+
+
+def test_a_whole_folder_verifies(folder: str) -> None:
+    assert not has_manifest(folder)
+    assert verify_manifest(folder) == [f"{storage.join(folder, MANIFEST_NAME)}: missing"]
+    write_manifest(folder)
+    assert has_manifest(folder)
+    listed = [entry["path"] for entry in storage.read_json(storage.join(folder, MANIFEST_NAME))["files"]]
+    assert listed == ["a.bin", "sub/b.json"]
+    assert verify_manifest(folder) == [] and verify_manifest(folder, deep=False) == []
+    storage.atomic_write_bytes(storage.join(folder, "later.log"), b"x")  # files added later are not checked
+    assert verify_manifest(folder) == []
+
+
+def test_every_difference_is_named(folder: str) -> None:
+    write_manifest(folder)
+    storage.atomic_write_bytes(storage.join(folder, "a.bin"), b"9123456789")  # same size, other bytes
+    assert verify_manifest(folder, deep=False) == []  # sizes only: cheap, blind to same-size damage
+    assert verify_manifest(folder) == [f"{storage.join(folder, 'a.bin')}: content differs from the manifest (sha256)"]
+    storage.atomic_write_bytes(storage.join(folder, "a.bin"), b"short")
+    fs, path = storage.filesystem(storage.join(folder, "sub", "b.json"))
+    fs.rm(path)
+    assert verify_manifest(folder, deep=False) == [
+        f"{storage.join(folder, 'a.bin')}: 5 bytes, the manifest says 10",
+        f"{storage.join(folder, 'sub', 'b.json')}: missing",
+    ]
+
+
+def test_only_the_listed_files_and_no_escape(tmp_path: Path) -> None:
+    folder = str(tmp_path / "out")
+    storage.atomic_write_bytes(storage.join(folder, "kept.bin"), b"k")
+    storage.atomic_write_bytes(storage.join(folder, "log.txt"), b"l")
+    write_manifest(folder, ["kept.bin"])
+    assert [e["path"] for e in storage.read_json(storage.join(folder, MANIFEST_NAME))["files"]] == ["kept.bin"]
+    hostile = {"version": 1, "files": [{"path": "../secret", "size": 1, "sha256": "0"}]}
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(hostile))
+    (problem,) = verify_manifest(folder)
+    assert "unsafe path component" in problem
+    (tmp_path / "out" / MANIFEST_NAME).write_bytes(b"\xff not json")
+    (problem,) = verify_manifest(folder)
+    assert "unreadable manifest" in problem
