@@ -123,7 +123,8 @@ def run_stage(stage: str, work: Path, out: Path) -> dict[str, Any]:
     if stage == "masks":
         return _run_masks(config, inputs["nouns"], str(out))
     if stage == "train":
-        from tokencompose_core.train import checkpoint_steps, train
+        from tokencompose_core.checkpoints import checkpoint_steps
+        from tokencompose_core.train import train
 
         before = checkpoint_steps(str(out))
         result = train(config, inputs["cache"], str(out))
@@ -175,7 +176,7 @@ def units(stage: str, out: Path) -> int:
         markers = out / "_completed"
         return sum(1 for p in markers.glob("*.json")) if markers.is_dir() else 0
     if stage == "train":
-        from tokencompose_core.train import checkpoint_steps
+        from tokencompose_core.checkpoints import checkpoint_steps
 
         steps = checkpoint_steps(str(out))
         return steps[-1] // CHECKPOINT_EVERY if steps else 0
@@ -248,7 +249,7 @@ def _check_units(stage: str, out: Path) -> None:
             assert (out / "rejects" / f"{name}.parquet").is_file(), f"shard {name} has no rejects file"
     elif stage == "train":
         from tokencompose_core.outputs import verify_manifest
-        from tokencompose_core.train import checkpoint_dir, checkpoint_steps
+        from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 
         for step in checkpoint_steps(str(out)):
             folder = Path(checkpoint_dir(str(out), step))
@@ -267,7 +268,7 @@ def snapshot(stage: str, out: Path) -> dict[str, Any]:
 
         return {"shards": sorted(mask_cache.completed_shards(str(out)))}
     if stage == "train":
-        from tokencompose_core.train import checkpoint_steps
+        from tokencompose_core.checkpoints import checkpoint_steps
 
         steps = checkpoint_steps(str(out))
         return {"checkpoint": steps[-1] if steps else 0}
@@ -541,7 +542,7 @@ def damage_point(work: Path, number: int, rng: random.Random, reference: Path) -
     import shutil
 
     from tokencompose_core.outputs import MANIFEST_NAME
-    from tokencompose_core.train import checkpoint_dir, checkpoint_steps
+    from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 
     out = work / "damage" / f"train-{number:02d}"
     shutil.rmtree(out, ignore_errors=True)

@@ -67,8 +67,8 @@ def _load_flow(target: str) -> Any:
 def _is_user_error(error: BaseException) -> bool:
     """An error the user can fix from its message: configuration, inputs, weights, disk, checkpoints."""
     # Only a loaded module can have raised its error: a config error is not kept waiting for torch.
-    train = sys.modules.get("tokencompose_core.train")
-    extra = (train.CheckpointError,) if train else ()
+    checkpoints = sys.modules.get("tokencompose_core.checkpoints")
+    extra = (checkpoints.CheckpointError,) if checkpoints else ()
     # StorageError is an OSError; disk full and failed uploads name the URI and the cause.
     storage = sys.modules.get("tokencompose_core.storage")
     extra += (storage.StorageError,) if storage else ()

@@ -19,7 +19,7 @@ from tokencompose_core import outputs, storage
 from tokencompose_core.config import load_config
 from tokencompose_core.mask_cache import cache_identity
 from tokencompose_core.stages import stage_fingerprint
-from tokencompose_core.train import result_files, run_folder
+from tokencompose_core.checkpoints import result_files, run_folder
 
 
 @flow(name="train", log_prints=True)

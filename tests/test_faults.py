@@ -134,7 +134,8 @@ def test_failing_fsspec_write_leaves_every_listed_shard_whole(fail_on: str) -> N
 
 def test_full_disk_during_a_checkpoint_keeps_the_older_checkpoints(runner: faults.Runner, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokencompose_core.train import checkpoint_steps, train
+    from tokencompose_core.checkpoints import checkpoint_steps
+    from tokencompose_core.train import train
 
     config = faults.stage_config("train", runner.work)
     config.train.max_steps = 4
@@ -173,7 +174,8 @@ def test_death_while_deleting_an_old_checkpoint_never_lists_a_broken_one(runner:
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from tokencompose_core.train import checkpoint_steps, train
+    from tokencompose_core.checkpoints import checkpoint_steps
+    from tokencompose_core.train import train
 
     config = faults.stage_config("train", runner.work)
     config.train.max_steps, config.train.checkpoints_total_limit = 4, 1
@@ -203,7 +205,8 @@ def _scramble(path: Path) -> None:
 
 
 def _trained(runner: faults.Runner, out: Path, steps: int):
-    from tokencompose_core.train import checkpoint_steps, train
+    from tokencompose_core.checkpoints import checkpoint_steps
+    from tokencompose_core.train import train
 
     config = faults.stage_config("train", runner.work)
     config.train.max_steps = steps
@@ -218,7 +221,8 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, t
                                                         caplog: pytest.LogCaptureFixture,
                                                         manifest_rewritten: bool) -> None:
     from tokencompose_core.outputs import write_manifest
-    from tokencompose_core.train import checkpoint_dir, train
+    from tokencompose_core.checkpoints import checkpoint_dir
+    from tokencompose_core.train import train
 
     out = tmp_path / "run"
     config, cache = _trained(runner, out, 4)
@@ -236,7 +240,8 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, t
 
 
 def test_no_whole_checkpoint_is_one_error_naming_them(runner: faults.Runner, tmp_path: Path) -> None:
-    from tokencompose_core.train import CheckpointError, checkpoint_dir, train
+    from tokencompose_core.checkpoints import CheckpointError, checkpoint_dir
+    from tokencompose_core.train import train
 
     out = tmp_path / "run"
     config, cache = _trained(runner, out, 4)

@@ -56,7 +56,7 @@ def test_poisoned_sam_and_groundingdino_checkpoints_are_refused_before_building(
 
 
 def test_poisoned_training_checkpoint_is_refused(tmp_path: Path) -> None:
-    from tokencompose_core.train import _load_torch
+    from tokencompose_core.checkpoints import load_torch as _load_torch
 
     marker = tmp_path / "pwned"
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tokencompose_core import rle
+from tokencompose_core import checkpoints
 from tokencompose_core import train as train_module
 from tokencompose_core.attention import CaptureAttnProcessor
 from tokencompose_core.config import load_config
@@ -20,7 +21,8 @@ from tokencompose_core.data import ResumableBatchSampler
 from tokencompose_core.mask_cache import commit_shard
 from tokencompose_core.models import clip_tokenizer
 from tokencompose_core.text import token_positions
-from tokencompose_core.train import checkpoint_dir, checkpoint_steps, train
+from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
+from tokencompose_core.train import train
 
 COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
 
@@ -117,17 +119,17 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkey
                 "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
     straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
 
-    save = train_module._Trainer.save
+    save = checkpoints.TrainingState.save
 
     def save_then_die(self, output_dir, step, state, keep):
         save(self, output_dir, step, state, keep)
         if step == 2:
             raise _Interrupted("killed after checkpoint 2")
 
-    monkeypatch.setattr(train_module._Trainer, "save", save_then_die)
+    monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
     with pytest.raises(_Interrupted):
         train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
-    monkeypatch.setattr(train_module._Trainer, "save", save)
+    monkeypatch.setattr(checkpoints.TrainingState, "save", save)
     resumed = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
 
     assert resumed.global_step == 4

@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from test_train import make_cache
-from tokencompose_core.train import checkpoint_dir, checkpoint_steps
+from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 
 
 def _free_port() -> int:

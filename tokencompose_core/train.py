@@ -39,17 +39,11 @@ metrics.jsonl are those of process 0.
 from __future__ import annotations
 
 import argparse
-import glob
-import io
 import json
 import logging
 import os
-import posixpath
-import pickle
 import random
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,20 +53,26 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from tokencompose_core import outputs, storage
+from tokencompose_core import storage
 from tokencompose_core.attention import AttentionCapture, supervised_groups
+from tokencompose_core.checkpoints import (
+    TrainingState,
+    local_path,
+    publish_unet,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+)
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
+from tokencompose_core.metrics import MetricsLog, plot_loss_curve, tensorboard_writer
 from tokencompose_core.models import load_diffusion, resolve_diffusion_dir
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -112,279 +112,6 @@ class TextEmbedder:
             for caption, embedding in zip(missing, self._encode(missing)):
                 self._cache[caption] = embedding
         return torch.stack([self._cache[caption] for caption in captions])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _local_path(uri: str) -> str:
-    fs, path = storage.filesystem(uri)
-    if not storage._is_local(fs):
-        raise ValueError(
-            f"training output {uri!r} must be a local or mounted path: checkpoints are published "
-            "by renaming a finished folder, which object stores cannot do atomically"
-        )
-    return path
-
-
-def checkpoint_steps(output_dir: str) -> list[int]:
-    """Steps of the complete checkpoints in ``output_dir``, ascending."""
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        if name.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(root, name, "state.json")):
-            steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
-    return sorted(steps)
-
-
-def _remove_checkpoint(path: str) -> None:
-    """Unlist a checkpoint with one rename to a ``.tmp-`` name, then delete it: a run killed
-    half-way through the deletion must not leave a listed checkpoint with files missing."""
-    if os.path.isdir(path):
-        doomed = os.path.join(os.path.dirname(path), f".tmp-removed-{os.path.basename(path)}-{uuid.uuid4().hex}")
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _remove_partial_checkpoints(output_dir: str) -> None:
-    """Delete temporary folders a killed run left behind (they are never resumed from)."""
-    root = os.path.join(output_dir, "checkpoints")
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def checkpoint_dir(output_dir: str, step: int) -> str:
-    return os.path.join(output_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step}")
-
-
-def _torch_bytes(value) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def _load_torch(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _rng_state(noise: torch.Generator) -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "noise": noise.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, noise: torch.Generator) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    noise.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class _Trainer:
-    """What a checkpoint holds, besides the data position (derived from the step)."""
-
-    accelerator: Accelerator
-    unet: torch.nn.Module  # prepared (possibly DDP-wrapped)
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: EMAModel | None
-    noise: torch.Generator
-
-    def save(self, output_dir: str, step: int, state: dict, keep: int | None) -> None:
-        """Write checkpoint-<step> atomically (all processes call this)."""
-        acc = self.accelerator
-        final = checkpoint_dir(output_dir, step)
-        temp = os.path.join(output_dir, "checkpoints", f".tmp-{CHECKPOINT_PREFIX}{step}")
-        if acc.is_main_process:
-            shutil.rmtree(temp, ignore_errors=True)
-            os.makedirs(temp)
-        acc.wait_for_everyone()
-        storage.atomic_write_bytes(
-            os.path.join(temp, f"rng-{acc.process_index}.pt"), _torch_bytes(_rng_state(self.noise))
-        )
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            acc.unwrap_model(self.unet).save_pretrained(os.path.join(temp, "unet"), safe_serialization=True)
-            storage.atomic_write_bytes(os.path.join(temp, "optimizer.pt"), _torch_bytes(self.optimizer.state_dict()))
-            storage.atomic_write_bytes(
-                os.path.join(temp, "lr_scheduler.pt"), _torch_bytes(self.lr_scheduler.state_dict())
-            )
-            if self.ema is not None:
-                storage.atomic_write_bytes(os.path.join(temp, "ema.pt"), _torch_bytes(self.ema.state_dict()))
-            storage.atomic_write_json(os.path.join(temp, "state.json"), {**state, "global_step": step})
-            outputs.write_manifest(temp)  # last: it vouches for every file above, every process's RNG too
-            _remove_checkpoint(final)
-            os.replace(temp, final)
-            for old in checkpoint_steps(output_dir)[: -keep] if keep else []:
-                _remove_checkpoint(checkpoint_dir(output_dir, old))
-        acc.wait_for_everyone()
-
-    def restore(self, checkpoint: "_Checkpoint") -> dict:
-        """Restore everything but the U-Net weights (loaded with the model) from a read checkpoint."""
-        states = checkpoint.states
-        self.optimizer.load_state_dict(states["optimizer"])
-        self.lr_scheduler.load_state_dict(states["lr_scheduler"])
-        if self.ema is not None:
-            if "ema" in states:
-                self.ema.load_state_dict(states["ema"])
-                self.ema.to(self.accelerator.device)
-            else:
-                logger.warning("checkpoint %s has no EMA state; EMA restarts from the current weights",
-                               checkpoint.path)
-        if "rng" in states:
-            _set_rng_state(states["rng"], self.noise)
-        else:  # resumed on more processes than saved: data order is still exact, noise is not
-            logger.warning("no RNG state for process %d in %s", self.accelerator.process_index, checkpoint.path)
-        return checkpoint.state
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none is whole; the message names each one and what is wrong with it."""
-
-
-@dataclass
-class _Checkpoint:
-    """A checkpoint verified and read before the model is built, so a damaged one is passed over."""
-
-    path: str
-    state: dict  # state.json
-    states: dict  # "optimizer", "lr_scheduler", "ema", "rng" (this process's) -> loaded state
-
-
-class _Damaged(Exception):
-    """A checkpoint file that does not load; the message names the file."""
-
-
-# What a damaged file raises on load: pickle/zip errors, truncated data, unreadable or missing files.
-_LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, OSError, ValueError, KeyError,
-                TypeError)
-
-
-def _read_checkpoint(path: str, process_index: int) -> _Checkpoint:
-    """Load a checkpoint's states (and the U-Net files' headers); :class:`_Damaged` names the file that fails."""
-    files = {"optimizer": "optimizer.pt", "lr_scheduler": "lr_scheduler.pt", "ema": "ema.pt",
-             "rng": f"rng-{process_index}.pt"}
-    optional = {"ema", "rng"}  # EMA off; resumed on more processes than saved
-    states = {}
-    current = os.path.join(path, "state.json")
-    try:
-        state = storage.read_json(current)
-        for key, name in files.items():
-            current = os.path.join(path, name)
-            if key in optional and not os.path.isfile(current):
-                continue
-            states[key] = _load_torch(current)
-        for current in sorted(glob.glob(os.path.join(path, "unet", "*.safetensors"))) or [os.path.join(path, "unet")]:
-            with safe_open(current, framework="pt") as weights:  # reads the header only
-                weights.keys()
-        current = os.path.join(path, "unet", "config.json")
-        storage.read_json(current)
-    except _LOAD_ERRORS as error:
-        raise _Damaged(f"{current}: {type(error).__name__}: {error}".splitlines()[0]) from error
-    return _Checkpoint(path, state, states)
-
-
-def _checkpoint_problems(path: str) -> list[str]:
-    if not outputs.has_manifest(path):
-        # Written before checkpoints had manifests: only a failed load can show damage.
-        logger.warning("checkpoint %s has no %s; resuming from it unverified", path, outputs.MANIFEST_NAME)
-        return []
-    return outputs.verify_manifest(path, deep=True)
-
-
-def _resume_checkpoint(output_dir: str, enabled: bool, process_index: int) -> _Checkpoint | None:
-    """The newest whole checkpoint, read; damaged newer ones are passed over with a warning.
-
-    Raises :class:`CheckpointError` when checkpoints exist but none is whole.
-    """
-    damaged = []
-    for step in reversed(checkpoint_steps(output_dir) if enabled else []):
-        path = checkpoint_dir(output_dir, step)
-        problems = _checkpoint_problems(path)
-        if not problems:
-            try:
-                return _read_checkpoint(path, process_index)
-            except _Damaged as error:
-                problems = [str(error)]
-        logger.warning("checkpoint %s is damaged, trying an older one: %s", path, "; ".join(problems))
-        damaged.append(f"{path} ({'; '.join(problems)})")
-    if damaged:
-        raise CheckpointError(f"no whole checkpoint to resume from: {', '.join(damaged)}; "
-                              "delete them, or set train.resume=false to start over")
-    return None
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """Per-step records kept in memory and republished atomically as JSON lines."""
-
-    def __init__(self, uri: str, resume_step: int) -> None:
-        self.uri = uri
-        self.records: list[dict] = []
-        if resume_step and storage.exists(uri):
-            lines = storage.read_bytes(uri).decode("utf-8").splitlines()
-            # Steps after the checkpoint are redone, so their old records go.
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-
-    def flush(self) -> None:
-        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in self.records)
-        storage.atomic_write_bytes(self.uri, text.encode("utf-8"))
-
-    def final_losses(self, last: int = 10) -> dict[str, float]:
-        tail = self.records[-last:]
-        if not tail:
-            return {}
-        keys = [key for key in tail[-1] if key == "loss" or key.startswith(("denoise", "token/", "pixel/"))]
-        return {key: float(np.mean([r[key] for r in tail if key in r])) for key in keys}
-
-
-def plot_loss_curve(records: list[dict], uri: str) -> None:
-    """Denoising, token and pixel losses against the step, smoothed, as a PNG."""
-    from tokencompose_core.reports import pyplot, save_figure
-
-    plt = pyplot()
-
-    steps = np.array([r["step"] for r in records])
-    keys = [k for k in records[-1] if k.startswith(("denoise", "token/", "pixel/"))]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    window = max(1, len(records) // 50)
-    for axis, prefix in zip(axes, ("denoise", "token/", "pixel/")):
-        for key in (k for k in keys if k.startswith(prefix)):
-            values = np.array([r.get(key, np.nan) for r in records], dtype=float)
-            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            axis.plot(steps[window - 1 :], smooth, label=key)
-        axis.set_title(prefix.rstrip("/") + " loss")
-        axis.set_xlabel("step")
-        if axis.lines:
-            axis.legend(fontsize=7)
-    save_figure(figure, uri)
-
-
-def _tensorboard(log_dir: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional extra
-        return None
-    return SummaryWriter(log_dir)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -472,50 +199,6 @@ def _groups(unet: torch.nn.Module, config: PipelineConfig, latent_side: int) -> 
     return {name: layers for name, layers in groups.items() if cfg.grounding.group_weights.get(name, 1.0) > 0}
 
 
-def _drop_load_path(config_path: str) -> None:
-    """Remove ``_name_or_path`` (where the weights were loaded from: the base model, or a
-    checkpoint when a lost ``unet/`` is restored) so the published U-Net's bytes depend
-    on its weights and architecture alone, and its content identity with them."""
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    config.pop("_name_or_path", None)
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-
-
-def _publish_unet(unet: torch.nn.Module, output_dir: str) -> str:
-    """Save the final U-Net to <output>/unet by renaming a finished folder over the old one."""
-    final = os.path.join(output_dir, "unet")
-    temp = os.path.join(output_dir, f".tmp-unet-{uuid.uuid4().hex}")
-    unet.save_pretrained(temp, safe_serialization=True)
-    _drop_load_path(os.path.join(temp, "config.json"))
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(output_dir, f".old-unet-{uuid.uuid4().hex}")
-        os.replace(final, old)
-    os.replace(temp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def run_folder(config: PipelineConfig, fingerprint: str, cache_identity: str) -> str:
-    """``<root>/train/<train.run_name>``, else ``run-<key>`` from the training fingerprint and
-    the mask cache's content."""
-    if config.train.run_name:
-        return storage.join(config.storage.root, "train", config.train.run_name)
-    return outputs.output_folder(config, "train", "run", [fingerprint, cache_identity])
-
-
-def result_files(output_uri: str) -> list[str]:
-    """A finished run's result, relative to its folder: the final ``unet/`` and the metrics
-    (checkpoints are the way there, not the result)."""
-    fs, base = storage.filesystem(output_uri)
-    unet = [posixpath.relpath(path, base) for path in sorted(fs.find(posixpath.join(base, "unet")))]
-    return unet + [name for name in ("metrics.jsonl", "loss_curve.png") if fs.exists(posixpath.join(base, name))]
-
-
 def _config_digest(config: PipelineConfig) -> dict:
     """Settings that must match for a resumed run to continue the same data order."""
     cfg = config.train
@@ -537,7 +220,7 @@ def train(
     Resumes from the newest checkpoint in ``output_uri`` when ``train.resume``.
     """
     cfg = config.train
-    output_dir = _local_path(output_uri)
+    output_dir = local_path(output_uri)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
     )
@@ -548,8 +231,8 @@ def train(
     torch.manual_seed(cfg.seed)  # same initial state on every process
 
     if accelerator.is_main_process:
-        _remove_partial_checkpoints(output_dir)
-    resume = _resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
+        remove_partial_checkpoints(output_dir)
+    resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
     model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
     unet_dir = os.path.join(resume.path, "unet") if resume else init_unet
     parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=torch.float32)
@@ -577,7 +260,7 @@ def train(
         ema.to(device)
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
     noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
-    trainer = _Trainer(accelerator, prepared_unet, optimizer, lr_scheduler, ema, noise)
+    trainer = TrainingState(accelerator, prepared_unet, optimizer, lr_scheduler, ema, noise)
 
     global_step = 0
     if resume:
@@ -626,7 +309,7 @@ def train(
             ema.copy_to(final.parameters())  # the EMA weights are the result
         if capture is not None:
             capture.remove()  # the saved model must not reference our processor
-        _publish_unet(final, output_dir)
+        publish_unet(final, output_dir)
         if metrics.records:
             plot_loss_curve(metrics.records, storage.join(output_uri, "loss_curve.png"))
         final_losses = metrics.final_losses()
@@ -635,14 +318,14 @@ def train(
     return TrainResult(output_uri=output_uri, unet_uri=unet_uri, global_step=global_step, final_losses=final_losses)
 
 
-def _loop(config: PipelineConfig, trainer: _Trainer, model: _Model, loader, metrics: MetricsLog | None,
+def _loop(config: PipelineConfig, trainer: TrainingState, model: _Model, loader, metrics: MetricsLog | None,
           output_dir: str, global_step: int) -> int:
     """Optimizer steps until ``max_steps``; checkpoints and logs along the way."""
     cfg = config.train
     acc = trainer.accelerator
     if global_step >= cfg.max_steps:
         return global_step
-    writer = _tensorboard(os.path.join(output_dir, "tensorboard")) if acc.is_main_process else None
+    writer = tensorboard_writer(os.path.join(output_dir, "tensorboard")) if acc.is_main_process else None
     progress = tqdm(total=cfg.max_steps, initial=global_step, desc="train", disable=not acc.is_main_process)
     samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes
     sums: dict[str, torch.Tensor] = {}
