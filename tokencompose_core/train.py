@@ -28,7 +28,7 @@ data position, so an interrupted run ends where an uninterrupted one would.
 Run on several processes (GPUs, or CPU processes over gloo) with::
 
     accelerate launch --multi_gpu --num_processes 2 -m tokencompose_core.train -p sd14 \\
-        --cache runs/sd14/masks --output runs/sd14/train/ddp
+        --cache runs/sd14/masks/masks-<key> --output runs/sd14/train/ddp
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m tokencompose_core.train ...
 
 (accelerate 1.x's ``--cpu`` flag alone starts one process unless mpirun is set up.)
