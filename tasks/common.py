@@ -289,15 +289,23 @@ class ResultFiles(WritableFileSystem):
     _block_type_name = "TokenCompose Result Files"
     basepath: str
 
-    def _uri(self, path: str) -> str:
-        return join(self.basepath, path)
+    def _resolve_path(self, path: str) -> str:
+        """The full URI of ``path``: a key under the base path, or a URI already under it.
+
+        Prefect calls this to turn keys into storage keys where it has no saved block
+        id to go by (task runs on Dask workers), then hands those back to read or write.
+        """
+        base = self.basepath.rstrip("/")
+        if not path:
+            return base
+        return path if path.startswith(base + "/") else join(base, path)
 
     async def aread_path(self, path: str) -> bytes:
         return self.read_path(path, _sync=True)
 
     @async_dispatch(aread_path)
     def read_path(self, path: str) -> bytes:
-        uri = self._uri(path)
+        uri = self._resolve_path(path)
         if not exists(uri):
             raise ValueError(f"no result at {uri}")
         return _checked_record(read_bytes(uri), uri)
@@ -307,7 +315,7 @@ class ResultFiles(WritableFileSystem):
 
     @async_dispatch(awrite_path)
     def write_path(self, path: str, content: bytes) -> str:
-        uri = self._uri(path)
+        uri = self._resolve_path(path)
         atomic_write_bytes(uri, content)
         return uri
 

@@ -150,13 +150,20 @@ def is_whole(folder: str) -> bool:
     return not problems(folder)
 
 
+def _is_result(path: str) -> bool:
+    """What a folder says about how it was made (its configuration, its timings) is not
+    part of what it holds: a repair run rewrites those without changing a result."""
+    name = posixpath.basename(path)
+    return name != CONFIG and not (name.startswith("stats") and name.endswith(".json"))
+
+
 def content_identity(folder: str, prefix: str = "") -> str | None:
-    """Identity of the recorded files under ``prefix`` (e.g. ``unet/``) by their digests;
-    None when the folder has no record. It moves only when their bytes change."""
+    """Identity of the recorded result files under ``prefix`` (e.g. ``unet/``) by their
+    digests; None when the folder has no record. It moves only when their bytes change."""
     record = read_record(folder)
     if record is None:
         return None
-    entries = {e["path"]: e["sha256"] for e in record["files"] if e["path"].startswith(prefix)}
+    entries = {e["path"]: e["sha256"] for e in record["files"] if e["path"].startswith(prefix) and _is_result(e["path"])}
     return value_hash(entries) if entries else None
 
 

@@ -414,10 +414,8 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     index_uri = shard_index_uri(out_uri, shard)
     storage.atomic_write_parquet(index, index_uri)
     stats_uri = shard_stats_uri(out_uri, shard)
-    # The throughput stays the one measured by the run that sampled the folder: a rerun
-    # with nothing to do, or one that only redid a few lost images, measures nothing useful
-    # (and rewriting it would change the folder's content identity for no new pixels).
-    if not storage.exists(stats_uri):
+    # A rerun with nothing left to do keeps the throughput measured by the run that sampled.
+    if todo or not storage.exists(stats_uri):
         stats = {"images": len(todo), "seconds": seconds, "images_per_s": len(todo) / seconds if seconds else None,
                  "skipped": len(items) - len(todo), "batch_size": cfg.batch_size}
         storage.atomic_write_json(stats_uri, stats)
