@@ -27,6 +27,10 @@ Storage faults: the n-th file write of a fresh run fails half-way with ENOSPC.
 Damaged checkpoints (training): one file of the newest checkpoint of a finished
 run is changed, cut short, deleted, or replaced under a rewritten manifest; the
 rerun must name the file, resume from the checkpoint before and end equal.
+The CLI probe: after a finished `tokencompose run`, a pickle planted in every
+result-cache record, a deleted or cut sample PNG, a deleted final ``unet/`` and a
+cut mask shard; the same command again must succeed, keep its output folders,
+restore the damaged file bit-identical and run none of the planted code.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -600,6 +605,110 @@ def damage_markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the CLI probe
+
+# A hostile-but-realistic user's sequences through `tokencompose run` (Prefect, the result
+# cache, every stage): each damage is made after a finished run, the same command is run
+# again, and it must succeed and restore exactly the damaged output, running no foreign code.
+PROBE_SETTINGS = ["masks.shard_size=2", "masks.batch_size=2", "train.max_steps=2", "train.batch_size=1",
+                  "train.checkpoint_every=2", "train.resolution=32", "sample.max_prompts=1",
+                  "sample.images_per_prompt=1", "sample.num_inference_steps=2", "score.heldout_images=2",
+                  "score.report_overlays=0"]
+
+
+class _Planted:
+    """Unpickling it writes ``proof``: the sign that a cache hit ran code planted in the storage."""
+
+    def __init__(self, proof: str) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.proof}",))
+
+
+def _cli_run(work: Path, manifest: str) -> dict[str, str]:
+    """One `tokencompose run` in a subprocess; each stage's output folder."""
+    import subprocess
+
+    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", "tiny", "--input", manifest,
+                           f"storage.root={work / 'root'}", *PROBE_SETTINGS],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"tokencompose run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    stages = json.loads(done.stdout[done.stdout.index("{"):])["stages"]
+    return {stage: str(Path(info["output_uri"]).parent) if Path(info["output_uri"]).suffix else info["output_uri"]
+            for stage, info in stages.items()}
+
+
+def _plant_pickles(root: Path, proof: Path) -> Path:
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(picklelib="cloudpickle")),
+                           result=_Planted(str(proof))).serialize()
+    records = [path for path in (root / "_prefect" / "results").iterdir() if path.is_file()]
+    for record in records:
+        record.write_bytes(planted)
+    return records[0]
+
+
+def probe_sweep(work: Path) -> list[dict[str, Any]]:
+    """The probe's sequences: a planted pickle in every cache record, a deleted and a cut
+    sample PNG, a deleted final ``unet/``, a cut mask shard."""
+    from tokencompose_core import storage
+    from tokencompose_core.synthetic import png_bytes
+
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, caption in enumerate(["a dog and a ball on the grass", "a red cup next to a laptop",
+                                     "a cat under a chair"]):
+        uri = str(work / f"img{index}.png")
+        storage.atomic_write_bytes(uri, png_bytes(_shapes_image(index)))
+        rows.append(json.dumps({"image": uri, "captions": [caption]}) + "\n")
+    manifest = work / "manifest.jsonl"
+    manifest.write_text("".join(rows))
+    folders = _cli_run(work, str(manifest))
+    png = sorted(Path(folders["sample"]).glob("images/*/*.png"))[0]
+    unet = sorted(Path(folders["train"]).glob("unet/*.safetensors"))[0]
+    shard = sorted(Path(folders["masks"]).glob("shards/*.parquet"))[0]
+    proof = work / "planted-code-ran"
+    sequences = [
+        ("pickle in every cache record", lambda: _plant_pickles(work / "root", proof), None),
+        ("sample PNG deleted", png.unlink, png),
+        ("sample PNG cut short", lambda: png.write_bytes(png.read_bytes()[: png.stat().st_size // 2]), png),
+        ("final unet/ deleted", lambda: shutil.rmtree(unet.parent), unet),
+        ("mask shard cut short", lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2]), shard),
+    ]
+    records = []
+    for name, damage, target in sequences:
+        before = target.read_bytes() if target else None
+        damage()
+        started = time.monotonic()
+        checks = {}
+        try:
+            after = _cli_run(work, str(manifest))
+            checks["run succeeds"] = "ok"
+            checks["same output folders"] = "ok" if after == folders else f"{after} != {folders}"
+            if target:
+                checks["restored bit-identical"] = "ok" if target.read_bytes() == before else "differs"
+        except RuntimeError as error:
+            checks["run succeeds"] = str(error)
+        checks["no planted code ran"] = "ok" if not proof.exists() else "the planted command ran"
+        records.append({"stage": "cli", "point": name, "seconds": round(time.monotonic() - started, 1),
+                        "checks": checks})
+    return records
+
+
+def probe_markdown(records: list[dict[str, Any]]) -> str:
+    lines = ["| CLI probe (`tokencompose run` again after) | checks | seconds |", "|---|---|---|"]
+    for record in records:
+        bad = {name: outcome for name, outcome in record["checks"].items() if outcome != "ok"}
+        lines.append(f"| {record['point']} | {'all ok' if not bad else bad} | {record['seconds']} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the suite
 
 
@@ -722,9 +831,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "faults")
     parser.add_argument("--json", type=Path, default=None, help="write every record here")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="skip the CLI probe (planted pickle, deleted and cut outputs through `tokencompose run`)")
     args = parser.parse_args(argv)
-    import shutil
-
     shutil.rmtree(args.work / "points", ignore_errors=True)
     shutil.rmtree(args.work / "reference", ignore_errors=True)
     started = time.monotonic()
@@ -732,7 +841,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work / "storage-faults", ignore_errors=True)
     summary["storage"] = storage_sweep(args.work, args.stages, args.points, args.seed)
     summary["damage"] = damage_sweep(args.work, args.points, args.seed) if "train" in args.stages else []
-    summary["failures"] += [(r["stage"], r["point"], name, outcome) for r in summary["storage"] + summary["damage"]
+    shutil.rmtree(args.work / "probe", ignore_errors=True)
+    summary["probe"] = probe_sweep(args.work / "probe") if args.probe else []
+    summary["failures"] += [(r["stage"], r["point"], name, outcome)
+                            for r in summary["storage"] + summary["damage"] + summary["probe"]
                             for name, outcome in r["checks"].items() if outcome != "ok"]
     summary["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
@@ -741,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
     print(storage_markdown(summary["storage"]))
     if summary["damage"]:
         print(damage_markdown(summary["damage"]))
+    if summary["probe"]:
+        print(probe_markdown(summary["probe"]))
     print(f"{len(summary['records'])} kill points in {summary['seconds']} s; failures: {summary['failures'] or 'none'}")
     return 1 if summary["failures"] else 0
 

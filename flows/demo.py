@@ -16,7 +16,7 @@ from prefect import Task, flow
 from prefect.artifacts import create_markdown_artifact
 
 from tasks import demo as tasks
-from tasks.common import configured
+from tasks.common import configured, recompute_unless
 from tokencompose_core import demo, storage
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.models import fingerprint as models_fingerprint
@@ -24,7 +24,7 @@ from tokencompose_core.models import fingerprint as models_fingerprint
 
 def _fresh(task: Task, done_uri: str) -> Task:
     """``task``, recomputed instead of read from the cache if its output was deleted."""
-    return task if storage.exists(done_uri) else task.with_options(refresh_cache=True)
+    return recompute_unless(task, storage.exists(done_uri))
 
 
 @flow(name="demo-experiment", log_prints=True)
