@@ -45,7 +45,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           frozenset({"batch_size", "device", "num_shards", "tag"})),
     Stage("score", "flows.evaluate:evaluate_flow", "output_uri",
           "stage 5: MultiGen, attention mIoU and reports",
-          frozenset({"detector_batch_size", "device", "mask_cache"})),
+          frozenset({"detector_batch_size", "device", "mask_cache", "metrics_batch_size"})),
 )}
 
 
