@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.common import recompute_unless
 from tasks.evaluate import (
     detect,
+    export_samples,
     fid_reference_statistics,
     report,
     score_clip,
@@ -60,6 +61,9 @@ def _score_folder(config: PipelineConfig, plan: scoring.ScorePlan, cache: scorin
     if reference is not None:
         recompute_unless(score_fid, whole)(plan.index_uri, plan.samples_identity, reference[1], reference[0].identity,
                                            config.score, config.models.seed, plan.out_uri, fingerprint)
+    for suite in config.score.export:
+        recompute_unless(export_samples, whole)(plan.samples_uri, plan.samples_identity, suite,
+                                                storage.join(plan.out_uri, suite), fingerprint)
     if cache is not None:
         recompute_unless(score_segmentation, whole)(
             config.score, plan.sample, config.train, config.models, plan.model_dir, plan.unet_dir, plan.model_identity,

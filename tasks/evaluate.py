@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks.common import retry_batch_size, stage_task
-from tokencompose_core import scoring
+from tokencompose_core import handoff, scoring
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
 from tokencompose_core.reports import write_report
 from tokencompose_core.sampling import load_prompts, prompt_set_name
@@ -55,6 +55,15 @@ def score_clip(index_uri: str, samples_identity: str, prompts: str, score: Score
                fingerprint: str) -> str:
     """CLIP score of one samples folder -> clip.json URI (+ per-prompt values)."""
     return scoring.score_clip(index_uri, score, seed, prompt_set_name(prompts), out_uri)
+
+
+@stage_task
+def export_samples(samples_uri: str, samples_identity: str, suite: str, out_uri: str, fingerprint: str) -> str:
+    """A samples folder in GenEval's or T2I-CompBench's layout under ``out_uri``."""
+    return EXPORTS[suite](samples_uri, out_uri)
+
+
+EXPORTS = {"geneval": handoff.export_geneval, "t2i_compbench": handoff.export_t2i_compbench}
 
 
 @stage_task

@@ -100,3 +100,106 @@ def test_clip_score_per_image_and_per_prompt(tmp_path: Path) -> None:
     assert record["images"] == 4 and 0.0 <= record["clip_score"] <= 100.0
     assert list(per_prompt["unit"]) == ["prompt 0", "prompt 1"]
     assert per_prompt["value"].mean() == pytest.approx(record["clip_score"])
+
+
+BASE = ["masks.shard_size=2", "masks.batch_size=2", "train.max_steps=2", "train.batch_size=1",
+        "train.checkpoint_every=2", "train.resolution=32", "sample.max_prompts=3", "sample.images_per_prompt=2",
+        "sample.num_inference_steps=2", "score.heldout_images=2", "score.report_overlays=1",
+        "score.bootstrap_resamples=1000", "score.export=[geneval,t2i_compbench]"]
+
+
+def test_run_tiny_reports_fid_clip_multigen_miou_and_paired_intervals_beside_a_baseline(
+        prefect_harness, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+    from test_orchestration import _photo_manifest
+
+    manifest = _photo_manifest(tmp_path)
+    overrides = [f"storage.root={tmp_path / 'root'}", *BASE]
+    assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    report = Path(summary["stages"]["score"]["summary"]["report"]["md"]).read_text()
+    header = report.splitlines()[2]
+    for column in ("MG2", "MG5", "mIoU fixed", "FID", "CLIP score", "s/image"):
+        assert column in header, (column, header)
+    (scores,) = summary["stages"]["score"]["summary"]["scores"]
+    fid = storage.read_json(storage.join(scores, "fid.json"))
+    assert fid["reference_images"] == 3 and np.isfinite(fid["fid"]) and fid["fid"] >= 0  # the input manifest
+    assert f"{fid['fid']:.2f}" in report and "(2 steps, batch" in report
+    assert "bootstrap" not in report  # no baseline scored beside it: no pairs
+    assert len(list(Path(scores, "geneval").glob("*/samples/*.png"))) == 6  # 3 prompts x 2 images
+    assert len(list(Path(scores, "t2i_compbench", "samples").glob("*_00000[0-5].png"))) == 6
+
+    # The base model sampled with the same prompts and seeds, then both scored: paired.
+    assert main(["sample", "-p", "tiny", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["score", "-p", "tiny", *overrides]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    report = Path(scored["report"]["md"]).read_text()
+    assert "95% bootstrap intervals" in report and Path(scored["report"]["png_intervals"]).is_file()
+    section = report.split("95% bootstrap intervals")[1].split("\n\n")[1]
+    for metric in ("coco MG2", "CLIP score", "attention mIoU"):
+        assert f"| {metric} |" in section, (metric, section)
+    assert len(list((tmp_path / "root" / "fid").iterdir())) == 1  # reference statistics computed once
+
+
+def _samples_folder(root: Path, prompts_spec: str, prompts: list, images_per_prompt: int = 2) -> str:
+    """A samples folder as stage 4 leaves it: images, index.parquet, sample_meta.json."""
+    from tokencompose_core.config import SampleConfig
+    from tokencompose_core.sampling import png_bytes
+
+    rows = []
+    for prompt_id, text in ((p.prompt_id, p.text) for p in prompts):
+        for image_index in range(images_per_prompt):
+            uri = str(root / "images" / f"p{prompt_id}_i{image_index}.png")
+            storage.atomic_write_bytes(uri, png_bytes(np.full((8, 8, 3), (10 * prompt_id + image_index) % 256,
+                                                              np.uint8)))
+            rows.append((prompt_id, image_index, 0, text, uri, "fp"))
+    storage.atomic_write_parquet(pd.DataFrame(rows, columns=["prompt_id", "image_index", "seed", "prompt", "image_uri",
+                                                             "model_fingerprint"]), str(root / "index.parquet"))
+    storage.atomic_write_json(str(root / "sample_meta.json"),
+                              {"sample": SampleConfig(prompts=prompts_spec).model_dump(mode="json")})
+    return str(root)
+
+
+def test_geneval_prompts_and_export_in_genevals_layout(tmp_path: Path) -> None:
+    from tokencompose_core.handoff import export_geneval
+    from tokencompose_core.sampling import load_prompts, prompt_set_name
+
+    metadata = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+                {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+                 "prompt": "a photo of two cats"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    spec = f"geneval:{tmp_path / 'evaluation_metadata.jsonl'}"
+    prompts = load_prompts(spec)
+    assert [(p.prompt_id, p.text, p.categories) for p in prompts] == [
+        (0, "a photo of a bench", ("bench",)), (1, "a photo of two cats", ("cat",))]
+    assert prompt_set_name(spec) == "geneval"
+
+    samples = _samples_folder(tmp_path / "samples", spec, prompts)
+    out = Path(export_geneval(samples, str(tmp_path / "geneval")))
+    # Read back as GenEval's evaluate_images.py does: numbered folders, their metadata, samples/*.png.
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["00000", "00001"]
+    for number, folder in enumerate(folders):
+        assert json.loads((out / folder / "metadata.jsonl").read_text()) == metadata[number]
+        assert sorted(p.name for p in (out / folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+        image = np.asarray(Image.open(out / folder / "samples" / "0001.png"))
+        assert image[0, 0, 0] == 10 * number + 1  # the right image in the right place
+
+
+def test_multigen_samples_export_to_geneval_and_t2i_compbench(tmp_path: Path) -> None:
+    from tokencompose_core.handoff import export_geneval, export_t2i_compbench
+    from tokencompose_core.sampling import load_prompts
+
+    prompts = load_prompts("multigen:coco", 2)
+    samples = _samples_folder(tmp_path / "samples", "multigen:coco", prompts)
+    out = Path(export_geneval(samples, str(tmp_path / "geneval")))
+    first = json.loads((out / f"{prompts[0].prompt_id:05d}" / "metadata.jsonl").read_text())
+    assert first["prompt"] == prompts[0].text
+    assert [item["class"] for item in first["include"]] == list(dict.fromkeys(prompts[0].categories))
+
+    folder = Path(export_t2i_compbench(samples, str(tmp_path / "compbench")))
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"{p.text}_{n:06d}.png" for n, p in enumerate(prompts[i // 2] for i in range(4)))
+    # T2I-CompBench's evaluators take the prompt back from the name before the last '_'.
+    assert {name.rsplit("_", 1)[0] for name in names} == {p.text for p in prompts}

@@ -223,6 +223,9 @@ class ScoreConfig(_Section):
     # Paired 95% intervals: prompts (images for mIoU) resampled with replacement.
     bootstrap_resamples: int = Field(2000, ge=1000)
     bootstrap_seed: int = 0
+    # Copies of each samples folder in other suites' layouts, in its scores folder:
+    # "geneval" (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png), "t2i_compbench".
+    export: list[Literal["geneval", "t2i_compbench"]] = Field(default_factory=list)
 
 
 class OrchestrationConfig(_Section):
