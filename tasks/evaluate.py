@@ -8,6 +8,9 @@ from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig,
 from tokencompose_core.reports import write_report
 from tokencompose_core.sampling import load_prompts, prompt_set_name
 
+# ``score.export`` -> the function writing that suite's layout.
+EXPORTS = {"geneval": handoff.export_geneval, "t2i_compbench": handoff.export_t2i_compbench}
+
 
 @stage_task
 def detect(index_uri: str, samples_identity: str, prompts: str, max_prompts: int | None, score: ScoreConfig,
@@ -61,9 +64,6 @@ def score_clip(index_uri: str, samples_identity: str, prompts: str, score: Score
 def export_samples(samples_uri: str, samples_identity: str, suite: str, out_uri: str, fingerprint: str) -> str:
     """A samples folder in GenEval's or T2I-CompBench's layout under ``out_uri``."""
     return EXPORTS[suite](samples_uri, out_uri)
-
-
-EXPORTS = {"geneval": handoff.export_geneval, "t2i_compbench": handoff.export_t2i_compbench}
 
 
 @stage_task

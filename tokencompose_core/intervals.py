@@ -11,6 +11,7 @@ milliseconds.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,10 @@ def bootstrap_mean_differences(differences: np.ndarray, resamples: int, seed: in
         raise ValueError("no paired units: the runs share no prompt or image")
     rng = np.random.default_rng(seed)
     index = rng.integers(0, units, size=(resamples, units))
-    means = np.nanmean(differences[index], axis=1)  # (resamples, metrics)
+    with warnings.catch_warnings():
+        # A resample may draw only units a metric lacks: that mean is NaN and left out below.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(differences[index], axis=1)  # (resamples, metrics)
     tail = (1.0 - level) / 2 * 100
     return np.nanpercentile(means, tail, axis=0), np.nanpercentile(means, 100 - tail, axis=0)
 
