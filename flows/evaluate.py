@@ -70,7 +70,8 @@ def _score_folder(config: PipelineConfig, plan: scoring.ScorePlan, cache: scorin
             cache.uri, cache.identity, plan.out_uri, fingerprint)
     else:
         get_run_logger().warning("no mask cache for these settings: attention mIoU skipped")
-    outputs.seal(plan.out_uri, config, "score", fingerprint, scoring.stage_inputs(plan, cache))
+    outputs.seal(plan.out_uri, config, "score", fingerprint,
+                 scoring.stage_inputs(plan, cache, reference[0] if reference else None))
 
 
 @flow(name="score", log_prints=True)
@@ -78,10 +79,9 @@ def evaluate_flow(profile: str = "tiny", overrides: list[str] | None = None, inp
     """``input_uri``: a samples folder (with index.parquet); default every finished samples folder."""
     config = load_config(profile, overrides)
     fingerprint, cache = stage_fingerprint(config, "score"), scoring.heldout_cache(config)
-    reference = scoring.fid_reference(config)
+    samples, reference = scoring.samples_to_score(config, input_uri), scoring.fid_reference(config)
     stats = _reference_statistics(config, reference)
-    plans = [scoring.plan_scores(config, samples, fingerprint, reference)
-             for samples in scoring.samples_to_score(config, input_uri)]
+    plans = [scoring.plan_scores(config, folder, fingerprint, reference) for folder in samples]
     for plan in plans:
         _score_folder(config, plan, cache, (reference, stats) if reference and stats else None, fingerprint)
     runs, pairs = scoring.runs_by_model(plans), scoring.baseline_pairs(plans)

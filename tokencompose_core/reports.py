@@ -52,6 +52,14 @@ def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri:
             "index_uri": index_uri, "images_per_s": images_per_s, "object_accuracy": object_accuracy}
 
 
+def read_per_unit(scores_uri: str) -> pd.DataFrame:
+    """Every per-unit table (``per_unit_*.parquet``) a scores folder holds, as one."""
+    fs, path = storage.filesystem(scores_uri)
+    tables = [storage.read_parquet(storage.join(scores_uri, posixpath.basename(found)))
+              for found in sorted(fs.glob(posixpath.join(path, "per_unit_*.parquet")))]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PER_UNIT_COLUMNS)
+
+
 def load_run_scores(scores_uris: list[str]) -> RunScores:
     """One run's scores from its scores folders (multigen.json, optional segmentation.json)."""
     run = RunScores()
@@ -72,10 +80,7 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
         for name in ("fid", "clip"):
             if storage.exists(storage.join(uri, f"{name}.json")):
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
-        fs, path = storage.filesystem(uri)
-        tables = [storage.read_parquet(storage.join(uri, posixpath.basename(found)))
-                  for found in sorted(fs.glob(posixpath.join(path, "per_unit_*.parquet")))]
-        run.per_unit = pd.concat([run.per_unit, *tables], ignore_index=True) if tables else run.per_unit
+        run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
         segmentation_uri = storage.join(uri, "segmentation.json")
         if storage.exists(segmentation_uri):
             run.miou = storage.read_json(segmentation_uri)

@@ -311,7 +311,9 @@ def report_folder(config: PipelineConfig, fingerprint: str, runs: dict[str, list
     return outputs.output_folder(config, "reports", "report", [fingerprint, identity]), identity
 
 
-def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None) -> dict[str, Any]:
+def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None, reference: FidReference | None) -> dict[str, Any]:
     """What a scores folder was made from, for its record."""
     return {"samples": plan.samples_uri, "samples_identity": plan.samples_identity,
-            "mask_cache": cache.uri if cache else None, "mask_cache_identity": cache.identity if cache else None}
+            "mask_cache": cache.uri if cache else None, "mask_cache_identity": cache.identity if cache else None,
+            "fid_reference": reference.manifest_uri if reference else None,
+            "fid_reference_identity": reference.identity if reference else None}
