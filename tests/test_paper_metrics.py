@@ -203,3 +203,23 @@ def test_multigen_samples_export_to_geneval_and_t2i_compbench(tmp_path: Path) ->
     assert names == sorted(f"{p.text}_{n:06d}.png" for n, p in enumerate(prompts[i // 2] for i in range(4)))
     # T2I-CompBench's evaluators take the prompt back from the name before the last '_'.
     assert {name.rsplit("_", 1)[0] for name in names} == {p.text for p in prompts}
+
+
+def test_inception_weights_file_loads_exactly_or_is_refused(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    from tokencompose_core.models.scorers import FID_CLASSES, load_inception
+
+    network = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=FID_CLASSES)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp_path / "fid.safetensors"))
+    loaded = load_inception(str(tmp_path / "fid.safetensors"), num_features=2048)
+    network.fc = torch.nn.Identity()
+    image = torch.randint(0, 255, (1, 3, 299, 299), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded(image), network.eval()(image.float() / 255 * 2 - 1))
+    del network.Mixed_7c  # a file that leaves parameters unset is never a partly random network
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_inception(str(tmp_path / "partial.safetensors"))

@@ -26,20 +26,20 @@ from PIL import Image
 
 from tokencompose_core import storage
 from tokencompose_core.manifest import read_manifest
+from tokencompose_core.models.scorers import INCEPTION_SIDE
 
 REFERENCE_STATS = "reference_stats.safetensors"
 # torchmetrics' FID states for the reference set; ``persistent(True)`` puts them in its state_dict.
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def _uint8_batches(uris: Iterable[str], batch_size: int) -> Iterator[torch.Tensor]:
-    """Images as uint8 (N, 3, H, W) batches; images of one batch share the first one's size."""
+def _uint8_batches(uris: Iterable[str], batch_size: int, side: int) -> Iterator[torch.Tensor]:
+    """Images as uint8 (N, 3, side, side) batches, each resized with PIL's bicubic filter
+    (antialiased, the same for reference and samples whatever their sizes)."""
     batch: list[np.ndarray] = []
     for uri in uris:
         image = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
-        if batch and image.size != (batch[0].shape[1], batch[0].shape[0]):
-            image = image.resize((batch[0].shape[1], batch[0].shape[0]), Image.BICUBIC)
-        batch.append(np.asarray(image))
+        batch.append(np.asarray(image.resize((side, side), Image.BICUBIC)))
         if len(batch) == batch_size:
             yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
             batch = []
@@ -72,7 +72,7 @@ def reference_statistics(manifest_uri: str, limit: int | None, inception: torch.
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 reference images; {manifest_uri} has {len(images)}")
     metric = fid_metric(inception)
-    for batch in _uint8_batches(images, batch_size):
+    for batch in _uint8_batches(images, batch_size, INCEPTION_SIDE):
         metric.update(batch, real=True)
     states = {name: tensor.detach().cpu().contiguous() for name, tensor in metric.state_dict().items()
               if name in _REAL_STATES}
@@ -92,7 +92,7 @@ def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_ur
     index = storage.read_parquet(index_uri)
     if len(index) < 2:
         raise ValueError(f"FID needs at least 2 sampled images; {index_uri} has {len(index)}")
-    for batch in _uint8_batches(index["image_uri"], batch_size):
+    for batch in _uint8_batches(index["image_uri"], batch_size, INCEPTION_SIDE):
         metric.update(batch, real=False)
     record = {"fid": float(metric.compute()), "images": int(len(index)),
               "reference_images": int(states["real_features_num_samples"]), "reference": stats_uri}

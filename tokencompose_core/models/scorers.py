@@ -38,7 +38,8 @@ FEATURE_LAYERS = {64: "maxpool1", 192: "maxpool2", 768: "Mixed_6e", 2048: "Mixed
 class InceptionFeatures(nn.Module):
     """Average-pooled Inception-v3 features of uint8 images (N, 3, H, W); 2048 = pool3.
 
-    Images are resized bilinearly to 299 px and scaled to [-1, 1], the TF graph's input.
+    Images not yet 299 px (torchmetrics probes with one) are resized bilinearly; all are
+    scaled to [-1, 1], the TF graph's input.
     ``num_features`` is what torchmetrics' FID reads off a custom feature module."""
 
     def __init__(self, network: nn.Module, num_features: int = 2048) -> None:
