@@ -74,6 +74,9 @@ def test_fid_is_zero_against_itself_and_grows_with_a_different_set(tmp_path: Pat
         results[name] = storage.read_json(uri)
     assert results["same"]["fid"] == pytest.approx(0.0, abs=1e-3) and results["same"]["reference_images"] == 4
     assert results["other"]["fid"] > 1.0
+    storage.atomic_write_parquet(same[:1], str(tmp_path / "one" / "index.parquet"))
+    one = storage.read_json(fid_score(str(tmp_path / "one" / "index.parquet"), stats, inception, str(tmp_path / "one"), 3))
+    assert one["fid"] is None and "at least 2" in one["note"]  # no covariance from one image, no failure
 
 
 def test_missing_inception_weights_name_the_file(tmp_path: Path) -> None:
@@ -129,11 +132,13 @@ def test_run_tiny_reports_fid_clip_multigen_miou_and_paired_intervals_beside_a_b
     assert len(list(Path(scores, "geneval").glob("*/samples/*.png"))) == 6  # 3 prompts x 2 images
     assert len(list(Path(scores, "t2i_compbench", "samples").glob("*_00000[0-5].png"))) == 6
 
-    # The base model sampled with the same prompts and seeds, then both scored: paired.
+    # The base model sampled with the same prompts and seeds: the next run scores it beside
+    # the trained run's samples, paired.
     assert main(["sample", "-p", "tiny", *overrides]) == 0
     capsys.readouterr()
-    assert main(["score", "-p", "tiny", *overrides]) == 0
-    scored = json.loads(capsys.readouterr().out)
+    assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
+    scored = json.loads(capsys.readouterr().out)["stages"]["score"]["summary"]
+    assert "base" in scored["runs"] and len(scored["scores"]) == 2
     report = Path(scored["report"]["md"]).read_text()
     assert "95% bootstrap intervals" in report and Path(scored["report"]["png_intervals"]).is_file()
     section = report.split("95% bootstrap intervals")[1].split("\n\n")[1]

@@ -87,15 +87,18 @@ def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_ur
     from safetensors.torch import load
 
     states = load(storage.read_bytes(stats_uri))
-    metric = fid_metric(inception)
-    metric.load_state_dict(states, strict=False)
     index = storage.read_parquet(index_uri)
+    record = {"fid": None, "images": int(len(index)), "reference_images": int(states["real_features_num_samples"]),
+              "reference": stats_uri}
     if len(index) < 2:
-        raise ValueError(f"FID needs at least 2 sampled images; {index_uri} has {len(index)}")
-    for batch in _uint8_batches(index["image_uri"], batch_size, INCEPTION_SIDE):
-        metric.update(batch, real=False)
-    record = {"fid": float(metric.compute()), "images": int(len(index)),
-              "reference_images": int(states["real_features_num_samples"]), "reference": stats_uri}
+        # One image has no covariance: the report shows no FID rather than failing the stage.
+        record["note"] = "FID needs at least 2 sampled images"
+    else:
+        metric = fid_metric(inception)
+        metric.load_state_dict(states, strict=False)
+        for batch in _uint8_batches(index["image_uri"], batch_size, INCEPTION_SIDE):
+            metric.update(batch, real=False)
+        record["fid"] = float(metric.compute())
     uri = storage.join(out_uri, "fid.json")
     storage.atomic_write_json(uri, record)
     return uri

@@ -112,7 +112,7 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
         row["mIoU best"] = f"{overall['miou_best']:.2f}" if overall else "–"
         row["mIoU fixed"] = f"{overall['miou_fixed']:.2f}" if overall else "–"
         row["images/s"] = f"{run.images_per_s:.3f}" if run.images_per_s else "–"
-        row["FID"] = f"{run.fid['fid']:.2f}" if run.fid else "–"
+        row["FID"] = f"{run.fid['fid']:.2f}" if run.fid and run.fid["fid"] is not None else "–"
         row["CLIP score"] = f"{run.clip['clip_score']:.2f}" if run.clip else "–"
         latency = run.latency
         row["s/image"] = (f"{latency['seconds_per_image']:.3f} ({latency['steps']} steps, batch {latency['batch_size']})"

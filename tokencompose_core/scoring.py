@@ -66,13 +66,26 @@ class HeldoutCache:
     identity: str
 
 
+def base_samples(config: PipelineConfig) -> str | None:
+    """The base model's finished samples folder made with these sample settings, if any:
+    the baseline a trained run's samples are paired with (same prompts and seeds)."""
+    from tokencompose_core.models import resolve_diffusion_dir
+    from tokencompose_core.sampling import model_fingerprint, samples_folder
+
+    folder = samples_folder(config, None, model_fingerprint(resolve_diffusion_dir(config.models)),
+                            stage_fingerprint(config, "sample"))
+    return folder if outputs.is_whole(folder) else None
+
+
 def samples_to_score(config: PipelineConfig, input_uri: str | None) -> list[str]:
-    """The samples folder given, or every finished samples folder under <root>/samples."""
+    """The samples folder given (with the base model's samples of the same settings beside
+    it, when there are), or every finished samples folder under <root>/samples."""
     if input_uri:
         storage.check_input(input_uri, config.storage)
         if not storage.exists(storage.join(input_uri, "index.parquet")):
             raise FileNotFoundError(f"{input_uri} is not a samples folder (no index.parquet)")
-        return [input_uri.rstrip("/")]
+        baseline = base_samples(config)
+        return [input_uri.rstrip("/")] + ([baseline] if baseline and baseline != input_uri.rstrip("/") else [])
     root = storage.join(config.storage.root, "samples")
     fs, path = storage.filesystem(root)
     found = [storage.join(root, posixpath.basename(p)) for p in sorted(fs.ls(path, detail=False) if fs.exists(path) else [])]
