@@ -111,3 +111,14 @@ def scorer_identity(weights: str) -> Any:
     from tokencompose_core.models.tiny import _library_versions
 
     return f"tiny;{_library_versions()}" if weights == TINY else _file_identity(weights)
+
+
+def scorers_fingerprint(inception_weights: str, clip_model: str) -> str:
+    """Identity of stage 5's scoring networks beyond their names: the Inception file,
+    the CLIP folder or cached revision, or the tiny architectures and library versions."""
+    from tokencompose_core.identity import tree_hash, value_hash
+    from tokencompose_core.models.loaders import _source_identity
+
+    clip = f"{tree_hash([_arch_dir(TINY) / 'clip'])};{scorer_identity(TINY)}" if clip_model == TINY \
+        else _source_identity(clip_model)
+    return value_hash({"inception": scorer_identity(inception_weights), "clip": clip})
