@@ -53,15 +53,18 @@ def test_sample_then_score_flows(prefect_harness, tmp_path: Path) -> None:
     _mask_cache(tmp_path)
     overrides = [f"storage.root={tmp_path}", "sample.max_prompts=2", "sample.images_per_prompt=2", "sample.num_inference_steps=2",
                  "sample.num_shards=2", "score.heldout_images=2", "score.report_overlays=2",
-                 "score.store_threshold=0.0"]
+                 "score.store_threshold=0.0", f"score.mask_cache={tmp_path / 'masks'}"]
     sampled = sample_flow(profile="tiny", overrides=overrides)
-    assert sampled["output_uri"] == str(tmp_path / "samples" / "base-coco")
+    # Folders are named after what made them: <model>-<prompt set>-<key>.
+    assert Path(sampled["output_uri"]).parent == tmp_path / "samples"
+    assert Path(sampled["output_uri"]).name.startswith("base-coco-")
     index = storage.read_parquet(sampled["index_uri"])
     assert len(index) == 4 and all(Path(u).is_file() for u in index["image_uri"])
 
     state = evaluate_flow(profile="tiny", overrides=overrides, input_uri=sampled["output_uri"], return_state=True)
     result = state.result()
-    scores = tmp_path / "scores" / "base-coco"
+    (scores,) = (Path(uri) for uri in result["scores"])
+    assert scores.parent == tmp_path / "scores" and scores.name.startswith("base-coco-")
     detections = storage.read_parquet(str(scores / "detections.parquet"))
     assert list(detections.columns) == ["prompt_id", "image_index", "category", "score", "box"]
     multigen = storage.read_json(str(scores / "multigen.json"))
