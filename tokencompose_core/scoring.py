@@ -14,9 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import outputs, storage
+from tokencompose_core import image_metrics, outputs, storage
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
-from tokencompose_core import image_metrics
 from tokencompose_core.evaluation import (
     detect_owlv2,
     heldout_image_ids,
@@ -30,7 +29,7 @@ from tokencompose_core.identity import folder_hash, uri_hash, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
 from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
 from tokencompose_core.reports import MG_KS, multigen_record
-from tokencompose_core.sampling import Prompt, model_name
+from tokencompose_core.sampling import Prompt, model_fingerprint, model_name, samples_folder
 from tokencompose_core.stages import stage_fingerprint
 
 
@@ -70,7 +69,6 @@ def base_samples(config: PipelineConfig) -> str | None:
     """The base model's finished samples folder made with these sample settings, if any:
     the baseline a trained run's samples are paired with (same prompts and seeds)."""
     from tokencompose_core.models import resolve_diffusion_dir
-    from tokencompose_core.sampling import model_fingerprint, samples_folder
 
     folder = samples_folder(config, None, model_fingerprint(resolve_diffusion_dir(config.models)),
                             stage_fingerprint(config, "sample"))
