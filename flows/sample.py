@@ -16,7 +16,14 @@ from tasks.sample import merge_sample_shards, sample_shard
 from tokencompose_core import outputs, storage
 from tokencompose_core.config import load_config
 from tokencompose_core.models import resolve_diffusion_dir
-from tokencompose_core.sampling import model_fingerprint, model_name, prompt_set_name, samples_folder, trained_unet
+from tokencompose_core.sampling import (
+    model_fingerprint,
+    model_name,
+    prompt_file,
+    prompt_set_name,
+    samples_folder,
+    trained_unet,
+)
 from tokencompose_core.stages import stage_fingerprint
 
 
@@ -24,8 +31,8 @@ from tokencompose_core.stages import stage_fingerprint
 def sample_flow(profile: str = "tiny", overrides: list[str] | None = None, input_uri: str | None = None) -> dict:
     """``input_uri``: a trained run folder holding ``unet/`` (default: the base model)."""
     config = load_config(profile, overrides)
-    if not config.sample.prompts.startswith("multigen:"):
-        storage.check_input(config.sample.prompts, config.storage)
+    if prompt_file(config.sample.prompts):
+        storage.check_input(prompt_file(config.sample.prompts), config.storage)
     unet_dir = trained_unet(config, input_uri)
     model_dir = resolve_diffusion_dir(config.models)
     model_identity, fingerprint = model_fingerprint(model_dir, unet_dir), stage_fingerprint(config, "sample")

@@ -1,12 +1,15 @@
-"""Prefect tasks of stage 5: detection, MultiGen scores, attention mIoU, the report."""
+"""Prefect tasks of stage 5: detection, MultiGen scores, attention mIoU, FID, CLIP score, the report."""
 
 from __future__ import annotations
 
 from tasks.common import retry_batch_size, stage_task
-from tokencompose_core import scoring
+from tokencompose_core import handoff, scoring
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
 from tokencompose_core.reports import write_report
 from tokencompose_core.sampling import load_prompts, prompt_set_name
+
+# ``score.export`` -> the function writing that suite's layout.
+EXPORTS = {"geneval": handoff.export_geneval, "t2i_compbench": handoff.export_t2i_compbench}
 
 
 @stage_task
@@ -35,6 +38,36 @@ def score_segmentation(score: ScoreConfig, sample: SampleConfig, train: TrainCon
 
 
 @stage_task
-def report(runs: dict[str, list[str]], scores_digest: str, out_uri: str, fingerprint: str) -> dict[str, str]:
-    """The comparison report of the scored runs -> {md, html, png_*} URIs."""
-    return write_report(runs, out_uri)
+def fid_reference_statistics(manifest_uri: str, out_uri: str, score: ScoreConfig, seed: int, fingerprint: str) -> str:
+    """Inception statistics of the FID reference set -> reference_stats.safetensors URI.
+
+    ``fingerprint`` is the reference's identity (manifest content, rows, network), not
+    the score fingerprint: every run and setting scored against one image set shares them."""
+    return scoring.reference_statistics(scoring.FidReference(manifest_uri, fingerprint, out_uri), score, seed)
+
+
+@stage_task
+def score_fid(index_uri: str, samples_identity: str, stats_uri: str, reference_identity: str, score: ScoreConfig,
+              seed: int, out_uri: str, fingerprint: str) -> str:
+    """FID of one samples folder against the reference statistics -> fid.json URI."""
+    return scoring.score_fid(index_uri, stats_uri, score, seed, out_uri)
+
+
+@stage_task
+def score_clip(index_uri: str, samples_identity: str, prompts: str, score: ScoreConfig, seed: int, out_uri: str,
+               fingerprint: str) -> str:
+    """CLIP score of one samples folder -> clip.json URI (+ per-prompt values)."""
+    return scoring.score_clip(index_uri, score, seed, prompt_set_name(prompts), out_uri)
+
+
+@stage_task
+def export_samples(samples_uri: str, samples_identity: str, suite: str, out_uri: str, fingerprint: str) -> str:
+    """A samples folder in GenEval's or T2I-CompBench's layout under ``out_uri``."""
+    return EXPORTS[suite](samples_uri, out_uri)
+
+
+@stage_task
+def report(runs: dict[str, list[str]], scores_digest: str, pairs: dict[str, tuple[str, str]], resamples: int,
+           seed: int, out_uri: str, fingerprint: str) -> dict[str, str]:
+    """The comparison report of the scored runs (with paired intervals) -> {md, html, png_*} URIs."""
+    return write_report(runs, out_uri, pairs=pairs or None, resamples=resamples, seed=seed)

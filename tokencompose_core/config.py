@@ -207,6 +207,25 @@ class ScoreConfig(_Section):
     mask_cache: str | None = None  # None = <storage.root>/masks
     report_overlays: int = Field(8, ge=0)  # per-noun attention heat maps in the HTML report
     device: str = "auto"
+    # FID reference images: a manifest URI (COCO 2017 val captions' images, Flickr30k);
+    # None = the manifest stage 1 read for these settings (the tiny profile's input).
+    fid_reference: str | None = None
+    fid_reference_images: int | None = Field(None, gt=0)  # the first N rows (10k for COCO val)
+    fid: bool = True
+    # "tiny": seeded random init; else the FID Inception weights file (pt_inception-2015-12-05).
+    inception_weights: str = "tiny"
+    # Inception layer FID compares: 2048 (pool3) is standard FID; 64/192/768 are the
+    # smaller layers torch-fidelity offers, for runs of a few images (the tiny profile).
+    fid_features: Literal[64, 192, 768, 2048] = 2048
+    # "tiny": seeded random CLIP; else a local folder or cached hub id (openai/clip-vit-large-patch14).
+    clip_model: str = "tiny"
+    metrics_batch_size: int = Field(16, gt=0)  # images per Inception / CLIP batch
+    # Paired 95% intervals: prompts (images for mIoU) resampled with replacement.
+    bootstrap_resamples: int = Field(2000, ge=1000)
+    bootstrap_seed: int = 0
+    # Copies of each samples folder in other suites' layouts, in its scores folder:
+    # "geneval" (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png), "t2i_compbench".
+    export: list[Literal["geneval", "t2i_compbench"]] = Field(default_factory=list)
 
 
 class OrchestrationConfig(_Section):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -284,7 +285,10 @@ def _run_scores(record: dict[str, Any]) -> RunScores:
     return RunScores(
         multigen={group: pd.DataFrame.from_dict(table, orient="index") for group, table in record["multigen"].items()},
         miou=record["segmentation"], samples={TEST_PROMPTS: record["index_uri"]} if "index_uri" in record else {},
-        overlays=record["segmentation"].get("overlays", []), reported_ks=record["reported_ks"])
+        overlays=record["segmentation"].get("overlays", []), reported_ks=record["reported_ks"],
+        # Per-prompt values beside the detections: the report's paired intervals resample them.
+        **({"per_unit": reports.read_per_unit(posixpath.dirname(record["detections_uri"]))}
+           if "detections_uri" in record else {}))
 
 
 def _add_verdict_to_html(html_uri: str, sentence: str) -> None:

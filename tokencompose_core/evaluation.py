@@ -150,6 +150,27 @@ def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
     return {"mean": float(per_index.mean()), "std": float(np.std(per_index.to_numpy()))}
 
 
+def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], threshold: float, images: pd.DataFrame,
+                        prefix: str) -> pd.DataFrame:
+    """Per prompt: MG_k (percent of its images with at least k of its categories) for
+    k = 1..5 and, for two-object prompts, object accuracy; rows (unit, metric, value)
+    with unit ``prompt <id>``. The mean over prompts is the run's MG_k when every
+    prompt has the same number of images, so paired intervals bootstrap over these."""
+    found = _categories_found(detections, prompts, threshold, images)
+    pairs = {p.prompt_id for p in prompts if len(set(p.categories)) == 2}
+    frames = []
+    for k in range(1, MAX_K + 1):
+        hits = found.assign(value=(found["found"] >= k) * 100.0).groupby("prompt_id")["value"].mean()
+        frames.append(pd.DataFrame({"prompt_id": hits.index, "metric": f"{prefix} MG{k}", "value": hits.to_numpy()}))
+        if k == 2 and pairs:
+            chosen = hits[hits.index.isin(pairs)]
+            frames.append(pd.DataFrame({"prompt_id": chosen.index, "metric": f"{prefix} obj. acc.",
+                                        "value": chosen.to_numpy()}))
+    table = pd.concat(frames, ignore_index=True)
+    return pd.DataFrame({"unit": "prompt " + table["prompt_id"].astype(str), "metric": table["metric"],
+                         "value": table["value"].astype(float)})
+
+
 # ----------------------------------------------------------------------------- segmentation transfer
 
 
@@ -247,6 +268,8 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
     cache = MaskCache(cache_uri)
     capture = AttentionCapture(parts.unet, groups)
     ious: dict[str, list[np.ndarray]] = {name: [] for name in [*groups, "overall"]}
+    fixed_k = int(np.argmin(np.abs(SWEEP_THRESHOLDS - score.segmentation_threshold)))
+    per_image: dict[str, list[float]] = {}  # image id -> its nouns' IoU (overall maps, fixed threshold), percent
     overlays: list[dict[str, Any]] = []
     try:
         for image_id in image_ids:
@@ -257,6 +280,7 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
             masks = torch.from_numpy(np.asarray(item.masks)).bool()
             for name, maps in image_maps.items():
                 ious[name].append(iou_at_thresholds(maps, masks, SWEEP_THRESHOLDS))
+            per_image[image_id] = (ious["overall"][-1][:, fixed_k] * 100).tolist()
             if overlays_uri and len(overlays) < max_overlays:
                 overlays += write_overlays(item, image_maps["overall"], overlays_uri,
                                            max_overlays - len(overlays), score.segmentation_threshold)
@@ -266,7 +290,7 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
     summary = summarise_ious(tables, SWEEP_THRESHOLDS, score.segmentation_threshold)
     overall = summary.pop("overall")
     return {"groups": summary, "overall": overall, "images": len(image_ids),
-            "timestep": score.segmentation_timestep, "overlays": overlays}
+            "timestep": score.segmentation_timestep, "overlays": overlays, "per_image": per_image}
 
 
 def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: int,

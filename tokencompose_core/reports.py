@@ -11,14 +11,17 @@ from __future__ import annotations
 import html
 import io
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from tokencompose_core import storage
+from tokencompose_core.intervals import PER_UNIT_COLUMNS, paired_intervals
 
 _DIFFERENCES = "Paired differences (treated minus baseline, points)"
+_INTERVALS = "Paired differences with 95% bootstrap intervals (treated minus baseline)"
 MG_KS = (2, 3, 4, 5)  # MG1 says little: one object of five
 MG_ROWS = [f"MG{k}" for k in MG_KS]
 
@@ -34,6 +37,11 @@ class RunScores:
     samples: dict[str, str] = field(default_factory=dict)  # prompt set -> sample index.parquet URI
     overlays: list[dict[str, Any]] = field(default_factory=list)  # {"title", "uri"}
     reported_ks: dict[str, list[int]] = field(default_factory=dict)  # table -> MG_k worth showing
+    fid: dict[str, Any] | None = None  # fid.json
+    clip: dict[str, Any] | None = None  # clip.json
+    latency: dict[str, Any] | None = None  # seconds per image at the sampling steps and batch
+    # Per-prompt (per-noun for mIoU) values, what paired intervals resample.
+    per_unit: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PER_UNIT_COLUMNS))
 
 
 def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
@@ -42,6 +50,14 @@ def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri:
     """The JSON the evaluate stage writes as scores/<tag>/multigen.json."""
     return {"model": model, "prompt_set": prompt_set, "scores": table.to_dict(orient="index"),
             "index_uri": index_uri, "images_per_s": images_per_s, "object_accuracy": object_accuracy}
+
+
+def read_per_unit(scores_uri: str) -> pd.DataFrame:
+    """Every per-unit table (``per_unit_*.parquet``) a scores folder holds, as one."""
+    fs, path = storage.filesystem(scores_uri)
+    tables = [storage.read_parquet(storage.join(scores_uri, posixpath.basename(found)))
+              for found in sorted(fs.glob(posixpath.join(path, "per_unit_*.parquet")))]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PER_UNIT_COLUMNS)
 
 
 def load_run_scores(scores_uris: list[str]) -> RunScores:
@@ -60,6 +76,11 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
             run.samples[prompt_set] = record["index_uri"]
         if record.get("images_per_s") is not None:
             run.images_per_s = record["images_per_s"]
+        run.latency = record.get("latency") or run.latency
+        for name in ("fid", "clip"):
+            if storage.exists(storage.join(uri, f"{name}.json")):
+                setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
+        run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
         segmentation_uri = storage.join(uri, "segmentation.json")
         if storage.exists(segmentation_uri):
             run.miou = storage.read_json(segmentation_uri)
@@ -74,7 +95,8 @@ def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:
 
 
 def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
-    """One row per run: MG2..MG5 (mean ± std) per prompt set, object accuracy, mIoU, images/s."""
+    """One row per run: MG2..MG5 (mean ± std) per prompt set, object accuracy, mIoU, images/s,
+    FID, CLIP score and seconds per image at the sampling steps and batch."""
     prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
     accuracy_sets = sorted({s for run in runs.values() for s in run.object_accuracy})
     rows = []
@@ -90,6 +112,11 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
         row["mIoU best"] = f"{overall['miou_best']:.2f}" if overall else "–"
         row["mIoU fixed"] = f"{overall['miou_fixed']:.2f}" if overall else "–"
         row["images/s"] = f"{run.images_per_s:.3f}" if run.images_per_s else "–"
+        row["FID"] = f"{run.fid['fid']:.2f}" if run.fid and run.fid["fid"] is not None else "–"
+        row["CLIP score"] = f"{run.clip['clip_score']:.2f}" if run.clip else "–"
+        latency = run.latency
+        row["s/image"] = (f"{latency['seconds_per_image']:.3f} ({latency['steps']} steps, batch {latency['batch_size']})"
+                          if latency else "–")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -205,7 +232,8 @@ _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-c
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}
 .row{display:flex;align-items:center;gap:4px;margin:4px 0}.prompt{width:260px;font-size:12px}
 .row img{width:128px;height:128px;image-rendering:pixelated}figure{display:inline-block;margin:6px}
-figure img{height:128px;image-rendering:pixelated}figcaption{font-size:11px;max-width:400px}"""
+figure img{height:128px;image-rendering:pixelated}figcaption{font-size:11px;max-width:400px}
+img.plot{max-width:100%;height:auto}.wide{overflow-x:auto}"""
 
 
 def paired_differences(runs: dict[str, RunScores], pairs: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
@@ -226,6 +254,41 @@ def paired_differences(runs: dict[str, RunScores], pairs: dict[str, tuple[str, s
     return rows
 
 
+def interval_rows(runs: dict[str, RunScores], pairs: dict[str, tuple[str, str]], resamples: int,
+                  seed: int) -> list[dict[str, Any]]:
+    """Every metric both runs of a pair have per-unit values for: the mean paired difference
+    with its 95% bootstrap interval (:func:`tokencompose_core.intervals.paired_intervals`)."""
+    rows = []
+    for label, (baseline, treated) in pairs.items():
+        for row in paired_intervals(runs[baseline].per_unit, runs[treated].per_unit, resamples, seed):
+            rows.append({"pair": label, **row})
+    return rows
+
+
+def interval_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """:func:`interval_rows` as text: difference [low, high] and the number of paired units."""
+    return pd.DataFrame([{"pair": r["pair"], "metric": r["metric"], "difference": f"{r['difference']:+.2f}",
+                          "95% interval": f"[{r['low']:+.2f}, {r['high']:+.2f}]", "units": r["units"]}
+                         for r in rows])
+
+
+def plot_intervals(rows: list[dict[str, Any]], uri: str) -> str | None:
+    """Paired differences as points with their 95% intervals as error bars, one line per metric."""
+    if not rows:
+        return None
+    plt = pyplot()
+    labels = [f"{r['pair']}: {r['metric']}" for r in rows]
+    figure, ax = plt.subplots(figsize=(7.0, 0.3 * len(rows) + 1.2))
+    centres = [r["difference"] for r in rows]
+    errors = [[r["difference"] - r["low"] for r in rows], [r["high"] - r["difference"] for r in rows]]
+    ax.errorbar(centres, range(len(rows)), xerr=errors, fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("treated minus baseline (95% bootstrap interval)")
+    return save_figure(figure, uri)
+
+
 def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
     """:func:`paired_differences` as a table: one column per pair, then the mean."""
     return pd.DataFrame([{"metric": d["metric"], **{label: f"{v:+.1f}" for label, v in zip(labels, d["per_pair"])},
@@ -234,15 +297,17 @@ def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd
 
 def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
                runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int],
-               differences: pd.DataFrame | None) -> str:
+               differences: pd.DataFrame | None, intervals: pd.DataFrame | None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if intervals is not None:
+        parts += [f"<h2>{_INTERVALS}</h2>", intervals.to_html(index=False, escape=True)]
     if differences is not None:
         parts += [f"<h2>{_DIFFERENCES}</h2>", differences.to_html(index=False, escape=True)]
-    parts += ["<h2>Comparison</h2>", table.to_html(index=False, escape=True)]
+    parts += ["<h2>Comparison</h2>", f'<div class="wide">{table.to_html(index=False, escape=True)}</div>']
     if groups is not None:
         parts += ["<h3>mIoU per layer group (fixed / best threshold)</h3>", groups.to_html(index=False)]
-    parts += [f'<p><img src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
+    parts += [f'<p><img class="plot" src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
     for name, run in runs.items():
         parts.append(f"<h2>{html.escape(name)}</h2>")
         for prompt_set, index_uri in sorted(run.samples.items()):
@@ -257,24 +322,34 @@ def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plo
 
 def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, title: str = "TokenCompose report",
                  grid_prompts: int = 4, grid_images: int = 4,
-                 pairs: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
+                 pairs: dict[str, tuple[str, str]] | None = None, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, str]:
     """Write report.md, report.html and PNG plots under ``out_uri``; returns their URIs
-    (keys ``md``, ``html``, ``png_multigen``, ``png_miou`` when there is mIoU).
+    (keys ``md``, ``html``, ``png_multigen``, ``png_miou`` when there is mIoU,
+    ``png_intervals`` when there are paired intervals).
 
     ``runs`` maps a run name to its :class:`RunScores` or to scores folder URI(s).
-    ``pairs`` (label -> (baseline run, treated run)) adds the paired differences first.
+    ``pairs`` (label -> (baseline run, treated run)) adds, first, every metric's paired
+    difference with its 95% bootstrap interval (``resamples``, ``seed``) where both runs
+    have per-unit values, and the differences of each pair side by side.
     """
     loaded = {name: run if isinstance(run, RunScores) else load_run_scores([run] if isinstance(run, str) else run)
               for name, run in runs.items()}
     differences = difference_table(paired_differences(loaded, pairs), list(pairs)) if pairs else None
+    intervals = interval_rows(loaded, pairs, resamples, seed) if pairs else []
     table = comparison_table(loaded)
     groups = _group_table(loaded)
     uris: dict[str, str] = {}
+    written = plot_intervals(intervals, storage.join(out_uri, "intervals.png"))
+    if written:
+        uris["png_intervals"] = written
     for key, plot in (("png_multigen", plot_multigen), ("png_miou", plot_miou)):
         written = plot(loaded, storage.join(out_uri, f"{key[4:]}.png"))
         if written:
             uris[key] = written
     markdown = [f"# {title}", ""]
+    if intervals:
+        markdown += [f"## {_INTERVALS}", "", markdown_table(interval_table(intervals)), ""]
     if differences is not None:
         markdown += [f"## {_DIFFERENCES}", "", markdown_table(differences), ""]
     markdown += [markdown_table(table), ""]
@@ -283,8 +358,10 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     markdown += [f"![{key}]({os.path.basename(uri)})" for key, uri in uris.items()]
     uris["md"] = storage.join(out_uri, "report.md")
     storage.atomic_write_bytes(uris["md"], ("\n".join(markdown) + "\n").encode("utf-8"))
-    page = _html_page(title, table, groups, [uris[k] for k in ("png_multigen", "png_miou") if k in uris],
-                      loaded, out_uri, (grid_prompts, grid_images), differences)
+    page = _html_page(title, table, groups,
+                      [uris[k] for k in ("png_intervals", "png_multigen", "png_miou") if k in uris],
+                      loaded, out_uri, (grid_prompts, grid_images), differences,
+                      interval_table(intervals) if intervals else None)
     uris["html"] = storage.join(out_uri, "report.html")
     storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
     return uris

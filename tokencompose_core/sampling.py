@@ -35,6 +35,7 @@ MULTIGEN_SETS = {
     "ade20k": "ade20k_obj_comp_5_1k.json",
 }
 _RESOURCES = Path(__file__).resolve().parent / "resources" / "multigen"
+GENEVAL = "geneval:"  # prompt source prefix: geneval:<path to evaluation_metadata.jsonl>
 INDEX_COLUMNS = ["prompt_id", "image_index", "seed", "prompt", "image_uri", "model_fingerprint"]
 # transformers/diffusers build models under process-global init patches (meta device):
 # two threads loading at once (shards on a thread-pool task runner) corrupt each other.
@@ -52,13 +53,16 @@ class Prompt:
 
 
 def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
-    """Prompts from ``multigen:coco``/``multigen:ade20k``, a .txt, a MultiGen .json,
-    or a JSONL/Parquet manifest with a ``caption`` or ``text`` column."""
+    """Prompts from ``multigen:coco``/``multigen:ade20k``, ``geneval:<evaluation_metadata.jsonl>``,
+    a .txt, a MultiGen .json, or a JSONL/Parquet manifest with a ``caption`` or ``text`` column."""
     if spec.startswith("multigen:"):
         name = spec.split(":", 1)[1]
         if name not in MULTIGEN_SETS:
             raise ValueError(f"unknown MultiGen set {name!r}; known: {', '.join(MULTIGEN_SETS)}")
         prompts = _multigen_prompts(json.loads((_RESOURCES / MULTIGEN_SETS[name]).read_text("utf-8")), spec)
+    elif spec.startswith(GENEVAL):
+        prompts = [Prompt(i, str(record["prompt"]), tuple(str(item["class"]) for item in record.get("include", [])))
+                   for i, record in enumerate(geneval_metadata(spec[len(GENEVAL):]))]
     else:
         prompts = _file_prompts(spec)
     if not prompts:
@@ -66,10 +70,29 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
     return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
+def prompt_file(spec: str) -> str | None:
+    """The file a prompt source reads (None for the bundled MultiGen sets)."""
+    if spec.startswith("multigen:"):
+        return None
+    return spec[len(GENEVAL):] if spec.startswith(GENEVAL) else spec
+
+
+def geneval_metadata(uri: str) -> list[dict[str, Any]]:
+    """GenEval's ``evaluation_metadata.jsonl``: one object per line with ``tag``, ``include``
+    ([{"class", "count", ...}]) and ``prompt``; the line number is the prompt id (GenEval's
+    folder number)."""
+    records = [json.loads(line) for line in _decode(storage.read_bytes(uri), uri).splitlines() if line.strip()]
+    if not records or not all(isinstance(r, dict) and "prompt" in r and "include" in r for r in records):
+        raise ValueError(f"{uri} is not GenEval evaluation metadata (JSON lines with 'prompt' and 'include')")
+    return records
+
+
 def prompt_set_name(spec: str) -> str:
-    """A short name for a prompt source: ``coco`` for multigen:coco, else the file stem."""
+    """A short name for a prompt source: ``coco`` for multigen:coco, ``geneval``, else the file stem."""
     if spec.startswith("multigen:"):
         return spec.split(":", 1)[1]
+    if spec.startswith(GENEVAL):
+        return "geneval"
     return Path(spec.rstrip("/")).name.split(".")[0] or "prompts"
 
 

@@ -14,20 +14,22 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import outputs, storage
+from tokencompose_core import image_metrics, outputs, storage
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
     heldout_image_ids,
+    multigen_per_prompt,
     multigen_scores,
     object_accuracy,
     read_image,
     segmentation_miou,
 )
-from tokencompose_core.identity import folder_hash, value_hash
+from tokencompose_core.identity import folder_hash, uri_hash, value_hash
+from tokencompose_core.intervals import PER_UNIT_COLUMNS
 from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
 from tokencompose_core.reports import MG_KS, multigen_record
-from tokencompose_core.sampling import Prompt, model_name
+from tokencompose_core.sampling import Prompt, model_fingerprint, model_name, samples_folder
 from tokencompose_core.stages import stage_fingerprint
 
 
@@ -47,6 +49,15 @@ class ScorePlan:
 
 
 @dataclass(frozen=True)
+class FidReference:
+    """The reference image set FID is measured against, and where its statistics are kept."""
+
+    manifest_uri: str
+    identity: str  # the manifest's content, the rows used and the Inception network
+    out_uri: str
+
+
+@dataclass(frozen=True)
 class HeldoutCache:
     """The mask cache whose held-out images attention mIoU is measured on."""
 
@@ -54,13 +65,25 @@ class HeldoutCache:
     identity: str
 
 
+def base_samples(config: PipelineConfig) -> str | None:
+    """The base model's finished samples folder made with these sample settings, if any:
+    the baseline a trained run's samples are paired with (same prompts and seeds)."""
+    from tokencompose_core.models import resolve_diffusion_dir
+
+    folder = samples_folder(config, None, model_fingerprint(resolve_diffusion_dir(config.models)),
+                            stage_fingerprint(config, "sample"))
+    return folder if outputs.is_whole(folder) else None
+
+
 def samples_to_score(config: PipelineConfig, input_uri: str | None) -> list[str]:
-    """The samples folder given, or every finished samples folder under <root>/samples."""
+    """The samples folder given (with the base model's samples of the same settings beside
+    it, when there are), or every finished samples folder under <root>/samples."""
     if input_uri:
         storage.check_input(input_uri, config.storage)
         if not storage.exists(storage.join(input_uri, "index.parquet")):
             raise FileNotFoundError(f"{input_uri} is not a samples folder (no index.parquet)")
-        return [input_uri.rstrip("/")]
+        baseline = base_samples(config)
+        return [input_uri.rstrip("/")] + ([baseline] if baseline and baseline != input_uri.rstrip("/") else [])
     root = storage.join(config.storage.root, "samples")
     fs, path = storage.filesystem(root)
     found = [storage.join(root, posixpath.basename(p)) for p in sorted(fs.ls(path, detail=False) if fs.exists(path) else [])]
@@ -70,8 +93,9 @@ def samples_to_score(config: PipelineConfig, input_uri: str | None) -> list[str]
     return found
 
 
-def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str) -> ScorePlan:
-    """Where the scores of ``samples_uri`` go for this score fingerprint."""
+def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str,
+                reference: FidReference | None = None) -> ScorePlan:
+    """Where the scores of ``samples_uri`` go for this score fingerprint (and FID reference set)."""
     meta = storage.read_json(storage.join(samples_uri, "sample_meta.json"))
     identity = outputs.content_identity(samples_uri) or folder_hash(samples_uri)
     name = posixpath.basename(samples_uri.rstrip("/"))
@@ -84,7 +108,8 @@ def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str) -> S
         model_dir=meta["model_dir"],
         unet_dir=meta["unet_dir"],
         model_identity=meta["model_fingerprint"],
-        out_uri=outputs.output_folder(config, "scores", name.rsplit("-", 1)[0], [fingerprint, identity]),
+        out_uri=outputs.output_folder(config, "scores", name.rsplit("-", 1)[0],
+                                      [fingerprint, identity] + ([reference.identity] if reference else [])),
     )
 
 
@@ -103,6 +128,67 @@ def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
     if not storage.exists(storage.join(uri, COMPLETED)):
         return None
     return HeldoutCache(uri, cache_identity(uri))
+
+
+def fid_reference(config: PipelineConfig) -> FidReference | None:
+    """The FID reference set: ``score.fid_reference``, else the manifest stage 1 read for
+    these settings (so the tiny profile measures FID against its input's images); None
+    when FID is off or no manifest is known."""
+    from tokencompose_core.models.scorers import scorer_identity
+
+    if not config.score.fid:
+        return None
+    manifest = config.score.fid_reference
+    if manifest:
+        storage.check_input(manifest, config.storage)
+    else:
+        found = outputs.discover(config, "nouns", stage_fingerprint(config, "nouns"))
+        manifest = (outputs.read_record(found[0]) or {}).get("inputs", {}).get("manifest") if found else None
+        if not manifest:
+            return None
+    identity = value_hash({"manifest": uri_hash(manifest), "images": config.score.fid_reference_images,
+                           "inception": scorer_identity(config.score.inception_weights), "seed": config.models.seed,
+                           "features": config.score.fid_features})
+    out_uri = outputs.output_folder(config, "fid", image_metrics.reference_name(manifest), identity)
+    return FidReference(manifest, identity, out_uri)
+
+
+def reference_statistics(reference: FidReference, score: ScoreConfig, seed: int) -> str:
+    """The reference set's Inception statistics -> reference_stats.safetensors URI."""
+    from tokencompose_core.models.scorers import load_inception
+
+    inception = load_inception(score.inception_weights, seed, score.fid_features)
+    return image_metrics.reference_statistics(reference.manifest_uri, score.fid_reference_images, inception,
+                                              reference.out_uri, score.metrics_batch_size)
+
+
+def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:
+    """FID of one samples folder against the reference statistics -> fid.json URI."""
+    from tokencompose_core.models.scorers import load_inception
+
+    inception = load_inception(score.inception_weights, seed, score.fid_features)
+    return image_metrics.fid_score(index_uri, stats_uri, inception, out_uri, score.metrics_batch_size)
+
+
+def score_clip(index_uri: str, score: ScoreConfig, seed: int, prompt_set: str, out_uri: str) -> str:
+    """CLIP score of one samples folder -> clip.json URI (+ per-prompt values for intervals)."""
+    from tokencompose_core.models.scorers import load_clip
+
+    model, processor = load_clip(score.clip_model, seed)
+    per_image = image_metrics.clip_scores(index_uri, model, processor, score.metrics_batch_size)
+    per_prompt = per_image.groupby("prompt_id")["clip_score"].mean()
+    write_per_unit(pd.DataFrame({"unit": [f"prompt {i}" for i in per_prompt.index], "metric": "CLIP score",
+                                 "value": per_prompt.to_numpy(dtype=float)}), out_uri, "clip")
+    uri = storage.join(out_uri, "clip.json")
+    storage.atomic_write_json(uri, {**image_metrics.clip_record(per_image, score.clip_model), "prompt_set": prompt_set})
+    return uri
+
+
+def write_per_unit(table: pd.DataFrame, out_uri: str, name: str) -> str:
+    """Per-prompt (or per-noun) values of one scorer: what paired intervals resample."""
+    uri = storage.join(out_uri, f"per_unit_{name}.parquet")
+    storage.atomic_write_parquet(table[PER_UNIT_COLUMNS], uri)
+    return uri
 
 
 def _detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
@@ -166,9 +252,15 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     two_object = any(len(set(p.categories)) == 2 for p in prompts)
     accuracy = object_accuracy(detections, prompts, threshold, images) if two_object else None
     stats_uri = storage.join(posixpath.dirname(index_uri), "stats.json")
-    speed = storage.read_json(stats_uri).get("images_per_s") if storage.exists(stats_uri) else None
-    record = multigen_record(model, prompt_set, table, index_uri, speed, accuracy)
+    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
     by_id = {p.prompt_id: p for p in prompts}
+    # Per-prompt values under the names of the report's tables (the groups', when scored by group).
+    named = groups or {prompt_set: sorted(by_id)}
+    write_per_unit(pd.concat([multigen_per_prompt(detections, [by_id[i] for i in ids], threshold,
+                                                  images[images["prompt_id"].isin(set(ids))], name)
+                              for name, ids in named.items()], ignore_index=True), out_uri, "multigen")
+    record = multigen_record(model, prompt_set, table, index_uri, stats.get("images_per_s"), accuracy)
+    record["latency"] = sampling_latency(posixpath.dirname(index_uri), stats)
     record["reported_ks"] = {prompt_set: reported_ks(prompts)}
     if groups:
         record["groups"] = multigen_by_group(detections, images, prompts, groups, threshold)
@@ -178,6 +270,16 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     return uri
 
 
+def sampling_latency(samples_uri: str, stats: dict[str, Any]) -> dict[str, Any] | None:
+    """Seconds per image as the paper gives it, with the steps and batch it was measured at
+    (the sampling run's own clock: model loading left out)."""
+    if not stats.get("images") or not stats.get("seconds"):
+        return None
+    sample = storage.read_json(storage.join(samples_uri, "sample_meta.json"))["sample"]
+    return {"seconds_per_image": stats["seconds"] / stats["images"], "steps": sample["num_inference_steps"],
+            "batch_size": stats.get("batch_size", sample["batch_size"])}
+
+
 def score_segmentation(config: PipelineConfig, model_dir: str, unet_dir: str | None, cache_uri: str,
                        out_uri: str) -> str:
     """Attention-map mIoU on the held-out mask-cache images -> segmentation.json URI."""
@@ -185,6 +287,9 @@ def score_segmentation(config: PipelineConfig, model_dir: str, unet_dir: str | N
     result = segmentation_miou(config, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
                                overlays_uri=storage.join(out_uri, "overlays"),
                                max_overlays=config.score.report_overlays)
+    write_per_unit(pd.DataFrame([(f"image {image} noun {i}", "attention mIoU", value)
+                                 for image, values in result["per_image"].items() for i, value in enumerate(values)],
+                                columns=PER_UNIT_COLUMNS), out_uri, "miou")
     uri = storage.join(out_uri, "segmentation.json")
     storage.atomic_write_json(uri, result)
     return uri
@@ -198,6 +303,18 @@ def runs_by_model(scored: list[ScorePlan]) -> dict[str, list[str]]:
     return runs
 
 
+def baseline_pairs(plans: list[ScorePlan]) -> dict[str, tuple[str, str]]:
+    """Label -> (base, trained run) for every trained run sampled with the same prompts and
+    seeds as a base-model run among ``plans``: those are paired prompt by prompt."""
+    def paired_on(plan: ScorePlan) -> tuple:
+        sample = plan.sample
+        return sample.prompts, sample.max_prompts, sample.images_per_prompt, sample.seed
+
+    bases = {paired_on(plan) for plan in plans if plan.model == "base"}
+    return {f"{plan.model} − base": ("base", plan.model) for plan in plans
+            if plan.model != "base" and paired_on(plan) in bases}
+
+
 def report_folder(config: PipelineConfig, fingerprint: str, runs: dict[str, list[str]]) -> tuple[str, str]:
     """(the report's folder, the identity of the scores it reports): named after them."""
     scores = {model: [outputs.content_identity(uri) for uri in folders] for model, folders in runs.items()}
@@ -205,7 +322,9 @@ def report_folder(config: PipelineConfig, fingerprint: str, runs: dict[str, list
     return outputs.output_folder(config, "reports", "report", [fingerprint, identity]), identity
 
 
-def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None) -> dict[str, Any]:
+def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None, reference: FidReference | None) -> dict[str, Any]:
     """What a scores folder was made from, for its record."""
     return {"samples": plan.samples_uri, "samples_identity": plan.samples_identity,
-            "mask_cache": cache.uri if cache else None, "mask_cache_identity": cache.identity if cache else None}
+            "mask_cache": cache.uri if cache else None, "mask_cache_identity": cache.identity if cache else None,
+            "fid_reference": reference.manifest_uri if reference else None,
+            "fid_reference_identity": reference.identity if reference else None}

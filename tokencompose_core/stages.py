@@ -45,7 +45,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           frozenset({"batch_size", "device", "num_shards", "tag"})),
     Stage("score", "flows.evaluate:evaluate_flow", "output_uri",
           "stage 5: MultiGen, attention mIoU and reports",
-          frozenset({"detector_batch_size", "device", "mask_cache"})),
+          frozenset({"detector_batch_size", "device", "mask_cache", "metrics_batch_size"})),
 )}
 
 
@@ -61,12 +61,19 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """The settings ``stage``'s outputs depend on: its own and upstream sections' result fields.
 
     One cross-stage read: training leaves out the images stage 5 scores attention
-    mIoU on (``train.exclude_heldout``), so their count is one of its settings.
+    mIoU on (``train.exclude_heldout``), so their count is one of its settings. And
+    stage 5's scoring networks count by content
+    (:func:`tokencompose_core.models.scorers.scorers_fingerprint`).
     """
     sections = {name: getattr(config, name).model_dump(mode="json", exclude=set(STAGES[name].execution_only))
                 for name in upstream(stage)}
     if "train" in sections and config.train.exclude_heldout:
         sections["train"]["heldout_images"] = config.score.heldout_images
+    if "score" in sections:
+        # The scoring networks are named by path or hub id: their content counts too.
+        from tokencompose_core.models.scorers import scorers_fingerprint
+
+        sections["score"]["scorers"] = scorers_fingerprint(config.score.inception_weights, config.score.clip_model)
     return sections
 
 
