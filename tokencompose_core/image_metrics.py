@@ -14,7 +14,6 @@ CLIP score: 100 x max(cos(image, prompt), 0) per image (the definition torchmetr
 
 from __future__ import annotations
 
-import io
 import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from tokencompose_core import storage
+from tokencompose_core.evaluation import read_image
 from tokencompose_core.manifest import read_manifest
 from tokencompose_core.models.scorers import INCEPTION_SIDE
 
@@ -38,8 +38,7 @@ def _uint8_batches(uris: Iterable[str], batch_size: int, side: int) -> Iterator[
     (antialiased, the same for reference and samples whatever their sizes)."""
     batch: list[np.ndarray] = []
     for uri in uris:
-        image = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
-        batch.append(np.asarray(image.resize((side, side), Image.BICUBIC)))
+        batch.append(np.asarray(read_image(uri).resize((side, side), Image.BICUBIC)))
         if len(batch) == batch_size:
             yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
             batch = []
@@ -112,7 +111,7 @@ def clip_scores(index_uri: str, model: Any, processor: Any, batch_size: int) -> 
     records = index.to_dict("records")
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        images = [Image.open(io.BytesIO(storage.read_bytes(r["image_uri"]))).convert("RGB") for r in batch]
+        images = [read_image(r["image_uri"]) for r in batch]
         inputs = processor(text=[r["prompt"] for r in batch], images=images, return_tensors="pt",
                            padding=True, truncation=True)
         out = model(**inputs)

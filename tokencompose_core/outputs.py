@@ -167,17 +167,23 @@ def content_identity(folder: str, prefix: str = "") -> str | None:
     return value_hash(entries) if entries else None
 
 
-def discover(config: PipelineConfig, stage: str, fingerprint: str) -> list[str]:
-    """Whole output folders of ``stage`` made with ``fingerprint``, newest first."""
+def finished(config: PipelineConfig, stage: str) -> list[tuple[dict[str, Any], str]]:
+    """(record, URI) of every whole output folder of ``stage`` under the storage root, by name."""
     root = storage.join(config.storage.root, stage)
     fs, path = storage.filesystem(root)
     found = []
-    for folder in (fs.ls(path, detail=False) if fs.exists(path) else []):
+    for folder in sorted(fs.ls(path, detail=False) if fs.exists(path) else []):
         uri = storage.join(root, posixpath.basename(folder))
         record = read_record(uri) if fs.isdir(folder) else None
-        if record and record.get("fingerprint") == fingerprint and is_whole(uri):
-            found.append((record["created"], uri))
-    return [uri for _, uri in sorted(found, reverse=True)]
+        if record and is_whole(uri):
+            found.append((record, uri))
+    return found
+
+
+def discover(config: PipelineConfig, stage: str, fingerprint: str) -> list[str]:
+    """Whole output folders of ``stage`` made with ``fingerprint``, newest first."""
+    made = [(record["created"], uri) for record, uri in finished(config, stage) if record.get("fingerprint") == fingerprint]
+    return [uri for _, uri in sorted(made, reverse=True)]
 
 
 def current(config: PipelineConfig, stage: str) -> str:

@@ -84,12 +84,10 @@ def samples_to_score(config: PipelineConfig, input_uri: str | None) -> list[str]
             raise FileNotFoundError(f"{input_uri} is not a samples folder (no index.parquet)")
         baseline = base_samples(config)
         return [input_uri.rstrip("/")] + ([baseline] if baseline and baseline != input_uri.rstrip("/") else [])
-    root = storage.join(config.storage.root, "samples")
-    fs, path = storage.filesystem(root)
-    found = [storage.join(root, posixpath.basename(p)) for p in sorted(fs.ls(path, detail=False) if fs.exists(path) else [])]
-    found = [uri for uri in found if outputs.is_whole(uri)]
+    found = [uri for _, uri in outputs.finished(config, "samples")]
     if not found:
-        raise FileNotFoundError(f"no finished samples folders under {root}; run `tokencompose sample` first")
+        raise FileNotFoundError(f"no finished samples folders under {storage.join(config.storage.root, 'samples')}; "
+                                "run `tokencompose sample` first")
     return found
 
 
