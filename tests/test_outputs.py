@@ -59,3 +59,18 @@ def test_only_the_listed_files_and_no_escape(tmp_path: Path) -> None:
     (tmp_path / "out" / MANIFEST_NAME).write_bytes(b"\xff not json")
     (problem,) = verify_manifest(folder)
     assert "unreadable manifest" in problem
+
+
+def test_sealing_again_notices_a_same_size_rewrite(folder: str) -> None:
+    """A repair run may rewrite a file to the same length (new timings, retrained weights
+    that are not bit-exact): sealing again must record the new bytes, not keep the old record."""
+    from tokencompose_core.config import PipelineConfig
+    from tokencompose_core.outputs import problems, seal
+
+    config = PipelineConfig()
+    first = seal(folder, config, "sample", "fp", {"in": 1})
+    assert seal(folder, config, "sample", "fp", {"in": 1}) == first  # unchanged: not republished
+    storage.atomic_write_bytes(storage.join(folder, "a.bin"), b"9123456789")
+    assert problems(folder) == []  # sizes agree: the cheap check cannot see it
+    second = seal(folder, config, "sample", "fp", {"in": 1})
+    assert second != first and problems(folder, deep=True) == []

@@ -126,9 +126,38 @@ def seal(folder: str, config: PipelineConfig, stage: str, fingerprint: str, inpu
     """The folder's record, written only when missing, damaged or made by other inputs:
     an unchanged output is never republished, so its content identity stays put."""
     record = read_record(folder)
-    if record and record.get("fingerprint") == fingerprint and record.get("inputs") == inputs and is_whole(folder):
-        return record
-    return write_record(folder, config, stage, fingerprint, inputs, files)
+    unchanged = (record and record.get("fingerprint") == fingerprint and record.get("inputs") == inputs
+                 and is_whole(folder) and not rewritten_since_sealed(folder, record))
+    return record if unchanged else write_record(folder, config, stage, fingerprint, inputs, files)
+
+
+def rewritten_since_sealed(folder: str, record: dict[str, Any]) -> list[str]:
+    """Recorded files written again after the record and whose bytes now differ from it.
+
+    A repair run rewrites files in place; sizes alone miss a rewrite of the same
+    length (new timings in ``stats.json``, weights retrained on a GPU that is not
+    bit-exact). Only files modified after the record are read, so a finished
+    folder costs one listing; a store without modification times reads them all.
+    """
+    fs, root = storage.filesystem(folder)
+    sealed_at = _modified(fs, storage.join(root, RECORD))
+    changed = []
+    for entry in record.get("files", []):
+        relative = str(entry["path"])
+        written_at = _modified(fs, storage.join(root, relative))
+        if sealed_at is not None and written_at is not None and written_at < sealed_at:
+            continue
+        if file_digest(storage.join(folder, relative))[1] != entry["sha256"]:
+            changed.append(relative)
+    return changed
+
+
+def _modified(fs: Any, path: str) -> Any:
+    """The modification time of ``path``; None where the store does not keep one."""
+    try:
+        return fs.modified(path)
+    except (NotImplementedError, FileNotFoundError):
+        return None
 
 
 def read_record(folder: str) -> dict[str, Any] | None:
