@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                parents=[common])
     demo.add_argument("--quick", action="store_true", help="a <=3 minute smoke version")
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    demo.add_argument("overrides", nargs="*", metavar="section.field=value",
+                      help="overrides of the demo profile, e.g. demo.finetune_seeds=[1,2] train.token_loss_weight=0.3")
     return parser
 
 
@@ -86,7 +88,10 @@ class _UserErrorTracebacks(logging.Filter):
 
 def _run(args: argparse.Namespace) -> Any:
     if args.command == "demo":
-        return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out)
+        from tokencompose_core.demo import load_demo_config
+
+        load_demo_config(args.quick, args.out, args.overrides)  # fail fast, before Prefect starts
+        return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out, overrides=list(args.overrides))
     from tokencompose_core.config import load_config
 
     config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts

@@ -19,6 +19,7 @@ from tasks import demo as tasks
 from tasks.common import configured, recompute_unless
 from tokencompose_core import demo, storage
 from tokencompose_core.config import PipelineConfig
+from tokencompose_core.identity import value_hash
 from tokencompose_core.models import fingerprint as models_fingerprint
 
 
@@ -38,30 +39,32 @@ def experiment_flow(config_json: dict[str, Any]) -> dict[str, Any]:
     process on these small models).
     """
     config = PipelineConfig.model_validate(config_json)
-    fingerprint = models_fingerprint(config.models)
+    world_key = value_hash([demo.world_path(config), models_fingerprint(config.models)])
     started = time.perf_counter()
-    world = _fresh(tasks.build_world, storage.join(demo.world_path(config), "prompts.json"))(config_json, fingerprint)
+    world = _fresh(tasks.build_world, storage.join(demo.world_path(config), "prompts.json"))(config, world_key)
     print(f"world: {world['train']['images']} training images, prompts {world['prompts_uri']}")
-    cache_uri, prompts_uri = world["train"]["cache_uri"], world["prompts_uri"]
+    prompts_uri = world["prompts_uri"]
     paths = {model: demo.model_paths(config, model) for model in demo.model_names(config)}
+    # Each task's fingerprint is the folder it writes: its name digests what makes the output.
     base = _fresh(tasks.train_model, storage.join(paths["base"]["unet"], "config.json"))(
-        config_json, "base", cache_uri, None, fingerprint)
+        config, "base", world["pretrain"]["cache_uri"], None, paths["base"]["train"])
     finetunes = {model: _fresh(tasks.train_model, storage.join(paths[model]["unet"], "config.json")).submit(
-                     config_json, model, cache_uri, base["unet_uri"], fingerprint)
+                     config, model, world["train"]["cache_uri"], base["unet_uri"], paths[model]["train"])
                  for model in demo.model_names(config) if model != "base"}
     scores = {}
     for model, where in paths.items():
         upstream = [finetunes[model]] if model in finetunes else None
         index = _fresh(tasks.sample_model, storage.join(where["samples"], "index.parquet")).submit(
-            config_json, model, where["unet"], prompts_uri, fingerprint, wait_for=upstream)
+            config, model, where["unet"], prompts_uri, where["samples"], wait_for=upstream)
         scores[model] = _fresh(tasks.score_model, storage.join(where["scores"], "scores.json")).submit(
-            config_json, model, index, where["unet"], world["test"]["cache_uri"], prompts_uri, fingerprint)
+            config, model, index, where["unet"], world["test"]["cache_uri"], prompts_uri, where["scores"])
     runs = {"base": base} | {model: future.result() for model, future in finetunes.items()}
     for model, run in runs.items():
         print(f"trained {model}: {run['final_losses']}")
-    results = _fresh(tasks.write_results, storage.join(config.storage.root, "reports", "results.json"))(
-        config_json, {model: future.result() for model, future in scores.items()},
-        {model: run["output_uri"] for model, run in runs.items()}, fingerprint)
+    # One reports/ folder per root, rewritten for whichever settings ran last: never a cache hit.
+    results = recompute_unless(tasks.write_results, False)(
+        config, {model: future.result() for model, future in scores.items()},
+        {model: run["output_uri"] for model, run in runs.items()}, value_hash(config_json))
     summary = "\n\n".join([results["table_markdown"], results["differences_markdown"], results["verdict"]])
     create_markdown_artifact(key="demo-results", markdown=summary, description=f"demo {config.name}")
     print(summary)
@@ -70,7 +73,8 @@ def experiment_flow(config_json: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="demo", log_prints=True)
-def demo_flow(quick: bool = False, out: str | None = None) -> dict:
-    """The demo; ``quick``: the <= 3 minute smoke version; ``out``: output folder."""
-    config = demo.load_demo_config(quick, out)
+def demo_flow(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The demo; ``quick``: the <= 3 minute smoke version; ``out``: output folder;
+    ``overrides``: ``section.field=value`` changes to the demo profile."""
+    config = demo.load_demo_config(quick, out, overrides)
     return configured(experiment_flow, config)(config.model_dump(mode="json"))

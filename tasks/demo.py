@@ -1,8 +1,10 @@
 """Prefect tasks of the embedded demo: thin cached wrappers over tokencompose_core.demo.
 
-Each takes the demo profile as a plain dict and a ``fingerprint`` (the model
-profile's identity, :func:`tokencompose_core.models.fingerprint`), so a second
-``tokencompose demo`` with the same profile is all cache hits.
+Each takes the demo profile (left out of the cache key, as every typed section is)
+and a ``fingerprint``: the output folder it writes, whose name carries the digest of
+everything that determines the output (:func:`tokencompose_core.demo.model_paths`).
+So a second ``tokencompose demo`` with the same profile is all cache hits, and a
+changed setting (say the grounding weight) reruns only the models it changes.
 """
 
 from __future__ import annotations
@@ -14,38 +16,34 @@ from tokencompose_core import demo
 from tokencompose_core.config import PipelineConfig
 
 
-def _config(config: dict[str, Any]) -> PipelineConfig:
-    return PipelineConfig.model_validate(config)
-
-
 @stage_task
-def build_world(config: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+def build_world(config: PipelineConfig, fingerprint: str) -> dict[str, Any]:
     """The synthetic world: manifests, nouns, exact-mask caches, test prompts."""
-    return demo.build_world(_config(config))
+    return demo.build_world(config)
 
 
 @stage_task
-def train_model(config: dict[str, Any], model: str, cache_uri: str, init_unet: str | None,
+def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: str | None,
                 fingerprint: str) -> dict[str, Any]:
     """Pre-train the base model or fine-tune one seed, plain or grounded."""
-    return demo.train_model(_config(config), model, cache_uri, init_unet)
+    return demo.train_model(config, model, cache_uri, init_unet)
 
 
 @stage_task
-def sample_model(config: dict[str, Any], model: str, unet_uri: str, prompts_uri: str, fingerprint: str) -> str:
+def sample_model(config: PipelineConfig, model: str, unet_uri: str, prompts_uri: str, fingerprint: str) -> str:
     """Sample the test prompts from one model (paired noise); the index URI."""
-    return demo.sample_model(_config(config), model, unet_uri, prompts_uri)
+    return demo.sample_model(config, model, unet_uri, prompts_uri)
 
 
 @stage_task
-def score_model(config: dict[str, Any], model: str, index_uri: str, unet_uri: str, test_cache_uri: str,
+def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: str, test_cache_uri: str,
                 prompts_uri: str, fingerprint: str) -> str:
     """Detect, MultiGen per prompt group, attention mIoU; the scores.json URI."""
-    return demo.score_model(_config(config), model, index_uri, unet_uri, test_cache_uri, prompts_uri)
+    return demo.score_model(config, model, index_uri, unet_uri, test_cache_uri, prompts_uri)
 
 
 @stage_task
-def write_results(config: dict[str, Any], scores_uris: dict[str, str], train_uris: dict[str, str],
+def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uris: dict[str, str],
                   fingerprint: str) -> dict[str, Any]:
     """The comparison table, paired differences, grids, overlays, loss curves."""
-    return demo.write_results(_config(config), scores_uris, train_uris)
+    return demo.write_results(config, scores_uris, train_uris)

@@ -267,6 +267,10 @@ class DemoPhaseConfig(_Section):
     steps: int = Field(400, gt=0)
     learning_rate: float = Field(5e-4, gt=0)
     batch_size: int | None = Field(None, gt=0)  # None: train.batch_size
+    # Train only on scenes of at most this many objects (None: the whole world). The
+    # base model's pre-training uses it to pose the paper's premise: web captions rarely
+    # name several objects, so the base model omits objects when a prompt asks for many.
+    max_objects: int | None = Field(None, ge=1)
 
 
 class DemoConfig(_Section):
@@ -281,6 +285,11 @@ class DemoConfig(_Section):
     base: DemoPhaseConfig = Field(default_factory=lambda: DemoPhaseConfig(steps=1200, learning_rate=1e-3))
     finetune: DemoPhaseConfig = Field(default_factory=DemoPhaseConfig)
     finetune_seeds: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    # torch threads of the base pre-training (in the flow's process) and of every other
+    # task (fine-tunes, sampling, scoring): pinned, because the thread count changes the
+    # order of float reductions and so the weights, whatever the machine's core count.
+    base_threads: int = Field(2, gt=0)
+    task_threads: int = Field(1, gt=0)
 
 
 class PipelineConfig(_Section):

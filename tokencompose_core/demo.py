@@ -24,13 +24,14 @@ from __future__ import annotations
 import html
 import json
 import posixpath
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
 from tokencompose_core import reports, scoring, storage, synthetic
-from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.config import PipelineConfig, WorldConfig, load_config
 from tokencompose_core.identity import value_hash
 from tokencompose_core.evaluation import read_image
 from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure
@@ -40,9 +41,9 @@ PROFILES = {False: "demo", True: "demo-quick"}
 TEST_PROMPTS = "test prompts"  # the prompt set's name in the scores and the report
 
 
-def load_demo_config(quick: bool = False, out: str | None = None) -> PipelineConfig:
-    """The demo profile (``configs/demo.yaml`` or ``demo-quick.yaml``), rooted at ``out``."""
-    config = load_config(PROFILES[quick])
+def load_demo_config(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """The demo profile (``configs/demo.yaml`` or ``demo-quick.yaml``) with ``overrides``, rooted at ``out``."""
+    config = load_config(PROFILES[quick], overrides)
     if out:
         config.storage.root = out
     return config
@@ -66,14 +67,40 @@ def _digest(value: Any) -> str:
 
 def world_path(config: PipelineConfig) -> str:
     demo = config.demo
-    spec = [demo.world.model_dump(mode="json"), demo.test_images, demo.prompt_object_counts, demo.prompts_per_count]
+    spec = [demo.world.model_dump(mode="json"), demo.test_images, demo.prompt_object_counts, demo.prompts_per_count,
+            demo.base.max_objects]
     return _root(config, f"world-{_digest(spec)}")
+
+
+def pretrain_world(config: PipelineConfig) -> WorldConfig | None:
+    """The world the base model pre-trains on when ``demo.base.max_objects`` limits it:
+    the same categories and seed, scenes of at most that many objects."""
+    limit, world = config.demo.base.max_objects, config.demo.world
+    if limit is None or limit >= world.max_objects:
+        return None
+    return world.model_copy(update={"max_objects": limit, "min_objects": min(world.min_objects, limit)})
+
+
+@contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run with exactly ``threads`` torch threads: the thread count decides the order of
+    float reductions, so pinning it makes a step's result independent of the machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_digest(config: PipelineConfig, model: str) -> str:
     """What determines a model's weights: its train settings, the model profile, the
     world, and for a fine-tune the base model's digest."""
+    phase = config.demo.base if model == "base" else config.demo.finetune
     payload = {"train": phase_config(config, model).train.model_dump(mode="json"),
+               "phase": phase.model_dump(mode="json"),
                "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
                "world": config.demo.world.model_dump(mode="json"),
                "init": model_digest(config, "base") if model != "base" else None}
@@ -85,11 +112,11 @@ def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
     carry digests of what made them, so a changed setting never resumes or reuses a
     stale folder. Known before training, so later steps can be queued at once."""
     run = f"{model}-{model_digest(config, model)}"
-    evaluation = [config.sample.model_dump(mode="json"), config.score.model_dump(mode="json"), world_path(config)]
-    evaluated = f"{run}-{_digest(evaluation)}"
+    sampled = [config.sample.model_dump(mode="json"), world_path(config)]
+    scored = sampled + [config.score.model_dump(mode="json")]
     train = _root(config, "train", run)
-    return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", evaluated),
-            "scores": _root(config, "scores", evaluated)}
+    return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", f"{run}-{_digest(sampled)}"),
+            "scores": _root(config, "scores", f"{run}-{_digest(scored)}")}
 
 
 # ----------------------------------------------------------------------------- 1. the world
@@ -106,12 +133,15 @@ def build_world(config: PipelineConfig) -> dict[str, Any]:
     train = synthetic.write_split(synthetic.train_samples(demo.world), world_uri, "train", tokenizer, fingerprint)
     test = synthetic.write_split(synthetic.test_samples(demo.world, demo.test_images), world_uri, "test",
                                  tokenizer, fingerprint)
+    limited = pretrain_world(config)
+    pretrain = None if limited is None else synthetic.write_split(
+        synthetic.train_samples(limited), world_uri, "pretrain", tokenizer, synthetic.world_fingerprint(limited))
     prompts = synthetic.test_prompts(demo.world, demo.prompt_object_counts, demo.prompts_per_count)
     prompts_uri = storage.join(world_uri, "prompts.json")
     storage.atomic_write_json(prompts_uri, [
         {"prompt_id": p.prompt_id, "text": p.text, "categories": list(p.categories), "heldout": p.heldout}
         for p in prompts])
-    return {"train": train, "test": test, "prompts_uri": prompts_uri,
+    return {"train": train, "test": test, "pretrain": pretrain or train, "prompts_uri": prompts_uri,
             "heldout_combinations": [list(c) for c in synthetic.heldout_combinations(demo.world)]}
 
 
@@ -154,8 +184,10 @@ def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: s
     from tokencompose_core.train import train
 
     cfg = phase_config(config, model)
-    result = train(cfg, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
-                   model_dir=resolve_diffusion_dir(config.models))
+    threads = config.demo.base_threads if model == "base" else config.demo.task_threads
+    with pinned_threads(threads):
+        result = train(cfg, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
+                       model_dir=resolve_diffusion_dir(config.models))
     return {"model": model, "output_uri": result.output_uri, "unet_uri": result.unet_uri,
             "global_step": result.global_step, "final_losses": result.final_losses}
 
@@ -169,8 +201,9 @@ def sample_model(config: PipelineConfig, model: str, unet_uri: str, prompts_uri:
     from tokencompose_core.models import resolve_diffusion_dir
 
     prompts = _sampling_prompts(read_prompts(prompts_uri))
-    return sample(config, resolve_diffusion_dir(config.models), model_paths(config, model)["samples"], prompts,
-                  unet_dir=unet_uri)
+    with pinned_threads(config.demo.task_threads):
+        return sample(config, resolve_diffusion_dir(config.models), model_paths(config, model)["samples"], prompts,
+                      unet_dir=unet_uri)
 
 
 def prompt_groups(records: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -210,8 +243,9 @@ def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: st
     multigen = storage.read_json(scoring.score_multigen(
         detections_uri, index_uri, prompts, TEST_PROMPTS, score.detection_threshold, out_uri, model,
         prompt_groups(records)))
-    segmentation = storage.read_json(scoring.score_segmentation(
-        config, resolve_diffusion_dir(config.models), unet_uri, test_cache_uri, out_uri))
+    with pinned_threads(config.demo.task_threads):
+        segmentation = storage.read_json(scoring.score_segmentation(
+            config, resolve_diffusion_dir(config.models), unet_uri, test_cache_uri, out_uri))
     scores_uri = storage.join(out_uri, "scores.json")
     storage.atomic_write_json(scores_uri, {"model": model, "index_uri": index_uri, "detections_uri": detections_uri,
                                            "multigen": multigen["groups"], "reported_ks": multigen["reported_ks"],
