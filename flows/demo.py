@@ -61,11 +61,10 @@ def experiment_flow(config_json: dict[str, Any]) -> dict[str, Any]:
     runs = {"base": base} | {model: future.result() for model, future in finetunes.items()}
     for model, run in runs.items():
         print(f"trained {model}: {run['final_losses']}")
-    # One reports/ folder per root, rewritten for whichever settings ran last: never a cache hit.
-    results = recompute_unless(tasks.write_results, False)(
+    results = recompute_unless(tasks.write_results, demo.results_current(config))(
         config, {model: future.result() for model, future in scores.items()},
-        {model: run["output_uri"] for model, run in runs.items()}, value_hash(config_json))
-    summary = "\n\n".join([results["table_markdown"], results["differences_markdown"], results["verdict"]])
+        {model: run["output_uri"] for model, run in runs.items()}, demo.settings_digest(config))
+    summary = "\n\n".join([results["table_markdown"], results["conclusions_markdown"], results["verdict"]])
     create_markdown_artifact(key="demo-results", markdown=summary, description=f"demo {config.name}")
     print(summary)
     return {"profile": config.name, "output_uri": config.storage.root, "reports": results["uris"],

@@ -45,17 +45,33 @@ def _scores(mg3: float, miou: float) -> dict:
             "segmentation": {"overall": {"miou_fixed": miou}}}
 
 
-def test_paired_differences_and_verdict() -> None:
-    scores = {"base": _scores(10, 5), "plain-s1": _scores(20, 10), "grounded-s1": _scores(30, 60),
-              "plain-s2": _scores(25, 12), "grounded-s2": _scores(20, 50)}
-    rows = {r["metric"]: r for r in demo.paired_differences(scores, [1, 2])}
-    assert rows["3 objects MG3"]["per_seed"] == [10.0, -5.0] and rows["3 objects MG3"]["mean"] == 2.5
-    assert rows["attention mIoU"]["per_seed"] == [50.0, 38.0]
-    assert "3 objects MG4" not in rows
-    sentence = demo.verdict(list(rows.values()))
-    assert "1 of 3 metrics (attention mIoU)" in sentence and "disagree" in sentence and "3 objects MG3" in sentence
+def _interval(seed: int, metric: str, low: float, high: float) -> dict:
+    return {"pair": f"seed {seed}", "metric": metric, "difference": (low + high) / 2, "low": low, "high": high,
+            "units": 24}
+
+
+def test_a_claim_needs_every_seeds_interval_on_one_side_of_zero() -> None:
+    intervals = [_interval(3, "3 objects MG3", 1.0, 9.0), _interval(4, "3 objects MG3", 0.5, 4.0),
+                 _interval(3, "4 objects MG4", 2.0, 8.0), _interval(4, "4 objects MG4", -1.0, 6.0),  # holds zero
+                 _interval(3, "attention mIoU", 30.0, 40.0), _interval(4, "attention mIoU", -3.0, -1.0),  # disagree
+                 _interval(3, "unseen MG2", -9.0, -2.0), _interval(4, "unseen MG2", -5.0, -0.1),
+                 _interval(3, "only one seed", 1.0, 2.0)]
+    found = {f["metric"]: f["conclusion"] for f in demo.conclusions(intervals, [3, 4])}
+    assert found == {"3 objects MG3": "helped", "4 objects MG4": "no conclusion", "attention mIoU": "no conclusion",
+                     "unseen MG2": "hurt"}
+    sentence = demo.verdict(demo.conclusions(intervals, [3, 4]), [3, 4])
+    assert sentence.startswith("Fine-tune seeds 3, 4")
+    assert "helped on 1 of 4 metrics (3 objects MG3)" in sentence and "It hurt on: unseen MG2" in sentence
+    table = demo.conclusion_table(demo.conclusions(intervals, [3, 4]), [3, 4])
+    assert list(table.columns) == ["metric", "seed 3", "seed 4", "conclusion"]
+    assert table.iloc[0]["seed 3"] == "+5.0 [+1.0, +9.0]"
+
+
+def test_results_table_reports_the_groups_ks() -> None:
+    scores = {"base": _scores(10, 5), "plain-s1": _scores(20, 10), "grounded-s1": _scores(30, 60)}
     table = demo.results_table(scores)
     assert list(table.columns) == ["model", "3 objects MG2", "3 objects MG3", "attn mIoU"]
+    assert table.iloc[2]["3 objects MG3"] == "30.0 ± 1.0"
 
 
 def test_multigen_groups_use_the_shared_scorer() -> None:
@@ -101,7 +117,8 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
         overall = record["segmentation"]["overall"]
         assert 0 <= overall["miou_fixed"] <= 100 and overall["nouns"] > 0
         assert record["segmentation"]["overlays"]
-    assert results["verdict"].startswith("Grounding helped in every seed on")
+    assert results["verdict"].startswith("Fine-tune seeds 1, 2, grounded minus plain")
+    assert {c["metric"] for c in results["conclusions"]} >= {"3 objects MG3", "attention mIoU"}
     html = Path(reports["html"]).read_text()
     assert "grounded-s1" in html and "<img" in html
     # Cached tasks do not run: nothing they write is rewritten.

@@ -39,6 +39,7 @@ from tokencompose_core.sampling import Prompt, sample
 
 PROFILES = {False: "demo", True: "demo-quick"}
 TEST_PROMPTS = "test prompts"  # the prompt set's name in the scores and the report
+INTERVAL_RESAMPLES = 10_000
 
 
 def load_demo_config(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -256,25 +257,58 @@ def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: st
 # ----------------------------------------------------------------------------- 4. results
 
 
-def paired_differences(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
-    """Grounded minus plain, per seed, per group and MG_k (points), plus mIoU."""
-    pairs = {f"seed {seed}": (f"plain-s{seed}", f"grounded-s{seed}") for seed in seeds}
-    rows = reports.paired_differences({model: _run_scores(record) for model, record in scores.items()}, pairs)
-    return [{"metric": row["metric"], "per_seed": row["per_pair"], "mean": row["mean"]} for row in rows]
+def interval_rows(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    """Grounded minus plain per seed: every reported metric's mean paired difference over
+    prompts (test-scene nouns for attention mIoU) with its 95% bootstrap interval."""
+    runs = {model: _run_scores(record) for model, record in scores.items()}
+    reported = {row["metric"] for row in reports.paired_differences(runs, _pairs(seeds))}
+    return [row for row in reports.interval_rows(runs, _pairs(seeds), resamples=INTERVAL_RESAMPLES, seed=0)
+            if row["metric"] in reported]
 
 
-def verdict(differences: list[dict[str, Any]]) -> str:
-    """A plain sentence: on which metrics grounding beat plain fine-tuning in every seed."""
-    better = [d["metric"] for d in differences if all(v > 0 for v in d["per_seed"])]
-    worse = [d["metric"] for d in differences if all(v < 0 for v in d["per_seed"])]
-    mixed = [d["metric"] for d in differences if d["metric"] not in better + worse]
-    parts = [f"Grounding helped in every seed on {len(better)} of {len(differences)} metrics"
-             + (f" ({', '.join(better)})" if better else "") + "."]
-    if worse:
-        parts.append(f"It hurt in every seed on: {', '.join(worse)}.")
-    if mixed:
-        parts.append(f"Seeds disagree (no conclusion) on: {', '.join(mixed)}.")
+def conclusions(intervals: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+    """Per metric: each seed's interval and the conclusion the seeds allow together:
+    ``helped`` when every seed's interval lies above zero, ``hurt`` when every one lies
+    below, else ``no conclusion``."""
+    by_metric: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in intervals:
+        by_metric.setdefault(row["metric"], {})[row["pair"]] = row
+    found = []
+    for metric, per_pair in by_metric.items():
+        cells = [per_pair.get(f"seed {seed}") for seed in seeds]
+        if any(cell is None for cell in cells):
+            continue
+        conclusion = ("helped" if all(c["low"] > 0 for c in cells) else
+                      "hurt" if all(c["high"] < 0 for c in cells) else "no conclusion")
+        found.append({"metric": metric, "per_seed": cells, "conclusion": conclusion})
+    return found
+
+
+def verdict(found: list[dict[str, Any]], seeds: list[int]) -> str:
+    """The claim in one paragraph, as measured."""
+    named = {kind: [f["metric"] for f in found if f["conclusion"] == kind] for kind in ("helped", "hurt", "no conclusion")}
+    seeds_text = ", ".join(str(seed) for seed in seeds)
+    parts = [f"Fine-tune seeds {seeds_text}, grounded minus plain, 95% paired bootstrap intervals over prompts:"]
+    parts.append(f"grounding helped on {len(named['helped'])} of {len(found)} metrics"
+                 + (f" ({', '.join(named['helped'])})" if named["helped"] else "")
+                 + " (interval above zero in every seed).")
+    if named["hurt"]:
+        parts.append(f"It hurt on: {', '.join(named['hurt'])} (interval below zero in every seed).")
+    if named["no conclusion"]:
+        parts.append(f"No conclusion (an interval holds zero, or the seeds disagree) on: {', '.join(named['no conclusion'])}.")
     return " ".join(parts)
+
+
+def conclusion_table(found: list[dict[str, Any]], seeds: list[int]) -> pd.DataFrame:
+    """One row per metric: each seed's difference [95% interval], then the conclusion."""
+    return pd.DataFrame([{"metric": f["metric"],
+                          **{f"seed {seed}": f"{c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]"
+                             for seed, c in zip(seeds, f["per_seed"])},
+                          "conclusion": f["conclusion"]} for f in found])
+
+
+def _pairs(seeds: list[int]) -> dict[str, tuple[str, str]]:
+    return {f"seed {seed}": (f"plain-s{seed}", f"grounded-s{seed}") for seed in seeds}
 
 
 def results_table(scores: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -336,39 +370,54 @@ def _add_verdict_to_html(html_uri: str, sentence: str) -> None:
 
 def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uris: dict[str, str]) -> dict[str, Any]:
     """The comparison: report.md/html with grids and overlays (shared report code),
-    paired differences, loss curves, and ``results.json`` / ``results.md``."""
+    the per-seed intervals and their conclusion, loss curves, and ``results.json`` /
+    ``results.md`` (which record the settings they answer for: :func:`results_current`)."""
     out_uri = _root(config, "reports")
     scores = {model: storage.read_json(uri) for model, uri in scores_uris.items()}
     seeds = list(config.demo.finetune_seeds)
-    pairs = {f"seed {seed}": (f"plain-s{seed}", f"grounded-s{seed}") for seed in seeds}
     uris = reports.write_report({m: _run_scores(r) for m, r in scores.items()}, out_uri,
-                                title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8, pairs=pairs)
+                                title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8,
+                                pairs=_pairs(seeds), resamples=INTERVAL_RESAMPLES)
     uris["png_loss_curves"] = plot_loss_curves(train_uris, storage.join(out_uri, "loss_curves.png"))
     for model, record in scores.items():
         uris[f"png_grid_{model}"] = grid_image(record["index_uri"], storage.join(out_uri, f"grid_{model}.png"),
                                                prompts=8, images=config.sample.images_per_prompt)
-    differences = paired_differences(scores, seeds)
-    table, diff_table = results_table(scores), reports.difference_table(
-        [{**d, "per_pair": d["per_seed"]} for d in differences], list(pairs))
-    sentence = verdict(differences)
+    found = conclusions(interval_rows(scores, seeds), seeds)
+    table, claims = results_table(scores), conclusion_table(found, seeds)
+    sentence = verdict(found, seeds)
     markdown = "\n".join([
         "# Does token-level grounding help? (synthetic world)", "",
         f"Profile `{config.name}`; {config.sample.images_per_prompt} images per prompt, the same initial "
         f"noise for every model; fine-tune seeds {seeds}.", "",
         "## Scores (MG_k: % of images with >= k prompt objects detected, mean ± std over image indices)", "",
         markdown_table(table), "",
-        "## Grounded minus plain fine-tune, paired by seed (points)", "",
-        markdown_table(diff_table), "", f"**{sentence}**", "",
+        "## Grounded minus plain fine-tune per seed: difference [95% paired bootstrap interval over prompts]", "",
+        markdown_table(claims), "", f"**{sentence}**", "",
         "![loss curves](loss_curves.png)", "",
     ])
     _add_verdict_to_html(uris["html"], sentence)
     uris["results_md"] = storage.join(out_uri, "results.md")
     storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
     uris["results_json"] = storage.join(out_uri, "results.json")
-    storage.atomic_write_json(uris["results_json"], {"scores": scores, "differences": differences,
-                                                     "verdict": sentence, "table": table.to_dict(orient="records")})
+    storage.atomic_write_json(uris["results_json"], {
+        "settings": settings_digest(config), "scores": scores, "conclusions": found, "verdict": sentence,
+        "table": table.to_dict(orient="records")})
     return {"uris": uris, "verdict": sentence, "table_markdown": markdown_table(table),
-            "differences_markdown": markdown_table(diff_table)}
+            "conclusions_markdown": markdown_table(claims)}
+
+
+def settings_digest(config: PipelineConfig) -> str:
+    return _digest(config.model_dump(mode="json"))
+
+
+def results_current(config: PipelineConfig) -> bool:
+    """Whether ``reports/`` answers for exactly these settings: one reports folder serves
+    a root, so after a run with other settings it holds theirs."""
+    uri = _root(config, "reports", "results.json")
+    try:
+        return storage.exists(uri) and storage.read_json(uri).get("settings") == settings_digest(config)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def grid_image(index_uri: str, out_uri: str, prompts: int, images: int, scale: int = 4) -> str:
