@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tokencompose_core import reports, scoring, storage, synthetic
-from tokencompose_core.config import PipelineConfig, WorldConfig, load_config
+from tokencompose_core.config import GroundingLayersConfig, PipelineConfig, TrainConfig, WorldConfig, load_config
 from tokencompose_core.identity import value_hash
 from tokencompose_core.evaluation import read_image
 from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure
@@ -114,7 +114,8 @@ def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
     stale folder. Known before training, so later steps can be queued at once."""
     run = f"{model}-{model_digest(config, model)}"
     sampled = [config.sample.model_dump(mode="json"), world_path(config)]
-    scored = sampled + [config.score.model_dump(mode="json")]
+    # Attention mIoU reads the maps of the supervised layer groups (train.grounding).
+    scored = sampled + [config.score.model_dump(mode="json"), config.train.grounding.model_dump(mode="json")]
     train = _root(config, "train", run)
     return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", f"{run}-{_digest(sampled)}"),
             "scores": _root(config, "scores", f"{run}-{_digest(scored)}")}
@@ -168,15 +169,22 @@ def phase_config(config: PipelineConfig, model: str) -> PipelineConfig:
     train.max_steps, train.learning_rate = phase.steps, phase.learning_rate
     train.batch_size = phase.batch_size or train.batch_size
     if model == "base":
-        train.token_loss_weight = train.pixel_loss_weight = 0.0
+        _without_grounding(train)
         train.seed = 0
         return cfg
     kind, seed = model.split("-s")
     # Same seed => same data order, timesteps and noise: the two fine-tunes differ only in the loss.
     train.seed = int(seed)
     if kind == "plain":
-        train.token_loss_weight = train.pixel_loss_weight = 0.0
+        _without_grounding(train)
     return cfg
+
+
+def _without_grounding(train: TrainConfig) -> None:
+    """No grounding loss, and the grounding settings at their defaults: they have no effect
+    then, so a grounding ablation keeps the base and plain models' folders (and caches)."""
+    train.token_loss_weight = train.pixel_loss_weight = 0.0
+    train.grounding = GroundingLayersConfig()
 
 
 def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: str | None) -> dict[str, Any]:
@@ -261,9 +269,9 @@ def interval_rows(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[d
     """Grounded minus plain per seed: every reported metric's mean paired difference over
     prompts (test-scene nouns for attention mIoU) with its 95% bootstrap interval."""
     runs = {model: _run_scores(record) for model, record in scores.items()}
-    reported = {row["metric"] for row in reports.paired_differences(runs, _pairs(seeds))}
-    return [row for row in reports.interval_rows(runs, _pairs(seeds), resamples=INTERVAL_RESAMPLES, seed=0)
-            if row["metric"] in reported]
+    reported = [row["metric"] for row in reports.paired_differences(runs, _pairs(seeds))]
+    rows = reports.interval_rows(runs, _pairs(seeds), resamples=INTERVAL_RESAMPLES, seed=0)
+    return sorted((row for row in rows if row["metric"] in reported), key=lambda row: reported.index(row["metric"]))
 
 
 def conclusions(intervals: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
