@@ -37,6 +37,13 @@ def test_fine_tunes_differ_only_in_the_grounding_weights() -> None:
     changed = load_config("demo", ["demo.finetune.steps=7"])
     assert demo.model_paths(changed, "plain-s1")["train"] != demo.model_paths(config, "plain-s1")["train"]
     assert demo.model_paths(changed, "base") == demo.model_paths(config, "base")
+    # A grounding ablation retrains only the grounded models; attention mIoU reads the groups, so it is rescored.
+    groups = load_config("demo", ["train.grounding.layers=[mid]"])
+    for model in ("base", "plain-s3"):
+        before, after = demo.model_paths(config, model), demo.model_paths(groups, model)
+        assert after["train"] == before["train"] and after["samples"] == before["samples"]
+        assert after["scores"] != before["scores"]
+    assert demo.model_paths(groups, "grounded-s3")["train"] != demo.model_paths(config, "grounded-s3")["train"]
 
 
 def _scores(mg3: float, miou: float) -> dict:
