@@ -5,7 +5,8 @@ Two kinds of profile (``ModelsConfig.kind``):
 * ``tiny``: random-initialised, seeded models built from architecture configs in
   ``configs/models/`` — no network, no weights. Used by tests and the demo.
 * ``pretrained``: real weights — a Stable Diffusion (1.x, 2.x or XL) hub id or local
-  diffusers directory (optionally ``models.vae``, a replacement VAE), GroundingDINO and SAM checkpoint files, an OWLv2 hub id or directory.
+  diffusers directory (and ``models.vae``, an optional replacement VAE), GroundingDINO
+  and SAM checkpoint files, an OWLv2 hub id or directory.
   Everything is read offline; a missing file raises :class:`MissingWeightsError`
   naming the file and how to get it. A real profile never falls back to random
   weights.

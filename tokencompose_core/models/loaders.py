@@ -119,17 +119,19 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     return os.path.abspath(model_dir)
 
 
+def _model_index(root: Path) -> dict[str, Any]:
+    index = root / "model_index.json"
+    return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+
+
 def _has_second_encoder(root: Path) -> bool:
     """SDXL-shaped: its ``model_index.json`` names a ``text_encoder_2`` (or the folder is there)."""
-    index = root / "model_index.json"
-    named = index.is_file() and bool(json.loads(index.read_text(encoding="utf-8")).get("text_encoder_2"))
-    return named or (root / "text_encoder_2" / "config.json").is_file()
+    return bool(_model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
 
 
 def _force_zeros_for_empty_prompt(root: Path) -> bool:
-    index = root / "model_index.json"
     # StableDiffusionXLPipeline's default is True when the index does not say.
-    return index.is_file() and bool(json.loads(index.read_text(encoding="utf-8")).get("force_zeros_for_empty_prompt", True))
+    return bool(_model_index(root).get("force_zeros_for_empty_prompt", True))
 
 
 def _require_weights(folder: Path) -> Path:
