@@ -190,6 +190,29 @@ def test_sampling_tiny_xl_makes_images_with_zeroed_unconditional(xl_dir, tmp_pat
     assert not np.array_equal(images[0], images[1])  # seeded per image
 
 
+def test_our_sampling_loop_matches_stable_diffusion_xl_pipeline(xl_dir) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from tokencompose_core.sampling import (build_scheduler, decode_images, denoise, encode_prompts,
+                                            initial_noise, load_parts, unconditional)
+
+    parts = load_parts(xl_dir, None, torch.device("cpu"), torch.float32)
+    prompts, seeds = ["a photo of a cat and a dog", "a red car"], [1, 2]
+    noise = initial_noise(seeds, (4, 8, 8), torch.device("cpu"), torch.float32)
+    ours = decode_images(parts, denoise(parts, build_scheduler("euler", parts.scheduler.config), noise,
+                                        encode_prompts(parts, prompts), unconditional(parts).expand(2), 3.0, 2,
+                                        [torch.Generator().manual_seed(s) for s in seeds]))
+    pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                     text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                     tokenizer_2=parts.tokenizer_2, unet=parts.unet,
+                                     scheduler=build_scheduler("euler", parts.scheduler.config),
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+                  latents=noise.clone(), output_type="np").images
+    assert np.abs(ours.astype(float) - theirs * 255).max() <= 1.0
+
+
 @pytest.mark.slow
 def test_tiny_xl_pipeline_through_the_cli(prefect_harness, tmp_path, capsys) -> None:
     from flows.cli import main
