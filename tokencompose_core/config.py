@@ -81,6 +81,10 @@ class ModelsConfig(_Section):
     # Hub id or local directory of a diffusers Stable Diffusion pipeline; for kind
     # "tiny" the name of an architecture folder under configs/models/.
     diffusion: str = "tiny"
+    # A VAE that replaces the model's own: hub id or local diffusers VAE folder, e.g. an
+    # fp16-safe SDXL VAE. None: the model's vae/ (kept in fp32 under fp16 when its
+    # config says force_upcast, as SDXL's does).
+    vae: str | None = None
     grounding_dino: GroundingDinoConfig = Field(default_factory=GroundingDinoConfig)
     sam: SamConfig = Field(default_factory=SamConfig)
     owlv2: str = "tiny"  # hub id / local dir, or "tiny"
@@ -124,6 +128,10 @@ class GroundingLayersConfig(_Section):
     # (1 = latent resolution, 1/8 = latent/8), derived from the model at run time.
     layers: list[Literal["down", "mid", "up"]] = Field(default_factory=lambda: ["mid", "up"])
     group_weights: dict[str, float] = Field(default_factory=dict)  # e.g. {"up_64": 1.0}
+    # A group's token loss: the sum over its layers (the paper, SD 1.x: groups of 1-3
+    # layers) or, when true, the mean (SDXL's up_32 has 30 layers, which a sum would
+    # make outweigh every other group and the denoising loss).
+    normalize_by_layers: bool = False
 
 
 class TrainConfig(_Section):

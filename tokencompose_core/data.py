@@ -13,7 +13,10 @@ Two ways to bring an image and its masks to the training resolution R
   only. The two give different binary masks at the coarse layers wherever a
   mask has thin parts.
 
-Either way the resizing runs in the data-loader workers, not in the step.
+Either way the resizing runs in the data-loader workers, not in the step. Each
+example also records SDXL's size conditioning (``time_ids``: original size, the
+crop's top-left in the image scaled to short side R, and R x R), which SD 1.x/2.x
+ignore.
 
 Batches are drawn by :class:`ResumableBatchSampler`: an endless sequence of
 seeded per-epoch permutations, split between processes, that can start at any
@@ -30,6 +33,7 @@ import torch
 from PIL import Image
 
 from tokencompose_core import storage
+from tokencompose_core.conditioning import time_ids
 from tokencompose_core.evaluation import heldout_image_ids
 from tokencompose_core.mask_cache import MaskCache, resize_masks
 
@@ -50,21 +54,24 @@ def _center_square(height: int, width: int) -> tuple[int, int, int]:
     return (height - side) // 2, (width - side) // 2, side
 
 
+def _short_side_crop(width: int, height: int, side: int) -> tuple[tuple[int, int], int, int]:
+    """((w, h) after the short side goes to ``side``, top, left of the centre ``side`` square)."""
+    if width <= height:
+        size = (side, int(side * height / width))
+    else:
+        size = (int(side * width / height), side)
+    return size, int(round((size[1] - side) / 2.0)), int(round((size[0] - side) / 2.0))
+
+
 def _resize_short_side_and_crop(image: Image.Image, side: int) -> Image.Image:
     """Short side to ``side`` (PIL bilinear, long side truncated), then the centre ``side`` square.
 
     Sizes and offsets follow torchvision's ``Resize(side)`` and ``CenterCrop(side)``,
     the reference's transforms, to the pixel.
     """
-    width, height = image.size
-    if width <= height:
-        size = (side, int(side * height / width))
-    else:
-        size = (int(side * width / height), side)
+    size, top, left = _short_side_crop(image.width, image.height, side)
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
-    top = int(round((size[1] - side) / 2.0))
-    left = int(round((size[0] - side) / 2.0))
     return image.crop((left, top, left + side, top + side))
 
 
@@ -160,15 +167,23 @@ class GroundingDataset(torch.utils.data.Dataset):
         top, left, side = _center_square(masks.shape[1], masks.shape[2])
         return resize_masks(masks[:, top : top + side, left : left + side], (self.mask_size, self.mask_size))
 
+    def _time_ids(self, width: int, height: int) -> list[int]:
+        """SDXL's (original h, w, crop top, left, R, R); both transforms cut the centre square,
+        so the crop is where it lands in the image scaled to short side R."""
+        _, top, left = _short_side_crop(width, height, self.resolution)
+        return time_ids((height, width), (top, left), (self.resolution, self.resolution))
+
     def _load(self, image_id: str) -> dict:
         grounded = self.cache.get(image_id)
-        image = self._image(load_image(grounded.image_uri))
+        source = load_image(grounded.image_uri)
+        image = self._image(source)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return {
             "pixels": pixels,
             "caption": grounded.caption,
             "masks": torch.from_numpy(self._masks(grounded.masks)),
             "token_positions": grounded.token_positions,
+            "time_ids": self._time_ids(source.width, source.height),
         }
 
 
@@ -178,6 +193,7 @@ class Batch:
     captions: list[str]
     masks: torch.Tensor  # (B, N, m, m) uint8, zero-padded nouns
     token_positions: torch.Tensor  # (B, N, K) long, -1 padded
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL size conditioning, when the examples carry it
 
 
 def collate(examples: list[dict]) -> Batch:
@@ -194,7 +210,9 @@ def collate(examples: list[dict]) -> Batch:
         for i, tokens in enumerate(example["token_positions"]):
             positions[b, i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
     pixels = torch.stack([e["pixels"] for e in examples]).float().div_(127.5).sub_(1.0)
-    return Batch(pixels, [e["caption"] for e in examples], masks, positions)
+    ids = torch.tensor([e["time_ids"] for e in examples], dtype=torch.float32) \
+        if all("time_ids" in e for e in examples) else None
+    return Batch(pixels, [e["caption"] for e in examples], masks, positions, ids)
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tokencompose_core import storage
+from tokencompose_core.conditioning import square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, PipelineConfig
 from tokencompose_core.identity import seed_from, stable_order_key
 from tokencompose_core.sampling import (
@@ -258,9 +259,11 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
     """
     from tokencompose_core.attention import AttentionCapture, supervised_groups
     from tokencompose_core.mask_cache import MaskCache
+    from tokencompose_core.models import resolve_vae_dir
     score = config.score
     device = resolve_device(score.device)
-    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(config.sample.mixed_precision, device))
+    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(config.sample.mixed_precision, device),
+                       resolve_vae_dir(config.models))
     side = config.sample.resolution or parts.sample_size
     groups = supervised_groups(parts.unet, list(config.train.grounding.layers), side // parts.vae_scale_factor)
     if not groups:
@@ -298,11 +301,12 @@ def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: i
     """Normalised per-noun maps (N, side, side) per group and averaged over groups."""
     dtype = next(parts.unet.parameters()).dtype
     pixels = _pixels(item.image_uri, side)[None].to(device, dtype)
-    noisy = _noised_inputs(parts, pixels, [_image_seed(item.image_id)], timestep)
-    text = encode_prompts(parts, [item.caption]).to(dtype)
+    # An fp32 VAE (SDXL's under fp16) hands back fp32 latents: the U-Net takes its own dtype.
+    noisy = _noised_inputs(parts, pixels, [_image_seed(item.image_id)], timestep).to(dtype)
+    text = encode_prompts(parts, [item.caption]).to(device, dtype)
     capture.clear()
     t = torch.full((1,), timestep, dtype=torch.long, device=device)
-    parts.unet(noisy, t, encoder_hidden_states=text)
+    parts.unet(noisy, t, **unet_kwargs(text, square_time_ids(side, 1)))
     # Scored against CPU masks: bring the (small) per-noun maps back from the GPU.
     raw = {name: noun_maps([m[0] for m in layer_maps], item.token_positions, (side, side)).cpu()
            for name, layer_maps in capture.maps().items()}

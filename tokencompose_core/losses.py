@@ -4,7 +4,9 @@ For one group of cross-attention layers at one resolution:
 
 * token loss: for every layer, noun i and token t of the noun,
   r = head-mean of sum_{u in M_i} A_t(u) / sum_u A_t(u); the layer's loss is
-  (1/N) sum_i (1/|T_i|) sum_t (1 - r)^2; the group's loss sums the layers;
+  (1/N) sum_i (1/|T_i|) sum_t (1 - r)^2; the group's loss sums the layers
+  (the paper) or, with ``normalize_by_layers``, averages them, so that a group of
+  many layers (SDXL's up_32: 30) weighs as much as a group of one;
 * pixel loss: A averaged over heads and layers, summed over the noun's tokens,
   against the mask with binary cross-entropy (mean over pixels, then over nouns).
 
@@ -77,14 +79,15 @@ def _pixel_loss(mean_map: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor
 
 
 def grounding_losses(
-    attn_probs: list[torch.Tensor], masks: torch.Tensor, token_positions: torch.Tensor
+    attn_probs: list[torch.Tensor], masks: torch.Tensor, token_positions: torch.Tensor,
+    normalize_by_layers: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_loss, pixel_loss) of one resolution group.
 
     attn_probs: the group's layers, each (B, heads, H*W, T) softmax probabilities;
     masks: (B, N, H0, W0) in {0, 1} at any resolution (resized here);
     token_positions: (B, N, K) long, padded with -1; a noun without positions is
-    not grounded.
+    not grounded. normalize_by_layers: the token loss is the layers' mean instead of their sum.
     """
     if not attn_probs:
         raise ValueError("grounding_losses needs at least one attention map")
@@ -99,6 +102,7 @@ def grounding_losses(
         flat_masks = resize_masks(masks.to(device), size).flatten(2)
         # Gathering is exact, so casting only the selected columns to fp32 loses nothing.
         selected = [_select(layer, positions.clamp(min=0)).float() for layer in attn_probs]
-        token = torch.stack([_token_loss(layer, flat_masks, valid) for layer in selected]).sum()
+        per_layer = torch.stack([_token_loss(layer, flat_masks, valid) for layer in selected])
+        token = per_layer.mean() if normalize_by_layers else per_layer.sum()
         pixel = _pixel_loss(torch.stack([layer.mean(1) for layer in selected]).mean(0), flat_masks, valid)
     return token, pixel

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from tokencompose_core import outputs, storage
+from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import folder_hash, seed_from, value_hash
 
@@ -181,13 +182,14 @@ def build_scheduler(name: str, base_config: Any) -> Any:
     return classes[name].from_config(base_config, **extra)
 
 
-def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype: torch.dtype,
+               vae_dir: str | None = None) -> Any:
     """:func:`tokencompose_core.models.load_diffusion`, one thread at a time."""
     from tokencompose_core.models import load_diffusion
 
     with _LOAD_LOCK:
-        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=dtype)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=dtype, vae_dir=vae_dir)
+    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         if module is not None:
             module.eval()
     return parts
@@ -219,13 +221,16 @@ class SampleItem:
     image_uri: str
 
 
-def encode_prompts(parts: Any, texts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states for ``texts`` padded to the tokenizer's max length."""
-    tokens = parts.tokenizer(texts, padding="max_length", max_length=parts.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-    device = next(parts.text_encoder.parameters()).device
-    with torch.no_grad():
-        return parts.text_encoder(tokens.input_ids.to(device))[0]
+def encode_prompts(parts: Any, texts: list[str]) -> TextEmbeddings:
+    """Text embeddings of ``texts`` (SDXL: both encoders' and the pooled one), padded to 77 tokens."""
+    return encode_text(parts.text_encoders, texts)
+
+
+def unconditional(parts: Any) -> TextEmbeddings:
+    """The guidance's unconditional embedding (batch of one): the empty prompt's, or zeros
+    where the model's pipeline says so (SDXL's ``force_zeros_for_empty_prompt``)."""
+    empty = encode_prompts(parts, [""])
+    return empty.zeros_like() if parts.force_zeros_for_empty_prompt else empty
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device,
@@ -236,20 +241,25 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.d
 
 
 @torch.no_grad()
-def denoise(parts: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
-            uncond: torch.Tensor | None, guidance_scale: float, steps: int,
+def denoise(parts: Any, scheduler: Any, latents: torch.Tensor, cond: TextEmbeddings,
+            uncond: TextEmbeddings | None, guidance_scale: float, steps: int,
             generators: list[torch.Generator]) -> torch.Tensor:
-    """The sampling loop with classifier-free guidance (skipped when ``uncond`` is None)."""
+    """The sampling loop with classifier-free guidance (skipped when ``uncond`` is None).
+
+    SDXL also gets its pooled embeddings and the uncropped target size as ``add_time_ids``,
+    as ``StableDiffusionXLPipeline`` passes them by default."""
     scheduler.set_timesteps(steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
     # Only stochastic schedulers (euler_a, ddpm, ...) take a generator: the per-image
     # generators keep their noise reproducible per image.
     extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    text = cond if uncond is None else torch.cat([uncond, cond])
+    text = cond if uncond is None else TextEmbeddings.cat([uncond, cond])
+    side = latents.shape[-1] * parts.vae_scale_factor
+    conditioning = unet_kwargs(text, square_time_ids(side, len(text)) if text.pooled is not None else None)
     for t in scheduler.timesteps:
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t)
-        out = parts.unet(model_in, t, encoder_hidden_states=text).sample
+        out = parts.unet(model_in, t, **conditioning).sample
         if uncond is not None:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -427,7 +437,9 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     if todo:
         device = resolve_device(cfg.device, worker=shard[0])
         dtype = resolve_dtype(cfg.mixed_precision, device)
-        parts = load_parts(model_dir, unet_dir, device, dtype)
+        from tokencompose_core.models import resolve_vae_dir
+
+        parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(config.models))
         checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if cfg.safety_checker else None
         seconds = generate_images(parts, config, todo, device, checker)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
@@ -454,7 +466,7 @@ def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem],
     shape = (parts.latent_channels, side, side)
     dtype = next(parts.unet.parameters()).dtype
     use_cfg = cfg.guidance_scale > 1.0
-    uncond_one = encode_prompts(parts, [""]) if use_cfg else None
+    uncond_one = unconditional(parts) if use_cfg else None
     started = time.perf_counter()
     for batch in tqdm(list(_batches(items, cfg.batch_size)), desc="sample", unit="batch"):
         # A short batch is padded with repeats of its last item: kernels then always see the
@@ -462,7 +474,7 @@ def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem],
         padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))
         seeds = [item.seed for item in padded]
         cond = encode_prompts(parts, [item.prompt.text for item in padded])
-        uncond = uncond_one.expand(len(padded), -1, -1) if use_cfg else None
+        uncond = uncond_one.expand(len(padded)) if use_cfg else None
         # Step generators are seeded apart from the initial noise (seed + 1) so they never repeat it.
         generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
         latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config),

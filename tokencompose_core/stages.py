@@ -67,6 +67,9 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """
     sections = {name: getattr(config, name).model_dump(mode="json", exclude=set(STAGES[name].execution_only))
                 for name in upstream(stage)}
+    if "train" in sections and not config.train.grounding.normalize_by_layers:
+        # Counted only when on: runs trained before the switch existed keep their keys.
+        del sections["train"]["grounding"]["normalize_by_layers"]
     if "train" in sections and config.train.exclude_heldout:
         sections["train"]["heldout_images"] = config.score.heldout_images
     if "score" in sections:

@@ -64,12 +64,13 @@ from tokencompose_core.checkpoints import (
     remove_partial_checkpoints,
     resume_checkpoint,
 )
+from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
 from tokencompose_core.metrics import MetricsLog, plot_loss_curve, tensorboard_writer
-from tokencompose_core.models import load_diffusion, resolve_diffusion_dir
+from tokencompose_core.models import load_diffusion, resolve_diffusion_dir, resolve_vae_dir, vae_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -88,30 +89,22 @@ class TrainResult:
 
 
 class TextEmbedder:
-    """Caption -> (77, D) embeddings of the frozen text encoder, cached per caption when asked."""
+    """Caption -> embeddings of the frozen text encoder(s) (SDXL: both, and the pooled one),
+    cached per caption when asked."""
 
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer, device: torch.device, cache: bool) -> None:
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.device = device
-        self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+    def __init__(self, encoders: list[tuple[torch.nn.Module, object]], cache: bool) -> None:
+        self.encoders = encoders
+        self._cache: dict[str, TextEmbeddings] | None = {} if cache else None
 
-    @torch.no_grad()
-    def _encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> TextEmbeddings:
         if self._cache is None:
-            return self._encode(captions)
+            return encode_text(self.encoders, captions)
         missing = sorted(set(captions) - self._cache.keys())
         if missing:
-            for caption, embedding in zip(missing, self._encode(missing)):
-                self._cache[caption] = embedding
-        return torch.stack([self._cache[caption] for caption in captions])
+            encoded = encode_text(self.encoders, missing)
+            for index, caption in enumerate(missing):
+                self._cache[caption] = encoded[index]
+        return TextEmbeddings.stack([self._cache[caption] for caption in captions])
 
 
 # ----------------------------------------------------------------------------- the step
@@ -132,6 +125,7 @@ class _Model:
     pixel_weight: float
     caption_dropout: float
     weight_dtype: torch.dtype
+    normalize_by_layers: bool = False  # train.grounding.normalize_by_layers
 
 
 def _targets(model: _Model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -147,7 +141,9 @@ def _targets(model: _Model, latents: torch.Tensor, noise: torch.Tensor, timestep
 
 def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """All losses of one micro-batch; ``loss`` is the weighted total to back-propagate."""
-    pixels = batch.pixel_values.to(device, dtype=model.weight_dtype, non_blocking=True)
+    # The VAE may stay fp32 under fp16 (vae_dtype): the pixels take its dtype.
+    pixel_dtype = model.vae.dtype if model.vae is not None else model.weight_dtype
+    pixels = batch.pixel_values.to(device, dtype=pixel_dtype, non_blocking=True)
     with torch.no_grad():
         if model.vae is None:
             latents = pixels.float()
@@ -163,19 +159,21 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
     positions = batch.token_positions.masked_fill(dropped[:, None, None], -1)
     timesteps = timesteps.to(device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_states = model.embed(captions).to(device, dtype=model.weight_dtype)
+    text = model.embed(captions).to(device, dtype=model.weight_dtype)
+    # SDXL's size conditioning: the data path's crop when it recorded one, else an uncropped R x R.
+    time_ids = batch.time_ids if batch.time_ids is not None else square_time_ids(pixels.shape[-1], size)
     if model.capture is not None:
         model.capture.clear()
         # Only the nouns' columns are captured; positions now index those columns.
         positions = model.capture.capture_tokens(positions.to(device))
-    prediction = model.unet(noisy, timesteps, encoder_states).sample
+    prediction = model.unet(noisy, timesteps, **unet_kwargs(text, time_ids)).sample
     denoise = F.mse_loss(prediction.float(), _targets(model, latents, noise, timesteps).float())
     losses = {"denoise": denoise}
     total = denoise
     if model.capture is not None:
         masks = batch.masks.to(device, non_blocking=True)
         for group, maps in model.capture.maps().items():
-            token, pixel = grounding_losses(maps, masks, positions)
+            token, pixel = grounding_losses(maps, masks, positions, model.normalize_by_layers)
             weight = model.group_weights.get(group, 1.0)
             total = total + weight * (model.token_weight * token + model.pixel_weight * pixel)
             losses[f"token/{group}"] = token
@@ -235,12 +233,14 @@ def train(
     resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
     model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
     unet_dir = os.path.join(resume.path, "unet") if resume else init_unet
-    parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=torch.float32)
+    parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=torch.float32,
+                           vae_dir=resolve_vae_dir(config.models))
     unet = parts.unet
     unet.train().requires_grad_(True)
-    for frozen in (parts.vae, parts.text_encoder):
+    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
         if frozen is not None:
-            frozen.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+            dtype = vae_dtype(frozen.config, weight_dtype) if frozen is parts.vae else weight_dtype
+            frozen.requires_grad_(False).eval().to(device, dtype=dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     latent_side = cfg.resolution // parts.vae_scale_factor
@@ -287,10 +287,11 @@ def train(
     )
     model = _Model(
         unet=prepared_unet, vae=parts.vae, latent_scaling=parts.latent_scaling,
-        embed=TextEmbedder(parts.text_encoder, parts.tokenizer, device, cfg.cache_text_embeddings),
+        embed=TextEmbedder(parts.text_encoders, cfg.cache_text_embeddings),
         noise_scheduler=DDPMScheduler.from_config(parts.scheduler.config), capture=capture,
         group_weights=dict(cfg.grounding.group_weights), token_weight=cfg.token_loss_weight,
         pixel_weight=cfg.pixel_loss_weight, caption_dropout=cfg.caption_dropout, weight_dtype=weight_dtype,
+        normalize_by_layers=cfg.grounding.normalize_by_layers,
     )
     metrics = MetricsLog(storage.join(output_uri, "metrics.jsonl"), global_step) if accelerator.is_main_process else None
     resumed_at = global_step

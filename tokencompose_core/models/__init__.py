@@ -4,8 +4,9 @@ Two kinds of profile (``ModelsConfig.kind``):
 
 * ``tiny``: random-initialised, seeded models built from architecture configs in
   ``configs/models/`` — no network, no weights. Used by tests and the demo.
-* ``pretrained``: real weights — a Stable Diffusion hub id or local diffusers
-  directory, GroundingDINO and SAM checkpoint files, an OWLv2 hub id or directory.
+* ``pretrained``: real weights — a Stable Diffusion (1.x, 2.x or XL) hub id or local
+  diffusers directory (and ``models.vae``, an optional replacement VAE), GroundingDINO
+  and SAM checkpoint files, an OWLv2 hub id or directory.
   Everything is read offline; a missing file raises :class:`MissingWeightsError`
   naming the file and how to get it. A real profile never falls back to random
   weights.
@@ -30,9 +31,11 @@ from tokencompose_core.models.loaders import (
     load_owlv2,
     load_sam,
     resolve_diffusion_dir,
+    resolve_vae_dir,
     sam_package,
+    vae_dtype,
 )
-from tokencompose_core.models.tokenizers import clip_tokenizer
+from tokencompose_core.models.tokenizers import clip_tokenizer, clip_tokenizer_2
 from tokencompose_core.models.weights import MissingWeightsError, UnsafeCheckpointError, load_state_dict_file
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "MissingWeightsError",
     "UnsafeCheckpointError",
     "clip_tokenizer",
+    "clip_tokenizer_2",
     "fingerprint",
     "load_diffusion",
     "load_grounding_dino",
@@ -47,5 +51,7 @@ __all__ = [
     "load_sam",
     "load_state_dict_file",
     "resolve_diffusion_dir",
+    "resolve_vae_dir",
     "sam_package",
+    "vae_dtype",
 ]

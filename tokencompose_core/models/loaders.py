@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import importlib.resources
+import json
 import os
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from transformers import (
     BertConfig,
     BertModel,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     Owlv2ForObjectDetection,
     Owlv2Processor,
@@ -56,7 +59,7 @@ OWLV2_RANDOM_ARCH = "owlv2-large-patch14"
 
 @dataclass
 class DiffusionParts:
-    """The pieces of a Stable Diffusion-shaped model, loaded and ready to use."""
+    """The pieces of a Stable Diffusion-shaped model (SD 1.x/2.x or SDXL), loaded and ready to use."""
 
     unet: nn.Module
     vae: nn.Module | None  # None: the model denoises pixels directly
@@ -68,6 +71,19 @@ class DiffusionParts:
     vae_scale_factor: int  # pixels per latent cell (1 in pixel space)
     latent_scaling: float  # multiply VAE latents by this before the U-Net
     sample_size: int  # image side in pixels
+    # SDXL: the OpenCLIP bigG encoder (its projected pooled output is the U-Net's text_embeds).
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL pipeline semantics: the unconditional branch of guidance gets zero embeddings.
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def text_encoders(self) -> list[tuple[nn.Module, CLIPTokenizer]]:
+        """(encoder, tokenizer) pairs in the order their hidden states are concatenated."""
+        pairs = [(self.text_encoder, self.tokenizer)]
+        if self.text_encoder_2 is not None:
+            pairs.append((self.text_encoder_2, self.tokenizer_2))
+        return pairs
 
 
 # --------------------------------------------------------------------------- diffusion
@@ -88,9 +104,13 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
         model_dir = _hub_snapshot(
             models.diffusion,
             "Stable Diffusion model",
-            " --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' model_index.json",
+            " --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'text_encoder_2/*' 'tokenizer_2/*' "
+            "'scheduler/*' model_index.json",
         )
-    for required in ("unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
+    files = ["unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
+    if _has_second_encoder(Path(model_dir)):
+        files += ["text_encoder_2/config.json", "tokenizer_2/vocab.json"]
+    for required in files:
         if not os.path.isfile(os.path.join(model_dir, required)):
             raise MissingWeightsError(
                 f"diffusion model {models.diffusion!r} has no {required} (looked in {model_dir}); "
@@ -99,13 +119,56 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     return os.path.abspath(model_dir)
 
 
+def _model_index(root: Path) -> dict[str, Any]:
+    index = root / "model_index.json"
+    return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+
+
+def _has_second_encoder(root: Path) -> bool:
+    """SDXL-shaped: its ``model_index.json`` names a ``text_encoder_2`` (or the folder is there)."""
+    return bool(_model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
+
+
+def _force_zeros_for_empty_prompt(root: Path) -> bool:
+    # StableDiffusionXLPipeline's default is True when the index does not say.
+    return bool(_model_index(root).get("force_zeros_for_empty_prompt", True))
+
+
+def _require_weights(folder: Path) -> Path:
+    """``folder`` with a config and a weights file; otherwise :class:`MissingWeightsError` naming what is missing."""
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"no {folder / 'config.json'}: the model folder is incomplete")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise MissingWeightsError(
+            f"no weights in {folder} (expected e.g. {folder / 'model.safetensors'} or "
+            f"{folder / 'diffusion_pytorch_model.safetensors'}); download the component's weights, "
+            f"e.g. `huggingface-cli download <repo> --include '{folder.name}/*'`"
+        )
+    return folder
+
+
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """fp32 for a VAE that overflows in fp16 (its config says ``force_upcast``, as SDXL's does), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
+
+
+def resolve_vae_dir(models: ModelsConfig) -> str | None:
+    """The local folder of ``models.vae`` (a replacement VAE such as an fp16-safe one), or None."""
+    if models.vae is None:
+        return None
+    folder = models.vae if os.path.isdir(models.vae) else _hub_snapshot(models.vae, "VAE", "")
+    return str(_require_weights(Path(folder)).resolve())
+
+
 def load_diffusion(
     model_dir: str,
     unet_dir: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    vae_dir: str | None = None,
 ) -> DiffusionParts:
-    """Load a diffusers SD directory; ``unet_dir`` (a trained U-Net) replaces ``unet/``."""
+    """Load a diffusers SD/SDXL directory; ``unet_dir`` (a trained U-Net) replaces ``unet/``,
+    ``vae_dir`` (:func:`resolve_vae_dir`) replaces ``vae/``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     root = Path(model_dir)
@@ -114,15 +177,23 @@ def load_diffusion(
         raise MissingWeightsError(f"no U-Net at {unet_path} (expected config.json and weights)")
     unet = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=dtype, local_files_only=True)
     vae = None
-    if (root / "vae" / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True)
+    vae_path = Path(vae_dir) if vae_dir else root / "vae"
+    if (vae_path / "config.json").is_file():
+        vae_config = AutoencoderKL.load_config(_require_weights(vae_path))
+        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=vae_dtype(vae_config, dtype), local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(
-        root / "text_encoder", dtype=dtype, local_files_only=True
+        _require_weights(root / "text_encoder"), dtype=dtype, local_files_only=True
     )
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    text_encoder_2 = tokenizer_2 = None
+    if _has_second_encoder(root):
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            _require_weights(root / "text_encoder_2"), dtype=dtype, local_files_only=True
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.to(device)
     return DiffusionParts(
@@ -136,6 +207,9 @@ def load_diffusion(
         vae_scale_factor=scale,
         latent_scaling=float(getattr(vae.config, "scaling_factor", 1.0)) if vae is not None else 1.0,
         sample_size=unet.config.sample_size * scale,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=text_encoder_2 is not None and _force_zeros_for_empty_prompt(root),
     )
 
 
@@ -343,7 +417,9 @@ def fingerprint(models: ModelsConfig) -> str:
     cached hub revision. ``cache_dir`` is excluded: where a model is cached does not
     change it.
     """
-    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir"})}
+    # models.vae counts only when set, so profiles from before the setting keep their fingerprints.
+    unset = {"vae"} if models.vae is None else set()
+    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir", *unset})}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
         tiny_dirs += _diffusion_parts(_arch_dir(models.diffusion))
@@ -359,6 +435,8 @@ def fingerprint(models: ModelsConfig) -> str:
         parts["sam"] = _file_identity(models.sam.checkpoint)
     if models.owlv2 != TINY:
         parts["owlv2"] = _source_identity(models.owlv2)
+    if models.vae is not None:
+        parts["vae"] = _source_identity(models.vae)
     if models.clip_selector:
         parts["clip_selector"] = _source_identity(models.clip_selector)
     if tiny_dirs:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     Owlv2Config,
     Owlv2ForObjectDetection,
     Owlv2ImageProcessor,
@@ -34,7 +35,7 @@ from transformers import (
 from tokencompose_core.config import ModelsConfig
 from tokencompose_core.identity import bytes_hash, component_seed, tree_hash
 from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
-from tokencompose_core.models.tokenizers import _owlv2_tokenizer, clip_tokenizer
+from tokencompose_core.models.tokenizers import _owlv2_tokenizer, clip_tokenizer, clip_tokenizer_2
 
 # torch's global RNG is shared by all threads: two tiny models built at once (two
 # mask shards on a thread pool) would interleave their draws and get different
@@ -85,29 +86,36 @@ def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
 
 def _diffusion_parts(arch: Path) -> list[Path]:
     """The sub-folders of an architecture folder that make up the diffusion model."""
-    parts = ("unet", "vae", "text_encoder", "scheduler")
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
     return [arch / part for part in parts if (arch / part).is_dir()]
 
 
 def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
+    # A second text encoder makes it SDXL-shaped (tiny-xl); its pipeline zeroes empty prompts' embeddings.
+    xl = (arch / "text_encoder_2" / "config.json").is_file()
+    index: dict[str, Any] = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True} \
+        if xl else {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
     components = [
         ("unet", "diffusers", "UNet2DConditionModel", UNet2DConditionModel.from_config),
         ("vae", "diffusers", "AutoencoderKL", AutoencoderKL.from_config),
         ("text_encoder", "transformers", "CLIPTextModel", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
+        ("text_encoder_2", "transformers", "CLIPTextModelWithProjection",
+         lambda c: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(c))),
     ]
     for name, library, class_name, build in components:
         config_file = arch / name / "config.json"
-        if name == "vae" and not config_file.is_file():
-            continue  # no VAE: a pixel-space model
+        if name in ("vae", "text_encoder_2") and not config_file.is_file():
+            continue  # no VAE: a pixel-space model; no second encoder: SD 1.x/2.x-shaped
         with _seeded(seed, name):
             module = build(_read_json(config_file))
         module.save_pretrained(out / name)
         index[name] = [library, class_name]
-    clip_tokenizer().save_pretrained(out / "tokenizer")
-    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    tokenizers = [("tokenizer", clip_tokenizer())] + ([("tokenizer_2", clip_tokenizer_2())] if xl else [])
+    for name, tokenizer in tokenizers:
+        tokenizer.save_pretrained(out / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
     scheduler = DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json"))
     scheduler.save_pretrained(out / "scheduler")
     index["scheduler"] = ["diffusers", "DDPMScheduler"]

@@ -1,4 +1,4 @@
-"""The CLIP, OWLv2 and BERT tokenizers, built offline.
+"""The CLIP (SD and SDXL's two), OWLv2 and BERT tokenizers, built offline.
 
 The CLIP BPE vocabulary comes from the open_clip wheel; the BERT WordPiece vocabulary
 is kept in the repo (``configs/models/tiny/grounding_dino/vocab.txt``).
@@ -58,6 +58,13 @@ def _build_clip_tokenizer(**kwargs: Any) -> CLIPTokenizer:
 def clip_tokenizer() -> CLIPTokenizer:
     """The Stable Diffusion CLIP tokenizer, built offline (ids as SD's, max length 77)."""
     return _build_clip_tokenizer(model_max_length=CLIP_MAX_LENGTH)
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_2() -> CLIPTokenizer:
+    """SDXL's second tokenizer (OpenCLIP ViT-bigG/14's): the same BPE as :func:`clip_tokenizer`,
+    padding with "!" (id 0) instead of the end token, so every caption token keeps its position."""
+    return _build_clip_tokenizer(model_max_length=CLIP_MAX_LENGTH, pad_token="!")
 
 
 def _owlv2_tokenizer() -> CLIPTokenizer:
