@@ -17,7 +17,7 @@ from tokencompose_core.attention import AttentionCapture, CaptureAttnProcessor, 
 from tokencompose_core.config import load_config
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.models import load_diffusion, resolve_diffusion_dir
-from tokencompose_core.sampling import load_parts
+from tokencompose_core.sampling import load_parts, model_fingerprint
 from tokencompose_core.stages import stage_settings
 from tokencompose_core.train import train
 
@@ -93,12 +93,13 @@ class _Interrupted(RuntimeError):
 
 
 def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cache_uri, model_dir, monkeypatch):
-    settings = (*RANK, "train.lora.alpha=8", "train.gradient_accumulation_steps=2", "train.ema_decay=0.9",
-                "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
+    settings = (*RANK, "train.lora.alpha=8", "train.max_steps=2", "train.checkpoint_every=1",
+                "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
+                "train.lr_warmup_steps=1")
     straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
     run = tmp_path / "straight"
     assert straight.unet_uri == str(run / "lora") and not (run / "unet").exists()
-    assert sorted(os.listdir(checkpoints.checkpoint_dir(str(run), 4))) == [
+    assert sorted(os.listdir(checkpoints.checkpoint_dir(str(run), 2))) == [
         "_manifest.json", "ema.pt", "lora", "lr_scheduler.pt", "optimizer.pt", "rng-0.pt", "state.json"]
     assert all(path.startswith(("lora/", "metrics", "loss_curve")) for path in checkpoints.result_files(str(run)))
 
@@ -106,8 +107,8 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
 
     def save_then_die(self, output_dir, step, state, keep):
         save(self, output_dir, step, state, keep)
-        if step == 2:
-            raise _Interrupted("killed after checkpoint 2")
+        if step == 1:
+            raise _Interrupted("killed after checkpoint 1")
 
     monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
     with pytest.raises(_Interrupted):
@@ -150,9 +151,13 @@ def test_cli_run_with_lora_end_to_end(prefect_harness, tmp_path, capsys):
     assert (run / "lora" / lora.WEIGHTS_NAME).is_file() and not (run / "unet").exists()
     recorded = {entry["path"] for entry in outputs.read_record(str(run))["files"]}
     assert f"lora/{lora.WEIGHTS_NAME}" in recorded
-    sample_record = outputs.read_record(folders["sample"])
-    assert sample_record["inputs"]["unet_dir"] == str(run / "lora")
+    sample_inputs = outputs.read_record(folders["sample"])["inputs"]
+    assert sample_inputs["unet_dir"] == str(run / "lora") and outputs.content_identity(str(run), "lora/")
+    # The samples' key holds the adapter's recorded content.
+    assert sample_inputs["model_identity"] == model_fingerprint(sample_inputs["model_dir"], str(run / "lora"))
     for stage, folder in folders.items():
         assert outputs.problems(folder, deep=True) == [], stage
-    segmentation = json.loads(Path(folders["score"], "segmentation.json").read_text())
-    assert segmentation, segmentation
+    (scores,) = [uri for uri in summary["stages"]["score"]["summary"]["scores"] if Path(uri).name.startswith(run.name)]
+    segmentation = json.loads(Path(scores, "segmentation.json").read_text())
+    assert set(segmentation["groups"]) == {"mid_2", "up_4", "up_8"}
+    assert 0 <= segmentation["overall"]["miou_fixed"] <= 100, segmentation
