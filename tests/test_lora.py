@@ -17,7 +17,8 @@ from tokencompose_core.attention import AttentionCapture, CaptureAttnProcessor, 
 from tokencompose_core.config import load_config
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.models import load_diffusion, resolve_diffusion_dir
-from tokencompose_core.sampling import load_parts, model_fingerprint
+from tokencompose_core.reevaluation import newest_checkpoint
+from tokencompose_core.sampling import load_parts, model_fingerprint, trained_unet
 from tokencompose_core.stages import stage_settings
 from tokencompose_core.train import train
 
@@ -86,6 +87,15 @@ def test_lora_settings_key_the_run_only_when_on():
     assert "lora" not in stage_settings(off, "train")["train"]  # full fine-tunes keep their folders
     assert stage_settings(on, "train")["train"]["lora"] == {"rank": 4, "alpha": None, "dropout": 0.0,
                                                    "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def test_a_lora_run_is_found_as_the_trained_weights(tmp_path):
+    config = load_config("tiny", [f"storage.root={tmp_path}"])
+    adapter = tmp_path / "train" / "run-a" / "lora"
+    adapter.mkdir(parents=True)
+    (adapter / lora.WEIGHTS_NAME).write_bytes(b"")
+    assert newest_checkpoint(config) == str(adapter.parent)  # the nightly re-evaluation's pick
+    assert trained_unet(config, str(adapter.parent)) == str(adapter)  # what the sample stage loads
 
 
 class _Interrupted(RuntimeError):
