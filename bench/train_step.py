@@ -7,15 +7,23 @@
 (c) reference style: every self- and cross-attention layer non-fused, every
     map cloned into a store each step, losses from the stored maps.
 
+Each for a full fine-tune and, with ``--modes full lora``, for LoRA adapters of
+``--lora-rank`` on the attention projections (tokencompose_core.lora; the base
+frozen, the optimizer over the adapters).
+
 CPU (default): an SD 1.4-shaped U-Net (same blocks, heads and attention sizes,
 channels narrowed to 64/128/256/256) at latent 64 (512 px), batch 1 and 4;
-memory is the peak resident set above the pre-model baseline (the process
-re-executes itself with a fixed malloc mmap threshold so freed tensors leave
-the RSS). ``--device cuda --full``: the full-size SD 1.4 U-Net (random
-weights), bf16 autocast, peak ``torch.cuda.max_memory_allocated``.
+``--arch sdxl``: an SDXL-shaped U-Net (attention at the two lowest-resolution
+levels only, 1/2/10 transformer layers, two-encoder 2048-d context, pooled text
+and add_time_ids through ``text_time``, channels narrowed to 32/64/128) at
+latent 128 (1024 px). Memory is the peak resident set above the pre-model
+baseline (the process re-executes itself with a fixed malloc mmap threshold so
+freed tensors leave the RSS). ``--device cuda --full``: the full-size U-Net
+(random weights), bf16 autocast, peak ``torch.cuda.max_memory_allocated``.
 
     python bench/train_step.py --out bench-train-step.json
     python bench/train_step.py --mask-side 512 --variants plain ours   # the paper profiles' 512x512 masks
+    python bench/train_step.py --arch sdxl --modes full lora --steps 2
     python bench/train_step.py --device cuda --full --out train_step.json
 
 Imports neither Prefect nor the pipeline configuration.
@@ -42,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
+from tokencompose_core import lora  # noqa: E402
 from tokencompose_core.attention import AttentionCapture, supervised_groups  # noqa: E402
+from tokencompose_core.config import LoraAdapterConfig  # noqa: E402
 from tokencompose_core.losses import grounding_losses  # noqa: E402
 
 SD14_UNET = dict(
@@ -54,9 +64,31 @@ SD14_UNET = dict(
     cross_attention_dim=768,
     attention_head_dim=8,  # diffusers' name for the 8 heads of SD 1.x
 )
-NARROW_CHANNELS = [64, 128, 256, 256]
+# SDXL base's U-Net: no attention at the highest resolution, 2 and 10 transformer layers at
+# the two lower ones (10 in the mid block), 64-d heads (diffusers names the head counts
+# attention_head_dim), context = CLIP-L 768 + OpenCLIP-bigG 1280, and the pooled bigG
+# embedding plus six size/crop numbers (add_time_ids) added to the time embedding.
+SDXL_UNET = dict(
+    sample_size=128,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[320, 640, 1280],
+    layers_per_block=2,
+    transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20],
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256,
+)
+SDXL_POOLED_DIM = 1280
+# CPU widths: every block, layer and attention size kept, channels narrowed (heads too for SDXL).
+NARROW = {"sd14": {"block_out_channels": [64, 128, 256, 256]},
+          "sdxl": {"block_out_channels": [32, 64, 128], "attention_head_dim": [1, 2, 4]}}
 TOKEN_WEIGHT, PIXEL_WEIGHT = 1e-3, 5e-5
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+MODES = ["full", "lora"]
 
 
 class ReferenceStyleProcessor:
@@ -78,33 +110,51 @@ class ReferenceStyleProcessor:
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
-def build_unet(full: bool, device: torch.device) -> UNet2DConditionModel:
-    arch = Path(__file__).resolve().parents[1] / "configs" / "models" / "sd14-random" / "unet" / "config.json"
-    config = json.loads(arch.read_text()) if full and arch.is_file() else dict(SD14_UNET)
-    if not full:
-        config["block_out_channels"] = NARROW_CHANNELS
+def unet_config(arch: str, full: bool) -> dict:
+    if arch == "sdxl":
+        return dict(SDXL_UNET) if full else {**SDXL_UNET, **NARROW[arch]}
+    sd14 = Path(__file__).resolve().parents[1] / "configs" / "models" / "sd14-random" / "unet" / "config.json"
+    if full:
+        return json.loads(sd14.read_text()) if sd14.is_file() else dict(SD14_UNET)
+    return {**SD14_UNET, **NARROW[arch]}
+
+
+def build_unet(arch: str, full: bool, device: torch.device, latent: int | None = None) -> UNet2DConditionModel:
+    config = unet_config(arch, full)
+    config["sample_size"] = latent or config["sample_size"]
     torch.manual_seed(0)
     with torch.device(device):  # random init directly on the device: seconds, not a minute
         return UNet2DConditionModel.from_config(config).train()
 
 
-def make_batch(batch: int, device: torch.device, mask_side: int = 64) -> dict[str, torch.Tensor]:
-    """Three square masks per sample at ``mask_side`` (64: the latent grid; 512: train.mask_transform
-    training_resolution at 512 px), the same squares whatever the side."""
+def make_batch(unet: UNet2DConditionModel, batch: int, device: torch.device, mask_side: int = 64) -> dict:
+    """Three square masks per sample at ``mask_side`` (the latent side: the latent grid; 8x it:
+    train.mask_transform training_resolution), the same squares whatever the side; SDXL's
+    pooled text embedding and add_time_ids (original size, crop corner, target size)."""
     generator = torch.Generator().manual_seed(1)
+    latent = unet.config.sample_size
     masks = torch.zeros(batch, 3, mask_side, mask_side, dtype=torch.uint8)
-    scale = mask_side // 64
+    scale, size = mask_side / 64, round(24 * mask_side / 64)
     for b in range(batch):
         for i in range(3):
-            y, x = (torch.randint(0, 40, (2,), generator=generator) * scale).tolist()
-            masks[b, i, y : y + 24 * scale, x : x + 24 * scale] = 1
-    return {
-        "latents": torch.randn(batch, 4, 64, 64, generator=generator).to(device),
+            y, x = (torch.randint(0, 40, (2,), generator=generator) * scale).long().tolist()
+            masks[b, i, y : y + size, x : x + size] = 1
+    inputs = {
+        "latents": torch.randn(batch, 4, latent, latent, generator=generator).to(device),
         "timesteps": torch.randint(0, 1000, (batch,), generator=generator).to(device),
-        "text": torch.randn(batch, 77, 768, generator=generator).to(device),
+        "text": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator).to(device),
         "masks": masks.to(device),
         "positions": torch.tensor([[[1, -1], [3, 4], [6, -1]]] * batch, device=device),
+        "added": None,
     }
+    if unet.config.addition_embed_type == "text_time":
+        pixels = latent * 8
+        inputs["added"] = {
+            "text_embeds": torch.randn(batch, SDXL_POOLED_DIM, generator=generator).to(device),
+            "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, dtype=torch.float32,
+                                     device=device),
+        }
+    return inputs
 
 
 def _grounding(maps: dict[str, list[torch.Tensor]], masks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -132,7 +182,8 @@ class Variant:
         positions = inputs["positions"]
         if self.capture is not None:  # as the training step does: the nouns' columns only
             positions = self.capture.capture_tokens(positions)
-        prediction = self.unet(inputs["latents"], inputs["timesteps"], inputs["text"]).sample
+        prediction = self.unet(inputs["latents"], inputs["timesteps"], inputs["text"],
+                               added_cond_kwargs=inputs["added"]).sample
         loss = F.mse_loss(prediction.float(), inputs["latents"].float())
         if self.capture is not None:
             loss = loss + _grounding(self.capture.maps(), inputs["masks"], positions)
@@ -189,7 +240,7 @@ def _sync(device: torch.device) -> None:
 def reference_extra_bytes(unet: UNet2DConditionModel, batch: int, element: int) -> int:
     """What (c) adds: every attention map cloned and saved for backward (self-attention dominates)."""
     side = {name: int(group.split("_")[1]) for group, names in supervised_groups(
-        unet, ["down", "mid", "up"], 64).items() for name in names}
+        unet, ["down", "mid", "up"], unet.config.sample_size).items() for name in names}
     total = 0
     for name, module in unet.named_modules():
         if isinstance(module, Attention) and name.endswith("attn1"):
@@ -201,7 +252,8 @@ def reference_extra_bytes(unet: UNet2DConditionModel, batch: int, element: int) 
 def measure(variant_name: str, unet, groups, inputs, device, steps: int, warmup: int, baseline: int,
             autocast_dtype: torch.dtype | None) -> dict:
     variant = Variant(variant_name, unet, groups)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+    # Only what trains: every parameter, or the LoRA adapters alone.
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
     times, cpu_times = [], []
     try:
         for index in range(warmup + steps):
@@ -227,51 +279,72 @@ def measure(variant_name: str, unet, groups, inputs, device, steps: int, warmup:
             "peak_bytes": peak}
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    _release_cpu_memory()
-    baseline = 0 if device.type == "cuda" else _rss_bytes("VmRSS")
-    unet = build_unet(args.full, device)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    groups = supervised_groups(unet, ["mid", "up"], 64)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+def measure_batches(args: argparse.Namespace, mode: str, unet, groups, device, baseline: int,
+                    autocast_dtype: torch.dtype | None) -> dict:
+    """Every variant at every batch size, with its ratios to plain of the same batch."""
     element = 2 if autocast_dtype is not None else 4
-    results: dict = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "full_size": args.full,
-        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-        "channels": unet.config.block_out_channels, "latent": 64, "mask_side": args.mask_side,
-        "dtype": str(autocast_dtype or torch.float32),
-        "gradient_checkpointing": args.gradient_checkpointing, "supervised_groups": {g: len(n) for g, n in groups.items()},
-        "memory": "peak torch.cuda.max_memory_allocated" if device.type == "cuda"
-        else "peak RSS (VmHWM) above the RSS before the model was built",
-        "batches": {},
-    }
+    batches = {}
     for batch in args.batches:
-        inputs = make_batch(batch, device, args.mask_side)
+        inputs = make_batch(unet, batch, device, args.mask_side or unet.config.sample_size)
         rows = {}
         for name in args.variants:
-            if name == "reference" and device.type == "cpu":
+            if name == "reference":  # an out-of-memory error would lose every later row
                 needed = reference_extra_bytes(unet, batch, element)
-                available = _rss_bytes("VmRSS") + _meminfo_available()
+                available = _available_bytes(device)
                 if needed > 0.6 * available:
                     rows[name] = {"skipped": f"needs ~{needed / 2**30:.1f} GiB more than (a); "
                                              f"{available / 2**30:.1f} GiB available"}
                     continue
             rows[name] = measure(name, unet, groups, inputs, device, args.steps, args.warmup, baseline,
                                  autocast_dtype)
-            print(f"batch {batch} {name}: {rows[name]['step_s']:.3f} s/step ({rows[name]['cpu_s']:.3f} s CPU), "
-                  f"{rows[name]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(f"{mode} batch {batch} {name}: {rows[name]['step_s']:.3f} s/step "
+                  f"({rows[name]['cpu_s']:.3f} s CPU), {rows[name]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
         plain = rows["plain"]
         for name in set(args.variants) - {"plain"}:
             if "step_s" in rows[name]:
                 rows[name]["time_vs_plain"] = round(rows[name]["step_s"] / plain["step_s"], 3)
                 rows[name]["cpu_time_vs_plain"] = round(rows[name]["cpu_s"] / plain["cpu_s"], 3)
                 rows[name]["memory_vs_plain"] = round(rows[name]["peak_bytes"] / plain["peak_bytes"], 3)
-        results["batches"][str(batch)] = rows
+        batches[str(batch)] = rows
         del inputs
+    return batches
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    _release_cpu_memory()
+    baseline = 0 if device.type == "cuda" else _rss_bytes("VmRSS")
+    unet = build_unet(args.arch, args.full, device, args.latent)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    latent = unet.config.sample_size
+    groups = supervised_groups(unet, ["mid", "up"], latent)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    results: dict = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "arch": args.arch, "full_size": args.full,
+        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+        "channels": unet.config.block_out_channels, "latent": latent,
+        "mask_side": args.mask_side or latent, "dtype": str(autocast_dtype or torch.float32),
+        "gradient_checkpointing": args.gradient_checkpointing, "supervised_groups": {g: len(n) for g, n in groups.items()},
+        "memory": "peak torch.cuda.max_memory_allocated" if device.type == "cuda"
+        else "peak RSS (VmHWM) above the RSS before the model was built",
+        "modes": {},
+    }
+    for mode in sorted(args.modes, key=MODES.index):  # full first: LoRA freezes the base for good
+        if mode == "lora":
+            lora.add_lora(unet, LoraAdapterConfig(rank=args.lora_rank))
+        trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        results["modes"][mode] = {"trainable_params_m": round(trainable / 1e6, 3),
+                                  "batches": measure_batches(args, mode, unet, groups, device, baseline,
+                                                             autocast_dtype)}
     return results
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    return _rss_bytes("VmRSS") + _meminfo_available()
 
 
 def _meminfo_available() -> int:
@@ -284,12 +357,20 @@ def _meminfo_available() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--full", action="store_true", help="full-size SD 1.4 U-Net (meant for a GPU)")
+    parser.add_argument("--arch", default="sd14", choices=["sd14", "sdxl"],
+                        help="U-Net layout: SD 1.4 at latent 64 or SDXL at latent 128")
+    parser.add_argument("--full", action="store_true", help="full-size U-Net (meant for a GPU)")
+    parser.add_argument("--modes", nargs="+", default=["full"], choices=MODES,
+                        help="full fine-tune, LoRA adapters, or both (same model, full first)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--latent", type=int, default=None,
+                        help="latent side (default: the architecture's, 64 for SD 1.4, 128 for SDXL)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--mask-side", type=int, default=64, help="mask side in the batch (a multiple of 64)")
+    parser.add_argument("--mask-side", type=int, default=None,
+                        help="mask side in the batch, a multiple of 64 (default: the latent side)")
     parser.add_argument("--variants", nargs="+", default=["plain", "ours", "reference"],
                         choices=["plain", "ours", "reference"], help="which steps to time; plain is the baseline")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

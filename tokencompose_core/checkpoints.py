@@ -4,7 +4,8 @@ damaged ones passed over, and the final U-Net published.
 Layout of ``<root>/train/<run>`` (see tokencompose_core.train)::
 
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
-    checkpoints/checkpoint-<N>/  unet/, optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
+    lora/                        instead of unet/ when train.lora.rank > 0: the adapter (tokencompose_core.lora)
+    checkpoints/checkpoint-<N>/  unet/ (or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
                                  _manifest.json (sizes and sha256 of the others, written last)
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a
@@ -32,7 +33,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError, safe_open
 
-from tokencompose_core import outputs, storage
+from tokencompose_core import lora, outputs, storage
 from tokencompose_core.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class TrainingState:
         )
         acc.wait_for_everyone()
         if acc.is_main_process:
-            acc.unwrap_model(self.unet).save_pretrained(os.path.join(temp, "unet"), safe_serialization=True)
+            save_weights(acc.unwrap_model(self.unet), temp)
             storage.atomic_write_bytes(os.path.join(temp, "optimizer.pt"), _torch_bytes(self.optimizer.state_dict()))
             storage.atomic_write_bytes(
                 os.path.join(temp, "lr_scheduler.pt"), _torch_bytes(self.lr_scheduler.state_dict())
@@ -157,7 +158,8 @@ class TrainingState:
         acc.wait_for_everyone()
 
     def restore(self, checkpoint: "Checkpoint") -> dict:
-        """Restore everything but the U-Net weights (loaded with the model) from a read checkpoint."""
+        """Restore everything but the U-Net weights (loaded with the model: :func:`weights_dir`)
+        from a read checkpoint."""
         states = checkpoint.states
         self.optimizer.load_state_dict(states["optimizer"])
         self.lr_scheduler.load_state_dict(states["lr_scheduler"])
@@ -211,11 +213,13 @@ def _read_checkpoint(path: str, process_index: int) -> Checkpoint:
             if key in optional and not os.path.isfile(current):
                 continue
             states[key] = load_torch(current)
-        for current in sorted(glob.glob(os.path.join(path, "unet", "*.safetensors"))) or [os.path.join(path, "unet")]:
+        weights_folder = weights_dir(path)
+        for current in sorted(glob.glob(os.path.join(weights_folder, "*.safetensors"))) or [weights_folder]:
             with safe_open(current, framework="pt") as weights:  # reads the header only
                 weights.keys()
-        current = os.path.join(path, "unet", "config.json")
-        storage.read_json(current)
+        if not lora.is_lora_folder(weights_folder):
+            current = os.path.join(weights_folder, "config.json")
+            storage.read_json(current)
     except _LOAD_ERRORS as error:
         raise _Damaged(f"{current}: {type(error).__name__}: {error}".splitlines()[0]) from error
     return Checkpoint(path, state, states)
@@ -263,17 +267,37 @@ def _drop_load_path(config_path: str) -> None:
         handle.write("\n")
 
 
+def weights_dir(folder: str) -> str:
+    """Where a run or checkpoint folder keeps its weights: ``lora/`` for a LoRA run, else ``unet/``."""
+    adapter = os.path.join(folder, lora.LORA_DIR)
+    return adapter if lora.is_lora_folder(adapter) else os.path.join(folder, "unet")
+
+
+def save_weights(unet: torch.nn.Module, folder: str) -> str:
+    """Save a LoRA U-Net's adapter to ``folder/lora``, any other U-Net whole to ``folder/unet``."""
+    if lora.has_lora(unet):
+        target = os.path.join(folder, lora.LORA_DIR)
+        lora.save_lora(unet, target)
+    else:
+        target = os.path.join(folder, "unet")
+        unet.save_pretrained(target, safe_serialization=True)
+    return target
+
+
 def publish_unet(unet: torch.nn.Module, output_dir: str) -> str:
-    """Save the final U-Net to <output>/unet by renaming a finished folder over the old one."""
-    final = os.path.join(output_dir, "unet")
+    """Save the final U-Net (``unet/``, or ``lora/`` for a LoRA run) by renaming a finished
+    folder over the old one."""
     temp = os.path.join(output_dir, f".tmp-unet-{uuid.uuid4().hex}")
-    unet.save_pretrained(temp, safe_serialization=True)
-    _drop_load_path(os.path.join(temp, "config.json"))
+    saved = save_weights(unet, temp)
+    if not lora.has_lora(unet):
+        _drop_load_path(os.path.join(saved, "config.json"))
+    final = os.path.join(output_dir, os.path.basename(saved))
     old = None
     if os.path.exists(final):
         old = os.path.join(output_dir, f".old-unet-{uuid.uuid4().hex}")
         os.replace(final, old)
-    os.replace(temp, final)
+    os.replace(saved, final)
+    shutil.rmtree(temp, ignore_errors=True)
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -288,8 +312,9 @@ def run_folder(config: PipelineConfig, fingerprint: str, cache_identity: str) ->
 
 
 def result_files(output_uri: str) -> list[str]:
-    """A finished run's result, relative to its folder: the final ``unet/`` and the metrics
-    (checkpoints are the way there, not the result)."""
+    """A finished run's result, relative to its folder: the final ``unet/`` or ``lora/`` and the
+    metrics (checkpoints are the way there, not the result)."""
     fs, base = storage.filesystem(output_uri)
-    unet = [posixpath.relpath(path, base) for path in sorted(fs.find(posixpath.join(base, "unet")))]
-    return unet + [name for name in ("metrics.jsonl", "loss_curve.png") if fs.exists(posixpath.join(base, name))]
+    weights = [posixpath.relpath(path, base) for folder in ("unet", lora.LORA_DIR)
+               for path in sorted(fs.find(posixpath.join(base, folder)))]
+    return weights + [name for name in ("metrics.jsonl", "loss_curve.png") if fs.exists(posixpath.join(base, name))]

@@ -134,6 +134,18 @@ class GroundingLayersConfig(_Section):
     normalize_by_layers: bool = False
 
 
+class LoraAdapterConfig(_Section):
+    """Low-rank adapters on the U-Net (tokencompose_core/lora.py); rank 0 is a full fine-tune."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float | None = Field(None, gt=0)  # None = rank: the update's scale alpha/rank is 1 at any rank
+    # The attention projections: the grounding losses act through to_q/to_k of the
+    # cross-attention layers, and to_v/to_out carry what the attended tokens add, so
+    # they are where a small adapter can move both the maps and the image.
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class TrainConfig(_Section):
     init_model: str | None = None  # model dir; None = the profile's diffusion model
     resolution: int = Field(512, gt=0)
@@ -154,6 +166,7 @@ class TrainConfig(_Section):
     token_loss_weight: float = Field(1e-3, ge=0)  # lambda
     pixel_loss_weight: float = Field(5e-5, ge=0)  # gamma
     grounding: GroundingLayersConfig = Field(default_factory=GroundingLayersConfig)
+    lora: LoraAdapterConfig = Field(default_factory=LoraAdapterConfig)
     caption_dropout: float = Field(0.0, ge=0, le=1)
     checkpoint_every: int = Field(1000, gt=0)
     checkpoints_total_limit: int | None = Field(3, gt=0)

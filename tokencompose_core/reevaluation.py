@@ -13,12 +13,14 @@ from typing import Any
 from tokencompose_core import storage
 from tokencompose_core.config import PipelineConfig
 
-# Where trained U-Nets live, relative to <root>/train: a run's final one and checkpoints'.
-_UNET_GLOBS = ("*/unet/config.json", "*/checkpoints/*/unet/config.json")
+# Where trained U-Nets live, relative to <root>/train: a run's final one and checkpoints',
+# whole (unet/) or as a LoRA adapter (lora/, tokencompose_core.lora).
+_UNET_GLOBS = ("*/unet/config.json", "*/checkpoints/*/unet/config.json",
+               "*/lora/pytorch_lora_weights.safetensors", "*/checkpoints/*/lora/pytorch_lora_weights.safetensors")
 
 
 def newest_checkpoint(config: PipelineConfig) -> str:
-    """URI of the most recently written folder under <root>/train that holds a ``unet/``."""
+    """URI of the most recently written folder under <root>/train that holds a ``unet/`` or ``lora/``."""
     train_root = storage.join(config.storage.root, "train")
     fs, path = storage.filesystem(train_root)
     found: list[tuple[float, str]] = []

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from tokencompose_core import outputs, storage
+from tokencompose_core import lora, outputs, storage
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import folder_hash, seed_from, value_hash
@@ -184,11 +184,16 @@ def build_scheduler(name: str, base_config: Any) -> Any:
 
 def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype: torch.dtype,
                vae_dir: str | None = None) -> Any:
-    """:func:`tokencompose_core.models.load_diffusion`, one thread at a time."""
+    """:func:`tokencompose_core.models.load_diffusion`, one thread at a time; a LoRA run's
+    ``lora/`` as ``unet_dir`` is merged into the base U-Net."""
     from tokencompose_core.models import load_diffusion
 
+    adapter = unet_dir if unet_dir and lora.is_lora_folder(unet_dir) else None
     with _LOAD_LOCK:
-        parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=dtype, vae_dir=vae_dir)
+        parts = load_diffusion(model_dir, unet_dir=None if adapter else unet_dir, device=device, dtype=dtype,
+                               vae_dir=vae_dir)
+        if adapter:
+            lora.merge_lora(parts.unet, adapter)
     for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         if module is not None:
             module.eval()
@@ -332,15 +337,15 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def model_fingerprint(model_dir: str, unet_dir: str | None = None) -> str:
-    """Identity of the weights: the model folder's, and the trained U-Net's by content.
+    """Identity of the weights: the model folder's, and the trained U-Net's (or LoRA's) by content.
 
     A U-Net trained here is identified by the digests its run folder recorded
     (:mod:`tokencompose_core.outputs`), so it moves only when its bytes change.
     """
     parts = [folder_hash(model_dir)]
     if unet_dir:
-        run = posixpath.dirname(unet_dir.rstrip("/"))
-        parts.append(outputs.content_identity(run, "unet/") or folder_hash(unet_dir))
+        run, folder = posixpath.split(unet_dir.rstrip("/"))
+        parts.append(outputs.content_identity(run, f"{folder}/") or folder_hash(unet_dir))
     return value_hash(parts)
 
 
@@ -350,12 +355,18 @@ def model_name(unet_dir: str | None) -> str:
 
 
 def trained_unet(config: PipelineConfig, run_uri: str | None) -> str | None:
-    """The ``unet/`` of a trained run folder (checked), or None for the profile's model."""
+    """The ``unet/`` of a trained run folder, or its ``lora/`` for a LoRA run (checked);
+    None for the profile's model."""
     if not run_uri:
         return None
-    unet_dir = storage.join(storage.check_input(run_uri, config.storage), "unet")
+    run = storage.check_input(run_uri, config.storage)
+    adapter = storage.join(run, lora.LORA_DIR)
+    if storage.exists(storage.join(adapter, lora.WEIGHTS_NAME)):
+        return adapter
+    unet_dir = storage.join(run, "unet")
     if not storage.exists(storage.join(unet_dir, "config.json")):
-        raise FileNotFoundError(f"{run_uri} has no trained unet/ (expected {unet_dir}/config.json)")
+        raise FileNotFoundError(f"{run_uri} has no trained unet/ (expected {unet_dir}/config.json) "
+                                f"nor {lora.LORA_DIR}/{lora.WEIGHTS_NAME}")
     return unet_dir
 
 

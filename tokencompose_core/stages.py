@@ -72,6 +72,8 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
         del sections["train"]["grounding"]["normalize_by_layers"]
     if "train" in sections and config.train.exclude_heldout:
         sections["train"]["heldout_images"] = config.score.heldout_images
+    if "train" in sections and not config.train.lora.rank:
+        del sections["train"]["lora"]  # LoRA off: full fine-tunes keep the keys they had before LoRA existed
     if "score" in sections:
         # The scoring networks are named by path or hub id: their content counts too.
         from tokencompose_core.models.scorers import scorers_fingerprint

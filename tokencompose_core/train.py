@@ -14,7 +14,8 @@ at 0 the step is a plain fine-tune with fused attention everywhere.
 Output folder::
 
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
-    checkpoints/checkpoint-<N>/  unet/, optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
+    lora/                        instead of unet/ with train.lora.rank > 0: the adapter, diffusers' LoRA format
+    checkpoints/checkpoint-<N>/  unet/ (or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
                                  _manifest.json (sizes and sha256 of the others, written last)
     metrics.jsonl                one record per optimizer step
     loss_curve.png, tensorboard/ (when tensorboard is installed)
@@ -55,17 +56,19 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from tokencompose_core import storage
+from tokencompose_core import lora, storage
 from tokencompose_core.attention import AttentionCapture, supervised_groups
 from tokencompose_core.checkpoints import (
+    Checkpoint,
     TrainingState,
     local_path,
     publish_unet,
     remove_partial_checkpoints,
     resume_checkpoint,
+    weights_dir,
 )
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
-from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.config import LoraAdapterConfig, PipelineConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
@@ -80,7 +83,7 @@ _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class TrainResult:
     output_uri: str
-    unet_uri: str
+    unet_uri: str  # the trained weights: <run>/unet, or <run>/lora for a LoRA run
     global_step: int
     final_losses: dict[str, float]  # mean of the last steps' logged losses
 
@@ -197,6 +200,28 @@ def _groups(unet: torch.nn.Module, config: PipelineConfig, latent_side: int) -> 
     return {name: layers for name, layers in groups.items() if cfg.grounding.group_weights.get(name, 1.0) > 0}
 
 
+def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Every parameter in a full fine-tune; the adapters' only with LoRA."""
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def _init_unet_dir(config: PipelineConfig, resume: Checkpoint | None, init_unet: str | None) -> str | None:
+    """The U-Net to load: the checkpoint's when resuming a full fine-tune; a LoRA run
+    always starts from the base U-Net, which its saved adapter applies to."""
+    if not lora.enabled(config.train.lora):
+        return os.path.join(resume.path, "unet") if resume else init_unet
+    if init_unet:
+        raise ValueError("train.lora.rank > 0 trains an adapter of the base model the sample stage loads; "
+                         "to start from a trained U-Net, make it the model (train.init_model)")
+    return None
+
+
+def _published(output_dir: str, settings: LoraAdapterConfig) -> bool:
+    if lora.enabled(settings):
+        return lora.is_lora_folder(os.path.join(output_dir, lora.LORA_DIR))
+    return os.path.isfile(os.path.join(output_dir, "unet", "config.json"))
+
+
 def _config_digest(config: PipelineConfig) -> dict:
     """Settings that must match for a resumed run to continue the same data order."""
     cfg = config.train
@@ -232,11 +257,15 @@ def train(
         remove_partial_checkpoints(output_dir)
     resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
     model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
-    unet_dir = os.path.join(resume.path, "unet") if resume else init_unet
-    parts = load_diffusion(model_dir, unet_dir=unet_dir, device=device, dtype=torch.float32,
-                           vae_dir=resolve_vae_dir(config.models))
+    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(config, resume, init_unet), device=device,
+                           dtype=torch.float32, vae_dir=resolve_vae_dir(config.models))
     unet = parts.unet
     unet.train().requires_grad_(True)
+    if lora.enabled(cfg.lora):
+        lora.add_lora(unet, cfg.lora)
+        if resume:
+            lora.load_lora_state(unet, weights_dir(resume.path))
+    trainable = trainable_parameters(unet)
     for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
         if frozen is not None:
             dtype = vae_dtype(frozen.config, weight_dtype) if frozen is parts.vae else weight_dtype
@@ -249,13 +278,13 @@ def train(
 
     # The fused kernel updates every parameter in one pass: 5-10% faster steps on the demo model (CPU).
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=device.type in ("cpu", "cuda"),
     )
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
+    ema = EMAModel(trainable, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
     if ema is not None:
         ema.to(device)
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -297,17 +326,17 @@ def train(
     resumed_at = global_step
     global_step = _loop(config, trainer, model, loader, metrics, output_dir, global_step)
 
-    unet_uri = storage.join(output_uri, "unet")
+    unet_uri = storage.join(output_uri, lora.LORA_DIR if lora.enabled(cfg.lora) else "unet")
     final_losses: dict[str, float] = {}
     # A rerun of a finished run trains no step: its published U-Net is already this
     # checkpoint's, and republishing identical weights would only move their identity.
-    finished_before = global_step == resumed_at and os.path.isfile(os.path.join(output_dir, "unet", "config.json"))
+    finished_before = global_step == resumed_at and _published(output_dir, cfg.lora)
     if accelerator.is_main_process and finished_before:
         final_losses = metrics.final_losses()
     elif accelerator.is_main_process:
         final = accelerator.unwrap_model(prepared_unet)
         if ema is not None:
-            ema.copy_to(final.parameters())  # the EMA weights are the result
+            ema.copy_to(trainable)  # the EMA weights are the result
         if capture is not None:
             capture.remove()  # the saved model must not reference our processor
         publish_unet(final, output_dir)
@@ -345,7 +374,7 @@ def _loop(config: PipelineConfig, trainer: TrainingState, model: _Model, loader,
             continue
         trainer.lr_scheduler.step()
         if trainer.ema is not None:
-            trainer.ema.step(acc.unwrap_model(trainer.unet).parameters())
+            trainer.ema.step(trainable_parameters(acc.unwrap_model(trainer.unet)))
         global_step += 1
         elapsed, started = time.perf_counter() - started, time.perf_counter()
         record = {key: value.item() / cfg.gradient_accumulation_steps for key, value in sums.items()}
