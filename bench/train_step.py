@@ -249,34 +249,47 @@ def reference_extra_bytes(unet: UNet2DConditionModel, batch: int, element: int) 
     return total
 
 
-def measure(variant_name: str, unet, groups, inputs, device, steps: int, warmup: int, baseline: int,
-            autocast_dtype: torch.dtype | None) -> dict:
-    variant = Variant(variant_name, unet, groups)
-    # Only what trains: every parameter, or the LoRA adapters alone.
+def _one_step(variant: Variant, optimizer: torch.optim.Optimizer, inputs: dict, device: torch.device,
+              autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+    _sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = variant.loss(inputs)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def measure(names: list[str], unet, groups, inputs, device, steps: int, warmup: int, baseline: int,
+            autocast_dtype: torch.dtype | None) -> dict[str, dict]:
+    """Time the variants in turns, one step each per round, so that a machine getting
+    slower or faster (other jobs, clock changes) weighs on every variant alike; the
+    median of each variant's steps, and its peak memory over its own steps."""
+    # One optimizer over what trains (every parameter, or the LoRA adapters alone): its
+    # state exists for every variant alike once the warm-up round has run.
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
-    times, cpu_times = [], []
-    try:
-        for index in range(warmup + steps):
-            if index == warmup:
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+    peaks = dict.fromkeys(names, 0)
+    for round_index in range(warmup + steps):
+        shift = round_index % len(names)  # each variant goes first in turn: no seat is favoured
+        for name in names[shift:] + names[:shift]:
+            variant = Variant(name, unet, groups)
+            try:
                 _reset_peak(device)
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = variant.loss(inputs)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
-        peak = _peak(device, baseline)
-    finally:
-        variant.close()
-        del optimizer
-    # Process CPU time is reported too: on a shared CPU machine it is far less noisy than wall time.
-    return {"step_s": statistics.median(times), "step_s_all": times, "cpu_s": statistics.median(cpu_times),
-            "peak_bytes": peak}
+                wall, cpu = _one_step(variant, optimizer, inputs, device, autocast_dtype)
+                if round_index >= warmup:
+                    times[name].append(wall)
+                    cpu_times[name].append(cpu)
+                    peaks[name] = max(peaks[name], _peak(device, baseline))
+            finally:
+                variant.close()
+    del optimizer
+    # Process CPU time is reported too: on a shared CPU machine it is less noisy than wall time.
+    return {name: {"step_s": statistics.median(times[name]), "step_s_all": times[name],
+                   "cpu_s": statistics.median(cpu_times[name]), "peak_bytes": peaks[name]} for name in names}
 
 
 def measure_batches(args: argparse.Namespace, mode: str, unet, groups, device, baseline: int,
@@ -286,25 +299,24 @@ def measure_batches(args: argparse.Namespace, mode: str, unet, groups, device, b
     batches = {}
     for batch in args.batches:
         inputs = make_batch(unet, batch, device, args.mask_side or unet.config.sample_size)
-        rows = {}
+        rows, timed = {}, []
         for name in args.variants:
-            if name == "reference":  # an out-of-memory error would lose every later row
-                needed = reference_extra_bytes(unet, batch, element)
-                available = _available_bytes(device)
-                if needed > 0.6 * available:
-                    rows[name] = {"skipped": f"needs ~{needed / 2**30:.1f} GiB more than (a); "
-                                             f"{available / 2**30:.1f} GiB available"}
-                    continue
-            rows[name] = measure(name, unet, groups, inputs, device, args.steps, args.warmup, baseline,
-                                 autocast_dtype)
+            needed = reference_extra_bytes(unet, batch, element) if name == "reference" else 0
+            available = _available_bytes(device)
+            if needed > 0.6 * available:  # an out-of-memory error would lose every later row
+                rows[name] = {"skipped": f"needs ~{needed / 2**30:.1f} GiB more than (a); "
+                                         f"{available / 2**30:.1f} GiB available"}
+            else:
+                timed.append(name)
+        rows.update(measure(timed, unet, groups, inputs, device, args.steps, args.warmup, baseline, autocast_dtype))
+        for name in timed:
             print(f"{mode} batch {batch} {name}: {rows[name]['step_s']:.3f} s/step "
                   f"({rows[name]['cpu_s']:.3f} s CPU), {rows[name]['peak_bytes'] / 2**20:.0f} MiB", flush=True)
         plain = rows["plain"]
-        for name in set(args.variants) - {"plain"}:
-            if "step_s" in rows[name]:
-                rows[name]["time_vs_plain"] = round(rows[name]["step_s"] / plain["step_s"], 3)
-                rows[name]["cpu_time_vs_plain"] = round(rows[name]["cpu_s"] / plain["cpu_s"], 3)
-                rows[name]["memory_vs_plain"] = round(rows[name]["peak_bytes"] / plain["peak_bytes"], 3)
+        for name in set(timed) - {"plain"}:
+            rows[name]["time_vs_plain"] = round(rows[name]["step_s"] / plain["step_s"], 3)
+            rows[name]["cpu_time_vs_plain"] = round(rows[name]["cpu_s"] / plain["cpu_s"], 3)
+            rows[name]["memory_vs_plain"] = round(rows[name]["peak_bytes"] / plain["peak_bytes"], 3)
         batches[str(batch)] = rows
         del inputs
     return batches
