@@ -97,7 +97,8 @@ def test_multigen_groups_use_the_shared_scorer() -> None:
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> None:
-    """The CI smoke test: every artefact exists, scores are in range, a rerun is all cache hits.
+    """The CI smoke test: every artefact exists, scores are in range, a rerun is all cache hits,
+    and through the CLI a changed grounding weight reruns only the grounded models, going back none.
 
     (Its duration is measured in docs/RESULTS.md, not asserted: a loaded machine is slower.)"""
     from flows.demo import demo_flow
@@ -135,3 +136,38 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
     again = demo_flow(quick=True, out=str(out))
     assert again["verdict"] == summary["verdict"]
     assert [path.stat().st_mtime_ns for path in written] == stamps
+
+    # Through the command a user types: change the grounding weight, then go back.
+    def cli(*overrides: str) -> dict[str, list[str]]:
+        from flows.cli import main
+
+        assert main(["demo", "--quick", "--out", str(out), *overrides]) == 0
+        return _demo_task_states()
+
+    report = Path(reports["results_md"]).read_bytes()
+    states = cli("train.token_loss_weight=0.3")
+    # Only the two grounded fine-tunes train again, and only they are sampled and scored again.
+    assert states["train_model"] == ["Cached"] * 3 + ["Completed"] * 2
+    assert states["sample_model"] == states["score_model"] == ["Cached"] * 3 + ["Completed"] * 2
+    assert states["build_world"] == ["Cached"] and states["write_results"] == ["Completed"]
+    assert Path(reports["results_md"]).read_bytes() != report
+    states = cli()
+    # Back to the shipped settings: every model is a cache hit; the shared report is rewritten as it was.
+    assert all(names == ["Cached"] * len(names) for task, names in states.items() if task != "write_results")
+    assert Path(reports["results_md"]).read_bytes() == report
+
+
+def _demo_task_states() -> dict[str, list[str]]:
+    """State names per task of the latest demo experiment run, sorted."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["demo-experiment"])),
+                                          sort=FlowRunSort.START_TIME_DESC, limit=1)
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[latest.id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return {task: sorted(names) for task, names in states.items()}
