@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import _config, make_cache
+from test_train import _config, make_cache, resume_after_kill
 from tokencompose_core import checkpoints, lora, outputs
 from tokencompose_core.attention import AttentionCapture, CaptureAttnProcessor, supervised_groups
 from tokencompose_core.config import load_config
@@ -98,10 +98,6 @@ def test_a_lora_run_is_found_as_the_trained_weights(tmp_path):
     assert trained_unet(config, str(adapter.parent)) == str(adapter)  # what the sample stage loads
 
 
-class _Interrupted(RuntimeError):
-    pass
-
-
 def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cache_uri, model_dir, monkeypatch):
     settings = (*RANK, "train.lora.alpha=8", "train.max_steps=2", "train.checkpoint_every=1",
                 "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
@@ -113,18 +109,7 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
         "_manifest.json", "ema.pt", "lora", "lr_scheduler.pt", "optimizer.pt", "rng-0.pt", "state.json"]
     assert all(path.startswith(("lora/", "metrics", "loss_curve")) for path in checkpoints.result_files(str(run)))
 
-    save = checkpoints.TrainingState.save
-
-    def save_then_die(self, output_dir, step, state, keep):
-        save(self, output_dir, step, state, keep)
-        if step == 1:
-            raise _Interrupted("killed after checkpoint 1")
-
-    monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
-    with pytest.raises(_Interrupted):
-        train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoints.TrainingState, "save", save)
-    resumed = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
+    resumed = resume_after_kill(monkeypatch, _config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 1)
 
     ours, theirs = (load_file(os.path.join(result.unet_uri, lora.WEIGHTS_NAME)) for result in (resumed, straight))
     assert ours.keys() == theirs.keys() and all(key.startswith("unet.") and ".lora." in key for key in ours)

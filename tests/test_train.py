@@ -16,7 +16,7 @@ from tokencompose_core import rle
 from tokencompose_core import checkpoints
 from tokencompose_core import train as train_module
 from tokencompose_core.attention import CaptureAttnProcessor
-from tokencompose_core.config import load_config
+from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.data import ResumableBatchSampler
 from tokencompose_core.mask_cache import commit_shard
 from tokencompose_core.models import clip_tokenizer
@@ -114,23 +114,27 @@ class _Interrupted(RuntimeError):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkeypatch):
-    settings = ("train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.caption_dropout=0.3",
-                "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
-    straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
-
+def resume_after_kill(monkeypatch, config: PipelineConfig, cache_uri: str, output_uri: str, die_after: int):
+    """Train into ``output_uri``, killed right after checkpoint ``die_after``, then rerun it to the end."""
     save = checkpoints.TrainingState.save
 
     def save_then_die(self, output_dir, step, state, keep):
         save(self, output_dir, step, state, keep)
-        if step == 2:
-            raise _Interrupted("killed after checkpoint 2")
+        if step == die_after:
+            raise _Interrupted(f"killed after checkpoint {die_after}")
 
     monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
     with pytest.raises(_Interrupted):
-        train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
+        train(config, cache_uri, output_uri)
     monkeypatch.setattr(checkpoints.TrainingState, "save", save)
-    resumed = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"))
+    return train(config, cache_uri, output_uri)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkeypatch):
+    settings = ("train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.caption_dropout=0.3",
+                "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
+    straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+    resumed = resume_after_kill(monkeypatch, _config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 2)
 
     assert resumed.global_step == 4
     ours, theirs = _weights(resumed.unet_uri), _weights(straight.unet_uri)
