@@ -1,13 +1,14 @@
 """The ``tokencompose`` command: one subcommand per stage, plus ``run`` and ``demo``.
 
-Each subcommand calls the stage's Prefect flow in-process. With no
-``PREFECT_API_URL`` set, Prefect runs the flow against a temporary local
-backend, so nothing needs a server; with one set, runs show up in its UI.
+Each subcommand calls the stage's Prefect flow in-process. With no Prefect API
+configured, the flows report to one local Prefect server that the first command
+starts and later ones reuse (:mod:`flows.local_server`; ``tokencompose server
+stop`` ends it); with ``PREFECT_API_URL`` set, runs go to that server instead.
 
     tokencompose train -p tiny train.max_steps=50 train.learning_rate=1e-4
 
 A user's error (a bad profile or override, an unreadable input, missing weights,
-no whole checkpoint) prints one line and exits with status 2; ``--debug`` shows
+no whole checkpoint, a server that would not start) prints one line and exits with status 2; ``--debug`` shows
 the traceback instead.
 """
 
@@ -19,12 +20,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+from flows import local_server
 from tokencompose_core.stages import STAGES
 
-# Before anything imports Prefect, which reads its settings then: the temporary server
-# of a local run would otherwise send usage telemetry, and log an ERROR when offline.
+# Before anything imports Prefect, which reads its settings then: the local server the
+# CLI starts (it inherits this environment) would otherwise send usage telemetry, and
+# log an ERROR when offline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Prefect's loggers that log a failed task or flow run with its traceback.
@@ -55,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     demo.add_argument("overrides", nargs="*", metavar="section.field=value",
                       help="overrides of the demo profile, e.g. demo.finetune_seeds=[1,2] train.token_loss_weight=0.3")
+    server = commands.add_parser("server", help="the local Prefect server the commands share (start, status, stop)",
+                                 parents=[common])
+    server.add_argument("action", choices=["start", "status", "stop"])
     return parser
 
 
@@ -75,7 +82,7 @@ def _is_user_error(error: BaseException) -> bool:
     storage = sys.modules.get("tokencompose_core.storage")
     extra += (storage.StorageError,) if storage else ()
     return isinstance(error, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                              *extra))
+                              local_server.ServerStartError, *extra))
 
 
 class _UserErrorTracebacks(logging.Filter):
@@ -86,15 +93,72 @@ class _UserErrorTracebacks(logging.Filter):
         return error is None or not _is_user_error(error)
 
 
+def _check_input(command: str, config: Any, input_uri: str | None) -> None:
+    """The first stage's input exists and lies under the allowed roots: checked before Prefect starts.
+
+    A default input other than the manifest (the newest upstream output) is found by the flow.
+    """
+    from tokencompose_core import storage
+
+    first = "nouns" if command == "run" else command
+    uri = input_uri or (config.nouns.manifest if first == "nouns" else None)
+    if first == "nouns" and not uri:
+        raise ValueError("no manifest: pass --input <manifest.jsonl|.parquet> or set nouns.manifest")
+    if uri:
+        storage.check_input(uri, config.storage)
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"{uri} does not exist (the input of `tokencompose {command}`)")
+
+
+@contextmanager
+def _prefect_api() -> Iterator[None]:
+    """Flows report to the API the user configured, else to the shared local server."""
+    if local_server.configured_api_url():
+        yield
+        return
+    url = local_server.ensure_server()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url  # for the processes a flow starts (Dask workers, accelerate launch)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+def _server(action: str) -> Any:
+    if action == "stop":
+        return "stopped the local Prefect server" if local_server.stop() else "no local Prefect server was running"
+    if action == "start":
+        if local_server.configured_api_url():
+            return f"PREFECT_API_URL is set ({local_server.configured_api_url()}): commands use that server"
+        local_server.ensure_server()
+    return local_server.status() or "no local Prefect server is running"
+
+
 def _run(args: argparse.Namespace) -> Any:
+    if args.command == "server":
+        return _server(args.action)
     if args.command == "demo":
         from tokencompose_core.demo import load_demo_config
 
         load_demo_config(args.quick, args.out, args.overrides)  # fail fast, before Prefect starts
-        return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out, overrides=list(args.overrides))
+        with _prefect_api():
+            return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out, overrides=list(args.overrides))
     from tokencompose_core.config import load_config
 
     config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts
+    _check_input(args.command, config, args.input_uri)
+    with _prefect_api():
+        return _run_stage(args, config)
+
+
+def _run_stage(args: argparse.Namespace, config: Any) -> Any:
     from tasks.common import configured
 
     target = RUN[0] if args.command == "run" else STAGES[args.command].flow

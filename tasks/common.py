@@ -261,6 +261,10 @@ class DataOnlyJSON(Serializer):
     type: str = Field(default="tokencompose-json", frozen=True)
 
     def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, BaseException):
+            # A failed run's record: its one-line message as data (Prefect reads a string
+            # result of a failed state as that message), never the exception object.
+            obj = f"{type(obj).__name__}: {obj}"
         return json.dumps(obj, sort_keys=True).encode("utf-8")
 
     def loads(self, blob: bytes) -> Any:

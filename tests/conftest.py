@@ -28,6 +28,16 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_server_left_behind():
+    """A command run without the harness starts the CLI's local server in this session's
+    PREFECT_HOME; it must not outlive the test run."""
+    yield
+    from flows import local_server
+
+    local_server.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect backend for every test that runs flows."""
