@@ -272,18 +272,24 @@ class DataOnlyJSON(Serializer):
 
 
 def _checked_record(content: bytes, path: str) -> bytes:
-    """``content`` if it is JSON and, when it is a result record, one written by
-    :class:`DataOnlyJSON`; else an error, and Prefect then treats the cache record as
-    missing, recomputes the task and overwrites the record."""
+    """``content`` if it is JSON and, when it is a result record, one that names
+    :class:`DataOnlyJSON` as its serializer; else an error, and Prefect then treats the
+    cache record as missing, recomputes the task and overwrites the record.
+
+    A record whose serializer is missing is refused too: Prefect reads a missing field
+    as its pickle serializer. A bare JSON value (a flow's result) is no record: Prefect
+    reads it only with the serializer its API recorded for that run."""
     try:
         data = json.loads(content)
     except ValueError:
         raise ValueError(f"refusing cached result {path}: not JSON") from None
-    serializer = data.get("metadata", {}).get("serializer", {}) if isinstance(data, dict) else {}
-    kind = serializer.get("type", DataOnlyJSON().type) if isinstance(serializer, dict) else None
-    if kind != DataOnlyJSON().type:
-        raise ValueError(f"refusing cached result {path}: serializer {kind!r} is not allowed "
-                         f"(only {DataOnlyJSON().type!r})")
+    if isinstance(data, dict) and "metadata" in data:
+        metadata = data["metadata"]
+        serializer = metadata.get("serializer") if isinstance(metadata, dict) else None
+        kind = serializer.get("type") if isinstance(serializer, dict) else None
+        if kind != DataOnlyJSON().type:
+            raise ValueError(f"refusing cached result {path}: serializer {kind!r} is not allowed "
+                             f"(only {DataOnlyJSON().type!r})")
     return content
 
 

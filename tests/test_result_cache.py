@@ -42,15 +42,20 @@ def test_result_records_are_json_and_a_planted_pickle_is_recomputed_not_loaded(p
     task_records = _serializers(records)
     assert task_records and set(task_records.values()) == {"tokencompose-json"}
 
-    proof = tmp_path / "pwned"
-    planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(picklelib="cloudpickle")),
-                           result=_Planted(str(proof))).serialize()
-    for record in records:
-        record.write_bytes(planted)
-
-    assert main(argv) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert not proof.exists(), "a cache hit unpickled a planted record"
-    assert again["nouns_uri"] == first["nouns_uri"]
-    # The task ran again and its cache record is data again.
-    assert set(_serializers(list(task_records)).values()) == {"tokencompose-json"}
+    pickled = json.loads(ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(
+        picklelib="cloudpickle")), result=_Planted(str(tmp_path / "pwned"))).serialize())
+    # Every kind of serializer field but ours: pickle, none at all (Prefect reads a missing
+    # field as pickle), one of Prefect's others, and a malformed one.
+    without = {**pickled, "metadata": {k: v for k, v in pickled["metadata"].items() if k != "serializer"}}
+    plants = {"pickle": pickled, "missing": without,
+              "json": {**pickled, "metadata": {**pickled["metadata"], "serializer": {"type": "json"}}},
+              "malformed": {**pickled, "metadata": {**pickled["metadata"], "serializer": "pickle"}}}
+    for kind, planted in plants.items():
+        for record in records:
+            record.write_text(json.dumps(planted))
+        assert main(argv) == 0, kind
+        again = json.loads(capsys.readouterr().out)
+        assert not (tmp_path / "pwned").exists(), f"a cache hit unpickled a planted record ({kind})"
+        assert again["nouns_uri"] == first["nouns_uri"]
+        # The task ran again and its cache record is data again.
+        assert set(_serializers(list(task_records)).values()) == {"tokencompose-json"}, kind
