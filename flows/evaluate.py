@@ -38,7 +38,7 @@ def _reference_statistics(config: PipelineConfig, reference: scoring.FidReferenc
     if reference is None:
         get_run_logger().warning("no FID reference: set score.fid_reference to a manifest (FID skipped)")
         return None
-    stats = recompute_unless(fid_reference_statistics, outputs.is_whole(reference.out_uri))(
+    stats = recompute_unless(fid_reference_statistics, outputs.keep_if_whole(reference.out_uri))(
         reference.manifest_uri, reference.out_uri, config.score, config.models.seed, reference.identity)
     outputs.seal(reference.out_uri, config, "fid", reference.identity,
                  {"manifest": reference.manifest_uri, "images": config.score.fid_reference_images})
@@ -49,7 +49,7 @@ def _score_folder(config: PipelineConfig, plan: scoring.ScorePlan, cache: scorin
                   reference: tuple[scoring.FidReference, str] | None, fingerprint: str) -> None:
     """Detect + MultiGen + CLIP score (+ FID with a reference set, attention mIoU with a
     mask cache) for one samples folder."""
-    whole = outputs.is_whole(plan.out_uri)
+    whole = outputs.keep_if_whole(plan.out_uri)
     detections = recompute_unless(detect, whole)(
         plan.index_uri, plan.samples_identity, plan.sample.prompts, plan.sample.max_prompts, config.score, config.models,
         plan.out_uri, fingerprint)
@@ -86,7 +86,7 @@ def evaluate_flow(profile: str = "tiny", overrides: list[str] | None = None, inp
         _score_folder(config, plan, cache, (reference, stats) if reference and stats else None, fingerprint)
     runs, pairs = scoring.runs_by_model(plans), scoring.baseline_pairs(plans)
     out_uri, scores_identity = scoring.report_folder(config, fingerprint, runs)
-    uris = recompute_unless(report, outputs.is_whole(out_uri))(
+    uris = recompute_unless(report, outputs.keep_if_whole(out_uri))(
         runs, scores_identity, pairs, config.score.bootstrap_resamples, config.score.bootstrap_seed, out_uri,
         fingerprint)
     outputs.seal(out_uri, config, "score", fingerprint, {"scores": runs, "scores_identity": scores_identity})

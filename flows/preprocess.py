@@ -35,7 +35,7 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     digest, fingerprint = uri_hash(manifest_uri), stage_fingerprint(config, "nouns")
     max_pixels = config.masks.max_image_pixels  # the decoding guard for CLIP caption choice
     out_dir = outputs.output_folder(config, "nouns", "nouns", [fingerprint, digest, max_pixels])
-    result = recompute_unless(nouns_task, outputs.is_whole(out_dir))(
+    result = recompute_unless(nouns_task, outputs.keep_if_whole(out_dir))(
         manifest_uri, digest, out_dir, config.nouns, config.models, max_pixels, fingerprint)
     outputs.seal(out_dir, config, "nouns", fingerprint, {"manifest": manifest_uri, "manifest_digest": digest})
     print(f"nouns: {result['rows']} rows for {result['images']} images, {result['rejects']} rejects")
@@ -57,6 +57,7 @@ def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
         return _import_reference(source, config)
     fingerprint = stage_fingerprint(config, "masks")
     cache_uri = outputs.output_folder(config, "masks", "masks", fingerprint)
+    outputs.keep_if_whole(cache_uri)  # a damaged shard is removed, so its shard task runs again
     plan = plan_masks(source, cache_uri, config.masks.shard_size, fingerprint)
     futures = [recompute_unless(mask_shard_task, shard.committed).submit(
                    source, cache_uri, shard.name, shard.image_ids, shard.inputs_digest, config.models, config.masks,
@@ -82,7 +83,7 @@ def _import_reference(metadata_uri: str, config: PipelineConfig) -> dict:
     digest = uri_hash(metadata_uri)
     fingerprint = f"reference-{digest}"
     cache_uri = outputs.output_folder(config, "masks", "reference", [fingerprint, config.masks.shard_size])
-    result = recompute_unless(import_reference_task, outputs.is_whole(cache_uri))(
+    result = recompute_unless(import_reference_task, outputs.keep_if_whole(cache_uri))(
         metadata_uri, digest, cache_uri, config.masks.shard_size, fingerprint)
     outputs.seal(cache_uri, config, "masks", fingerprint, {"metadata": metadata_uri, "metadata_digest": digest})
     print(f"masks: imported {result['images']} reference images into {cache_uri}")

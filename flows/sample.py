@@ -37,7 +37,7 @@ def sample_flow(profile: str = "tiny", overrides: list[str] | None = None, input
     model_dir = resolve_diffusion_dir(config.models)
     model_identity, fingerprint = model_fingerprint(model_dir, unet_dir), stage_fingerprint(config, "sample")
     out_uri = samples_folder(config, unet_dir, model_identity, fingerprint)
-    whole, shards = outputs.is_whole(out_uri), config.sample.num_shards
+    whole, shards = outputs.keep_if_whole(out_uri), config.sample.num_shards
     futures = [recompute_unless(sample_shard, whole).submit(
                    config.sample, config.models, model_dir, unet_dir, model_identity, out_uri, (i, shards), fingerprint)
                for i in range(shards)]

@@ -31,7 +31,7 @@ def train_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
         storage.check_input(config.train.init_model, config.storage)
     fingerprint, cache_digest = stage_fingerprint(config, "train"), cache_identity(cache_uri)
     output_uri = run_folder(config, fingerprint, cache_digest)
-    result = recompute_unless(train_task, outputs.is_whole(output_uri))(
+    result = recompute_unless(train_task, outputs.keep_if_whole(output_uri))(
         config.train, config.models, config.score.heldout_images, cache_uri, cache_digest, output_uri, fingerprint)
     outputs.seal(output_uri, config, "train", fingerprint, {"mask_cache": cache_uri, "mask_cache_identity": cache_digest},
                  files=result_files(output_uri))

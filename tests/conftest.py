@@ -16,6 +16,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# File digests memoised on this machine (identity.file_digest) go to a throw-away folder too.
+os.environ["TOKENCOMPOSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokencompose-cache-")
 
 SHARED = Path(os.environ.get("TOKENCOMPOSE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 

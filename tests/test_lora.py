@@ -151,7 +151,7 @@ def test_cli_run_with_lora_end_to_end(prefect_harness, tmp_path, capsys):
     # The samples' key holds the adapter's recorded content.
     assert sample_inputs["model_identity"] == model_fingerprint(sample_inputs["model_dir"], str(run / "lora"))
     for stage, folder in folders.items():
-        assert outputs.problems(folder, deep=True) == [], stage
+        assert outputs.problems(folder) == [], stage
     (scores,) = [uri for uri in summary["stages"]["score"]["summary"]["scores"] if Path(uri).name.startswith(run.name)]
     segmentation = json.loads(Path(scores, "segmentation.json").read_text())
     assert set(segmentation["groups"]) == {"mid_2", "up_4", "up_8"}

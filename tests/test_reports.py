@@ -43,7 +43,11 @@ def test_report_from_plain_data_and_from_scores_folders(tmp_path: Path) -> None:
     # The second run comes from a scores folder, as the evaluate stage writes it.
     scores_dir = str(tmp_path / "scores" / "tuned-coco")
     storage.atomic_write_json(storage.join(scores_dir, "multigen.json"),
-                              multigen_record("tuned", "coco", _mg_table(5.0), _samples(tmp_path / "tuned"), 2.0))
+                              multigen_record("tuned", "coco", _mg_table(5.0), _samples(tmp_path / "tuned")))
+    # The sampling run's clock is read from its own folder, not copied into the scores.
+    storage.atomic_write_json(str(tmp_path / "tuned" / "stats.json"), {"images": 4, "seconds": 2.0, "images_per_s": 2.0})
+    storage.atomic_write_json(str(tmp_path / "tuned" / "sample_meta.json"),
+                              {"sample": {"num_inference_steps": 50, "batch_size": 4}})
     storage.atomic_write_json(storage.join(scores_dir, "segmentation.json"), miou)
     assert load_run_scores([scores_dir]).miou["overall"]["miou_best"] == 55.25
 
@@ -56,7 +60,8 @@ def test_report_from_plain_data_and_from_scores_folders(tmp_path: Path) -> None:
     markdown = Path(uris["md"]).read_text()
     assert "| base | 32.00 ± 1.00 | 22.00 ± 1.00 |" in markdown  # ade20k sorts before coco
     assert "35.00 ± 1.00" in markdown  # tuned coco MG2
-    assert "55.25" in markdown and "3.500" in markdown
+    assert "55.25" in markdown and "3.500" in markdown and "2.000" in markdown
+    assert "0.500 (50 steps, batch 4)" in markdown  # tuned's latency, from its samples folder
     assert "ade20k MG5" in markdown  # a prompt set one run lacks still gets its columns
 
     page = Path(uris["html"]).read_text()

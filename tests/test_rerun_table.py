@@ -87,6 +87,6 @@ def test_every_stage_output_records_its_config_and_versions(prefect_harness, tmp
     for stage, folder in _outputs(summary).items():
         record = outputs.read_record(folder)
         assert record["stage"] == stage and record["versions"]["torch"], record
-        assert outputs.problems(folder, deep=True) == []
+        assert outputs.problems(folder) == []
         config = yaml.safe_load(storage.read_bytes(storage.join(folder, outputs.CONFIG)))
         assert config["train"]["max_steps"] == 1 and config["storage"]["root"] == str(tmp_path / "root")

@@ -43,7 +43,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 def local_path(uri: str) -> str:
     fs, path = storage.filesystem(uri)
-    if not storage._is_local(fs):
+    if not storage.is_local(fs):
         raise ValueError(
             f"training output {uri!r} must be a local or mounted path: checkpoints are published "
             "by renaming a finished folder, which object stores cannot do atomically"
@@ -311,9 +311,32 @@ def run_folder(config: PipelineConfig, fingerprint: str, cache_identity: str) ->
     return outputs.output_folder(config, "train", "run", [fingerprint, cache_identity])
 
 
+def weights_complete(folder: str) -> bool:
+    """A published ``unet/`` or ``lora/`` folder holds all its weights: a LoRA adapter's file,
+    or a U-Net's config and its weights file (every shard its index names, for a sharded save)."""
+    if lora.is_lora_folder(folder):
+        return True
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    if os.path.isfile(single):
+        return True
+    try:
+        with open(f"{single}.index.json", encoding="utf-8") as index:
+            shards = set(json.load(index)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, shard)) for shard in shards)
+
+
 def result_files(output_uri: str) -> list[str]:
     """A finished run's result, relative to its folder: the final ``unet/`` or ``lora/`` and the
-    metrics (checkpoints are the way there, not the result)."""
+    metrics (checkpoints are the way there, not the result). Refuses a run whose published
+    weights are incomplete: its record must never stand for weights that are not there."""
+    output_dir = local_path(output_uri)
+    if not any(weights_complete(os.path.join(output_dir, name)) for name in ("unet", lora.LORA_DIR)):
+        raise CheckpointError(f"{output_uri}: the published weights (unet/ or lora/) are incomplete; "
+                              "run `tokencompose train` again to publish them from the last checkpoint")
     fs, base = storage.filesystem(output_uri)
     weights = [posixpath.relpath(path, base) for folder in ("unet", lora.LORA_DIR)
                for path in sorted(fs.find(posixpath.join(base, folder)))]

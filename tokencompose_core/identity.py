@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -85,16 +86,81 @@ def component_seed(seed: int, component: str) -> int:
 
 
 def file_digest(uri: str) -> tuple[int, str]:
-    """(size, sha256 hex) of one file on any filesystem, read in 4 MiB blocks."""
+    """(size, sha256 hex) of one file on any filesystem, read in 4 MiB blocks.
+
+    A local file's digest is memoised under its stat (path, size, inode, modification
+    and change times), in this process and, for files of 1 MiB and more, on this machine
+    (:func:`digest_memo_dir`), so multi-gigabyte weights are read once, not on every run.
+    Any write changes the change time, which no one can set back, so a rewritten file,
+    whatever its size and modification time, is read again.
+    """
     from tokencompose_core import storage
 
     fs, path = storage.filesystem(uri)
+    if not storage.is_local(fs):
+        return _read_digest(fs, path)
+    before = _stat_key(path)
+    known = _DIGESTS.get(before) or _memo_read(before)
+    if known:
+        return known
+    result = _read_digest(fs, path)
+    if _stat_key(path) == before:  # not written while it was read
+        _DIGESTS[before] = result
+        _memo_write(before, result)
+    return result
+
+
+def _read_digest(fs: Any, path: str) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     with fs.open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
             size += len(block)
     return size, digest.hexdigest()
+
+
+_DIGESTS: dict[str, tuple[int, str]] = {}
+_MEMO_MIN_BYTES = 1 << 20
+
+
+def digest_memo_dir() -> Path:
+    """Where file digests are memoised on this machine: ``$TOKENCOMPOSE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/tokencompose`` (``~/.cache/tokencompose``), folder ``digests``."""
+    base = os.environ.get("TOKENCOMPOSE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokencompose")
+    return Path(base) / "digests"
+
+
+def _stat_key(path: str) -> str:
+    info = os.stat(path)
+    return "\0".join(map(str, (os.path.realpath(path), info.st_size, info.st_ino, info.st_dev,
+                                info.st_mtime_ns, info.st_ctime_ns)))
+
+
+def _memo_path(key: str) -> Path:
+    return digest_memo_dir() / hashlib.sha256(key.encode()).hexdigest()
+
+
+def _memo_read(key: str) -> tuple[int, str] | None:
+    try:
+        size, sha256 = _memo_path(key).read_text().split()
+        return int(size), sha256
+    except (OSError, ValueError):
+        return None
+
+
+def _memo_write(key: str, result: tuple[int, str]) -> None:
+    """Best effort: a read-only or full cache folder only costs a re-read next time."""
+    if result[0] < _MEMO_MIN_BYTES:
+        return
+    path = _memo_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(f"{result[0]} {result[1]}\n")
+        os.replace(temporary, path)
+    except OSError:
+        return
 
 
 def stable_order_key(text: str) -> str:

@@ -74,33 +74,38 @@ def verify_manifest(folder: str, deep: bool = True, name: str = MANIFEST_NAME) -
     check of large folders on object stores. A missing or unreadable manifest is
     itself a problem. Files not in the manifest are ignored (logs may be added).
     """
+    return [problem for problem, _ in _differences(folder, deep, name)]
+
+
+def _differences(folder: str, deep: bool, name: str) -> list[tuple[str, str | None]]:
+    """(problem, relative path of a recorded file that is there but differs, else None)."""
     uri = storage.join(folder, name)
     try:
         manifest = storage.read_json(uri)
         checked = [(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in manifest["files"]]
     except FileNotFoundError:
-        return [f"{uri}: missing"]
+        return [(f"{uri}: missing", None)]
     except (OSError, ValueError, KeyError, TypeError) as error:  # JSON, UTF-8 or shape errors
-        return [f"{uri}: unreadable manifest ({type(error).__name__}: {error})"]
+        return [(f"{uri}: unreadable manifest ({type(error).__name__}: {error})", None)]
     fs, root = storage.filesystem(folder)
-    problems = []
+    found = []
     for relative, size, sha256 in checked:
         try:
             path, shown = storage.join(root, relative), storage.join(folder, relative)
         except ValueError as error:  # a manifest naming '../x' must not make us read outside
-            problems.append(f"{uri}: {error}")
+            found.append((f"{uri}: {error}", None))
             continue
         try:
             actual = int(fs.size(path))
             if actual != size:
-                problems.append(f"{shown}: {actual} bytes, the manifest says {size}")
+                found.append((f"{shown}: {actual} bytes, the manifest says {size}", relative))
             elif deep and file_digest(shown)[1] != sha256:
-                problems.append(f"{shown}: content differs from the manifest (sha256)")
+                found.append((f"{shown}: content differs from the manifest (sha256)", relative))
         except FileNotFoundError:
-            problems.append(f"{shown}: missing")
+            found.append((f"{shown}: missing", None))
         except OSError as error:  # unreadable: as unusable as missing
-            problems.append(f"{shown}: unreadable ({type(error).__name__}: {error})")
-    return problems
+            found.append((f"{shown}: unreadable ({type(error).__name__}: {error})", relative))
+    return found
 
 
 # ----------------------------------------------------------------------------- stage outputs
@@ -123,41 +128,34 @@ def write_record(folder: str, config: PipelineConfig, stage: str, fingerprint: s
 
 def seal(folder: str, config: PipelineConfig, stage: str, fingerprint: str, inputs: dict[str, Any],
          files: list[str] | None = None) -> dict[str, Any]:
-    """The folder's record, written only when missing, damaged or made by other inputs:
-    an unchanged output is never republished, so its content identity stays put."""
+    """The folder's record, written only when missing, made by other inputs, or no longer
+    matching the files (the stage's tasks rewrote some): an unchanged output is never
+    republished, so its content identity stays put.
+
+    Call it after :func:`keep_if_whole` and the stage's tasks: every recorded file that
+    differed from the record was removed before the tasks ran, so what is recorded here
+    is what they wrote, never damage.
+    """
     record = read_record(folder)
     unchanged = (record and record.get("fingerprint") == fingerprint and record.get("inputs") == inputs
-                 and is_whole(folder) and not rewritten_since_sealed(folder, record))
+                 and is_whole(folder))
     return record if unchanged else write_record(folder, config, stage, fingerprint, inputs, files)
 
 
-def rewritten_since_sealed(folder: str, record: dict[str, Any]) -> list[str]:
-    """Recorded files written again after the record and whose bytes now differ from it.
+def keep_if_whole(folder: str) -> bool:
+    """True when ``folder`` matches its record to the byte; else False, after removing every
+    recorded file whose size or content differs from the record.
 
-    A repair run rewrites files in place; sizes alone miss a rewrite of the same
-    length (new timings in ``stats.json``, weights retrained on a GPU that is not
-    bit-exact). Only files modified after the record are read, so a finished
-    folder costs one listing; a store without modification times reads them all.
+    A cache hit must not serve a damaged output, and a rerun must not adopt one: the
+    stage's tasks are forced to run (``recompute_unless``) and find those files missing,
+    so they write them anew, and :func:`seal` records only their writes.
     """
+    differences = _differences(folder, True, RECORD)
     fs, root = storage.filesystem(folder)
-    sealed_at = _modified(fs, storage.join(root, RECORD))
-    changed = []
-    for entry in record.get("files", []):
-        relative = str(entry["path"])
-        written_at = _modified(fs, storage.join(root, relative))
-        if sealed_at is not None and written_at is not None and written_at < sealed_at:
-            continue
-        if file_digest(storage.join(folder, relative))[1] != entry["sha256"]:
-            changed.append(relative)
-    return changed
-
-
-def _modified(fs: Any, path: str) -> Any:
-    """The modification time of ``path``; None where the store does not keep one."""
-    try:
-        return fs.modified(path)
-    except (NotImplementedError, FileNotFoundError):
-        return None
+    for _, relative in differences:
+        if relative is not None:
+            fs.rm(storage.join(root, relative))
+    return not differences
 
 
 def read_record(folder: str) -> dict[str, Any] | None:
@@ -169,10 +167,11 @@ def read_record(folder: str) -> dict[str, Any] | None:
         return None
 
 
-def problems(folder: str, deep: bool = False) -> list[str]:
-    """What is wrong with a stage output folder: no record, missing or resized files
-    (and, with ``deep``, changed contents). Empty when the folder is whole."""
-    return verify_manifest(folder, deep, RECORD)
+def problems(folder: str) -> list[str]:
+    """What is wrong with a stage output folder: no record, missing, resized or changed
+    files (digests of unchanged local files are memoised: see ``identity.file_digest``).
+    Empty when the folder is whole."""
+    return verify_manifest(folder, True, RECORD)
 
 
 def is_whole(folder: str) -> bool:

@@ -45,11 +45,30 @@ class RunScores:
 
 
 def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
-                    images_per_s: float | None = None, object_accuracy: dict[str, float] | None = None
-                    ) -> dict[str, Any]:
-    """The JSON the evaluate stage writes as scores/<tag>/multigen.json."""
+                    object_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
+    """The JSON the evaluate stage writes as scores/<tag>/multigen.json.
+
+    Scores only: the sampling run's timings stay in its own ``stats.json`` (read by
+    :func:`sampling_timing`), so a recomputed score file is byte-identical."""
     return {"model": model, "prompt_set": prompt_set, "scores": table.to_dict(orient="index"),
-            "index_uri": index_uri, "images_per_s": images_per_s, "object_accuracy": object_accuracy}
+            "index_uri": index_uri, "object_accuracy": object_accuracy}
+
+
+def sampling_timing(index_uri: str) -> tuple[float | None, dict[str, Any] | None]:
+    """(images/s, latency) of the sampling run that wrote ``index_uri``, from its ``stats.json``.
+
+    Latency is seconds per image as the paper gives it, with the steps and batch it was
+    measured at (the sampling run's own clock: model loading left out).
+    """
+    samples_uri = posixpath.dirname(index_uri)
+    stats_uri = storage.join(samples_uri, "stats.json")
+    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
+    if not stats.get("images") or not stats.get("seconds"):
+        return stats.get("images_per_s"), None
+    sample = storage.read_json(storage.join(samples_uri, "sample_meta.json"))["sample"]
+    latency = {"seconds_per_image": stats["seconds"] / stats["images"], "steps": sample["num_inference_steps"],
+               "batch_size": stats.get("batch_size", sample["batch_size"])}
+    return stats.get("images_per_s"), latency
 
 
 def read_per_unit(scores_uri: str) -> pd.DataFrame:
@@ -74,9 +93,9 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
             run.object_accuracy[prompt_set] = record["object_accuracy"]
         if record.get("index_uri"):
             run.samples[prompt_set] = record["index_uri"]
-        if record.get("images_per_s") is not None:
-            run.images_per_s = record["images_per_s"]
-        run.latency = record.get("latency") or run.latency
+            images_per_s, latency = sampling_timing(record["index_uri"])
+            run.images_per_s = images_per_s if images_per_s is not None else run.images_per_s
+            run.latency = latency or run.latency
         for name in ("fid", "clip"):
             if storage.exists(storage.join(uri, f"{name}.json")):
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))

@@ -249,16 +249,13 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     table = multigen_scores(detections, prompts, threshold=threshold, images=images)
     two_object = any(len(set(p.categories)) == 2 for p in prompts)
     accuracy = object_accuracy(detections, prompts, threshold, images) if two_object else None
-    stats_uri = storage.join(posixpath.dirname(index_uri), "stats.json")
-    stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else {}
     by_id = {p.prompt_id: p for p in prompts}
     # Per-prompt values under the names of the report's tables (the groups', when scored by group).
     named = groups or {prompt_set: sorted(by_id)}
     write_per_unit(pd.concat([multigen_per_prompt(detections, [by_id[i] for i in ids], threshold,
                                                   images[images["prompt_id"].isin(set(ids))], name)
                               for name, ids in named.items()], ignore_index=True), out_uri, "multigen")
-    record = multigen_record(model, prompt_set, table, index_uri, stats.get("images_per_s"), accuracy)
-    record["latency"] = sampling_latency(posixpath.dirname(index_uri), stats)
+    record = multigen_record(model, prompt_set, table, index_uri, accuracy)
     record["reported_ks"] = {prompt_set: reported_ks(prompts)}
     if groups:
         record["groups"] = multigen_by_group(detections, images, prompts, groups, threshold)
@@ -266,16 +263,6 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     uri = storage.join(out_uri, "multigen.json")
     storage.atomic_write_json(uri, record)
     return uri
-
-
-def sampling_latency(samples_uri: str, stats: dict[str, Any]) -> dict[str, Any] | None:
-    """Seconds per image as the paper gives it, with the steps and batch it was measured at
-    (the sampling run's own clock: model loading left out)."""
-    if not stats.get("images") or not stats.get("seconds"):
-        return None
-    sample = storage.read_json(storage.join(samples_uri, "sample_meta.json"))["sample"]
-    return {"seconds_per_image": stats["seconds"] / stats["images"], "steps": sample["num_inference_steps"],
-            "batch_size": stats.get("batch_size", sample["batch_size"])}
 
 
 def score_segmentation(config: PipelineConfig, model_dir: str, unet_dir: str | None, cache_uri: str,

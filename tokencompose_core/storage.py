@@ -55,7 +55,7 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     try:
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        if _is_local(fs):
+        if is_local(fs):
             temp = f"{path}.tmp-{uuid.uuid4().hex}"
             try:
                 with open(temp, "wb") as handle:
@@ -99,7 +99,7 @@ def read_parquet(uri: str) -> pd.DataFrame:
 def _real_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """``path`` with ``..`` folded and, on local disks, every symlink resolved: a link inside
     a root that points outside it is outside it."""
-    return os.path.realpath(path) if _is_local(fs) else posixpath.normpath(path)
+    return os.path.realpath(path) if is_local(fs) else posixpath.normpath(path)
 
 
 def check_under_roots(uri: str, roots: list[str]) -> str:
@@ -127,6 +127,6 @@ def check_input(uri: str, config: "StorageConfig") -> str:
     return check_under_roots(uri, [config.root, *config.allowed_roots]) if config.allowed_roots else uri
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

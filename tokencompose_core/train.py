@@ -65,6 +65,7 @@ from tokencompose_core.checkpoints import (
     publish_unet,
     remove_partial_checkpoints,
     resume_checkpoint,
+    weights_complete,
     weights_dir,
 )
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
@@ -217,9 +218,8 @@ def _init_unet_dir(config: PipelineConfig, resume: Checkpoint | None, init_unet:
 
 
 def _published(output_dir: str, settings: LoraAdapterConfig) -> bool:
-    if lora.enabled(settings):
-        return lora.is_lora_folder(os.path.join(output_dir, lora.LORA_DIR))
-    return os.path.isfile(os.path.join(output_dir, "unet", "config.json"))
+    """The final weights are there whole: a missing weights file is published again."""
+    return weights_complete(os.path.join(output_dir, lora.LORA_DIR if lora.enabled(settings) else "unet"))
 
 
 def _config_digest(config: PipelineConfig) -> dict:
