@@ -74,3 +74,31 @@ def test_sealing_again_notices_a_same_size_rewrite(folder: str) -> None:
     assert problems(folder)  # sizes agree; the content does not
     second = seal(folder, config, "sample", "fp", {"in": 1})
     assert second != first and problems(folder) == []
+
+
+def test_file_digests_are_memoised_per_machine_yet_an_edit_is_read_again(tmp_path, monkeypatch) -> None:
+    """Large weights are hashed once, not on every run; an edit, even with its size and
+    modification time put back, changes the file's change time and is hashed again."""
+    import os
+    import time
+
+    from tokencompose_core import identity
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(bytes(2 << 20))
+    monkeypatch.setattr(identity, "_RACY_NS", 0)  # else a file written just now is never memoised
+    first = identity.file_digest(str(weights))
+    identity._DIGESTS.clear()  # a new process: only the machine's memo is left
+    reads: list[str] = []
+    read = identity._read_digest
+    monkeypatch.setattr(identity, "_read_digest", lambda fs, path: reads.append(path) or (0, "unread"))
+    assert identity.file_digest(str(weights)) == first and reads == []
+    monkeypatch.setattr(identity, "_read_digest", read)
+
+    before = weights.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick (the memo was allowed a fresh file)
+    with open(weights, "r+b") as handle:
+        handle.write(b"\x01")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert identity.file_digest(str(weights)) != first

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -104,7 +105,9 @@ def file_digest(uri: str) -> tuple[int, str]:
     if known:
         return known
     result = _read_digest(fs, path)
-    if _stat_key(path) == before:  # not written while it was read
+    # Not written while it was read, and not within the file system's timestamp tick of now:
+    # a write in the same tick would leave the same stat (git's "racy clean" case).
+    if _stat_key(path) == before and time.time_ns() - os.stat(path).st_ctime_ns > _RACY_NS:
         _DIGESTS[before] = result
         _memo_write(before, result)
     return result
@@ -121,6 +124,7 @@ def _read_digest(fs: Any, path: str) -> tuple[int, str]:
 
 _DIGESTS: dict[str, tuple[int, str]] = {}
 _MEMO_MIN_BYTES = 1 << 20
+_RACY_NS = 2_000_000_000  # file times can be as coarse as one second (some network mounts)
 
 
 def digest_memo_dir() -> Path:
