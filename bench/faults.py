@@ -43,6 +43,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -626,15 +627,17 @@ class _Planted:
         return (os.system, (f"touch {self.proof}",))
 
 
+def _cli(work: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`tokencompose ARGV` in a subprocess, with the probe's own Prefect home (and local server)."""
+    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
+
+
 def _cli_run(work: Path, manifest: str) -> dict[str, str]:
     """One `tokencompose run` in a subprocess; each stage's output folder."""
-    import subprocess
-
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-p", "tiny", "--input", manifest,
-                           f"storage.root={work / 'root'}", *PROBE_SETTINGS],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = _cli(work, "run", "-p", "tiny", "--input", manifest, f"storage.root={work / 'root'}", *PROBE_SETTINGS)
     if done.returncode != 0:
         raise RuntimeError(f"tokencompose run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     stages = json.loads(done.stdout[done.stdout.index("{"):])["stages"]
@@ -698,6 +701,7 @@ def probe_sweep(work: Path) -> list[dict[str, Any]]:
         checks["no planted code ran"] = "ok" if not proof.exists() else "the planted command ran"
         records.append({"stage": "cli", "point": name, "seconds": round(time.monotonic() - started, 1),
                         "checks": checks})
+    _cli(work, "server", "stop")
     return records
 
 
