@@ -57,8 +57,18 @@ class StorageConfig(_Section):
     """Where every stage writes. Any fsspec URL; local paths are relative to the CWD."""
 
     root: str = "runs/default"
-    # URIs read or written must live under one of these roots (plus ``root``).
+    # Once set, URIs read or written must live under one of these roots, ``root`` included
+    # (symlinks resolved); empty (local runs): anywhere.
     allowed_roots: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _root_inside_allowed_roots(self) -> "StorageConfig":
+        if self.allowed_roots:
+            # Imported here: a profile without roots loads without fsspec and pandas.
+            from tokencompose_core.storage import check_root
+
+            check_root(self.root, self.allowed_roots)
+        return self
 
 
 class GroundingDinoConfig(_Section):
