@@ -261,3 +261,44 @@ def test_a_storage_root_outside_the_allowed_roots_is_refused_before_anything_is_
     assert main(["nouns", "-p", "tiny", f"storage.root={data / 'runs'}", roots,
                  "--input", str(data / "manifest.jsonl")]) == 0
 
+
+def test_manifest_images_stay_in_the_manifests_folder_and_under_the_roots(
+        prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    folder = data / "set"
+    _png(folder / "good.png")
+    _png(folder / "inside.png")
+    _png(data / "beside.png")
+    _png(elsewhere / "secret.png")
+    (folder / "link.png").symlink_to(elsewhere / "secret.png")
+    rows = {"good": "good.png", "inside": str(folder / "inside.png"), "beside": "../beside.png",
+            "secret": str(elsewhere / "secret.png"), "link": "link.png"}
+    (folder / "manifest.jsonl").write_text("".join(
+        json.dumps({"id": image_id, "image": image, "captions": "a red square"}) + "\n"
+        for image_id, image in rows.items()))
+
+    def nouns(*overrides: str) -> tuple[set[str], dict[str, str]]:
+        assert main(["nouns", "-p", "tiny", f"storage.root={data / 'runs'}", *overrides,
+                     "--input", str(folder / "manifest.jsonl")]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        rejects = storage.read_parquet(summary["rejects_uri"])
+        return (set(storage.read_parquet(summary["nouns_uri"])["image_id"]),
+                dict(zip(rejects["image_id"], rejects["reason"])))
+
+    roots = f"storage.allowed_roots=[{data}]"
+    accepted, rejected = nouns(roots)
+    assert accepted == {"good", "inside"} and set(rejected) == {"beside", "secret", "link"}
+    assert rejected["beside"] == f"image path not allowed: '../beside.png' leaves the manifest's folder {folder}"
+    assert rejected["secret"] == (f"image path not allowed: {str(elsewhere / 'secret.png')!r} is outside the "
+                                  f"configured storage roots {[str(data)]}")
+    assert rejected["link"].endswith(f"is outside the configured storage roots {[str(data)]} "
+                                     f"(it resolves to {elsewhere / 'secret.png'})")
+
+    accepted, rejected = nouns(roots, "nouns.allow_absolute_image_paths=false")
+    assert accepted == {"good"} and set(rejected) == {"beside", "secret", "link", "inside"}
+    assert rejected["inside"].startswith(f"image path not allowed: {str(folder / 'inside.png')!r} is absolute")
+
+    accepted, rejected = nouns()  # no roots (local runs): absolute paths anywhere, '..' still refused
+    assert accepted == {"good", "inside", "secret", "link"} and set(rejected) == {"beside"}

@@ -112,6 +112,10 @@ class NounsConfig(_Section):
     tagger: Literal["spacy", "flair"] = "spacy"
     flair_model: str = "flair/pos-english"  # hub id in the local HF cache, or a local file
     batch_size: int = Field(256, gt=0)
+    # Image paths of a manifest (stage 1's and score.fid_reference) that are absolute or URLs:
+    # read when true; false allows only paths relative to the manifest's folder. Relative paths
+    # may never leave that folder, and with storage.allowed_roots set every image lies under them.
+    allow_absolute_image_paths: bool = True
 
 
 class MasksConfig(_Section):
