@@ -243,9 +243,10 @@ class ScoreConfig(_Section):
     report_overlays: int = Field(8, ge=0)  # per-noun attention heat maps in the HTML report
     device: str = "auto"
     # FID reference images: a manifest URI (COCO 2017 val captions' images, Flickr30k);
-    # None = the manifest stage 1 read for these settings (the tiny profile's input).
+    # None = the manifest stage 1 read for these settings (the tiny profile's input), the rows
+    # it accepted. Images that cannot be read are skipped and named in fid.json.
     fid_reference: str | None = None
-    fid_reference_images: int | None = Field(None, gt=0)  # the first N rows (10k for COCO val)
+    fid_reference_images: int | None = Field(None, gt=0)  # the first N usable images (10k for COCO val)
     fid: bool = True
     # "tiny": seeded random init; else the FID Inception weights file (pt_inception-2015-12-05).
     inception_weights: str = "tiny"
