@@ -398,8 +398,8 @@ def test_the_fid_reference_reads_only_the_rows_stage_one_accepted(prefect_harnes
 
     folder = tmp_path / "data"
     folder.mkdir()
-    for name in ("a.png", "b.jpg", "c.png"):
-        (folder / name).write_bytes((BAD / "images" / ("good.jpg" if name.endswith("jpg") else "good.png")).read_bytes())
+    for name, source in (("a.png", "good.png"), ("b.jpg", "good.jpg"), ("c.png", "grey.png")):
+        (folder / name).write_bytes((BAD / "images" / source).read_bytes())
     (tmp_path / "outside.png").write_bytes(b"not an image")
     manifest = _manifest(folder / "manifest.jsonl", [
         {"image": "a.png", "captions": "a dog on a mat"}, {"image": "b.jpg", "captions": "a cat on a sofa"},

@@ -254,7 +254,8 @@ def test_a_storage_root_outside_the_allowed_roots_is_refused_before_anything_is_
     (data / "link").symlink_to(elsewhere, target_is_directory=True)
     roots = f"storage.allowed_roots=[{data}]"
     for root, resolved in ((elsewhere / "runs", ""), (data / "link" / "runs", f" (it resolves to {elsewhere}/runs)")):
-        assert main(["nouns", "-p", "tiny", f"storage.root={root}", roots, "--input", str(data / "manifest.jsonl")]) == 2
+        argv = ["nouns", "-p", "tiny", f"storage.root={root}", roots, "--input", str(data / "manifest.jsonl")]
+        assert main(argv) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
         assert f"storage.root {str(root)!r} is outside storage.allowed_roots {[str(data)]}{resolved}" in line
         assert not list(elsewhere.iterdir())  # nothing written behind the link either
