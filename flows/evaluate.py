@@ -29,6 +29,7 @@ from tasks.evaluate import (
 )
 from tokencompose_core import outputs, scoring, storage
 from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.image_metrics import REFERENCE_RECORD, named_rejects
 from tokencompose_core.reports import comparison_table, load_run_scores
 from tokencompose_core.stages import stage_fingerprint
 
@@ -39,9 +40,15 @@ def _reference_statistics(config: PipelineConfig, reference: scoring.FidReferenc
         get_run_logger().warning("no FID reference: set score.fid_reference to a manifest (FID skipped)")
         return None
     stats = recompute_unless(fid_reference_statistics, outputs.keep_if_whole(reference.out_uri))(
-        reference.manifest_uri, reference.out_uri, config.score, config.models.seed, reference.identity)
+        reference.manifest_uri, reference.accepted_uri, reference.out_uri, config, reference.identity)
     outputs.seal(reference.out_uri, config, "fid", reference.identity,
-                 {"manifest": reference.manifest_uri, "images": config.score.fid_reference_images})
+                 {"manifest": reference.manifest_uri, "accepted": reference.accepted_uri,
+                  "images": config.score.fid_reference_images})
+    record = storage.join(reference.out_uri, REFERENCE_RECORD)
+    rejects = storage.read_json(record)["rejects"]
+    if rejects:
+        get_run_logger().warning(f"FID reference: {len(rejects)} images skipped ({named_rejects(rejects)}); "
+                                 f"each is listed in {record} and in fid.json")
     return stats
 
 

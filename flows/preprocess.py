@@ -36,7 +36,8 @@ def nouns_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
     max_pixels = config.masks.max_image_pixels  # the decoding guard for CLIP caption choice
     out_dir = outputs.output_folder(config, "nouns", "nouns", [fingerprint, digest, max_pixels])
     result = recompute_unless(nouns_task, outputs.keep_if_whole(out_dir))(
-        manifest_uri, digest, out_dir, config.nouns, config.models, max_pixels, fingerprint)
+        manifest_uri, digest, out_dir, config.nouns, config.models, max_pixels, config.storage.allowed_roots,
+        fingerprint)
     outputs.seal(out_dir, config, "nouns", fingerprint, {"manifest": manifest_uri, "manifest_digest": digest})
     print(f"nouns: {result['rows']} rows for {result['images']} images, {result['rejects']} rejects")
     return {"manifest_uri": manifest_uri, "output_uri": out_dir, **result}

@@ -38,12 +38,15 @@ def score_segmentation(score: ScoreConfig, sample: SampleConfig, train: TrainCon
 
 
 @stage_task
-def fid_reference_statistics(manifest_uri: str, out_uri: str, score: ScoreConfig, seed: int, fingerprint: str) -> str:
+def fid_reference_statistics(manifest_uri: str, accepted_uri: str | None, out_uri: str, config: PipelineConfig,
+                             fingerprint: str) -> str:
     """Inception statistics of the FID reference set -> reference_stats.safetensors URI.
 
-    ``fingerprint`` is the reference's identity (manifest content, rows, network), not
-    the score fingerprint: every run and setting scored against one image set shares them."""
-    return scoring.reference_statistics(scoring.FidReference(manifest_uri, fingerprint, out_uri), score, seed)
+    ``fingerprint`` is the reference's identity (manifest content, rows, how they are read,
+    network), not the score fingerprint: every run and setting scored against one image set
+    shares them."""
+    reference = scoring.FidReference(manifest_uri, fingerprint, out_uri, accepted_uri)
+    return scoring.reference_statistics(reference, config)
 
 
 @stage_task

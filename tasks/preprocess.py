@@ -14,9 +14,9 @@ from tokencompose_core.manifest import build_nouns, import_reference
 
 @stage_task
 def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: NounsConfig, models: ModelsConfig,
-               max_image_pixels: int, fingerprint: str) -> dict[str, Any]:
+               max_image_pixels: int, allowed_roots: list[str], fingerprint: str) -> dict[str, Any]:
     """Stage 1; ``manifest_digest`` keys the cache on the manifest's content, not just its URI."""
-    return build_nouns(manifest_uri, out_dir, nouns, models, max_image_pixels)
+    return build_nouns(manifest_uri, out_dir, nouns, models, max_image_pixels, allowed_roots)
 
 
 @stage_task

@@ -345,3 +345,73 @@ def test_jpeg_is_decoded_reduced_and_other_formats_are_reduced_after(tmp_path: P
     decoded = decode_image(str(png), MAX_PIXELS, long_side=400)
     assert decoded.image.size == (400, 400) and decoded.decoded_pixels == 3000 * 3000
     assert decode_image(str(png), MAX_PIXELS).image.size == (3000, 3000)  # no long_side: full size
+
+
+# ----------------------------------------------------------------------------- stage 5 reads what stages 1-2 accept
+
+SMALL_RUN = ["sample.max_prompts=2", "sample.images_per_prompt=1", "sample.num_inference_steps=2",
+             "score.heldout_images=0", "score.bootstrap_resamples=1000"]
+
+
+def _manifest(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _fid_record(stdout: str) -> dict:
+    (scores,) = json.loads(stdout)["scores"]
+    return storage.read_json(storage.join(scores, "fid.json"))
+
+
+def test_the_fid_reference_skips_bad_images_and_names_them(prefect_harness, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    good = [str(BAD / "images" / name) for name in ("good.png", "good.jpg", "grey.png")]
+    bad = {"http://127.0.0.1:9/remote.png": "the filesystem package for this URL is not installed",
+           str(BAD / "images" / "folder.png"): "is a folder, not an image file",
+           "/etc/passwd": "cannot identify image file '/etc/passwd'",
+           str(BAD / "images" / "truncated.png"): "unreadable image: OSError: image file is truncated"}
+    reference = _manifest(tmp_path / "reference.jsonl",
+                          [{"id": str(i), "image": uri, "captions": "x"} for i, uri in enumerate([*bad, *good])])
+    overrides = [f"storage.root={tmp_path / 'root'}", *SMALL_RUN, f"score.fid_reference={reference}"]
+    assert main(["sample", "-p", "tiny", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["score", "-p", "tiny", *overrides]) == 0
+    fid = _fid_record(capsys.readouterr().out)
+    assert fid["reference_images"] == 3 and fid["fid"] is not None
+    rejected = {row["image_uri"]: row["reason"] for row in fid["reference_rejects"]}
+    assert set(rejected) == set(bad)
+    for uri, reason in bad.items():
+        assert reason in rejected[uri], (uri, rejected[uri])
+
+    # Too few usable images left: one line naming the set and what was wrong with the rest.
+    few = _manifest(tmp_path / "few.jsonl", [{"image": uri, "captions": "x"} for uri in ["/etc/passwd", good[0]]])
+    assert main(["score", "-p", "tiny", *overrides, f"score.fid_reference={few}"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
+    assert line.startswith(f"tokencompose: FID needs at least 2 reference images; {few} has 1 usable, 1 rejected: "
+                           "/etc/passwd: unreadable image: UnidentifiedImageError: cannot identify image file")
+
+
+def test_the_fid_reference_reads_only_the_rows_stage_one_accepted(prefect_harness, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, source in (("a.png", "good.png"), ("b.jpg", "good.jpg"), ("c.png", "grey.png")):
+        (folder / name).write_bytes((BAD / "images" / source).read_bytes())
+    (tmp_path / "outside.png").write_bytes(b"not an image")
+    manifest = _manifest(folder / "manifest.jsonl", [
+        {"image": "a.png", "captions": "a dog on a mat"}, {"image": "b.jpg", "captions": "a cat on a sofa"},
+        {"image": "c.png", "captions": "a red ball"},
+        {"image": "/etc/passwd", "captions": ""},  # no caption: stage 1 rejects the row
+        {"image": "../outside.png", "captions": "a dog"},  # leaves the manifest's folder: rejected
+    ])
+    overrides = [f"storage.root={tmp_path / 'root'}", *SMALL_RUN]
+    assert main(["nouns", "-p", "tiny", "--input", manifest, *overrides]) == 0
+    assert json.loads(capsys.readouterr().out)["rejects"] == 2
+    assert main(["sample", "-p", "tiny", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["score", "-p", "tiny", *overrides]) == 0
+    fid = _fid_record(capsys.readouterr().out)
+    assert fid["reference_images"] == 3 and fid["reference_rejects"] == []

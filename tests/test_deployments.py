@@ -29,8 +29,9 @@ SERVER_TEST_BUDGET_S = float(os.environ.get("TOKENCOMPOSE_SERVER_TEST_BUDGET_S",
 
 
 def _quick_overrides(root: Path) -> list[str]:
+    """The quick-eval deployment's overrides with its storage root, and so its allowed roots, moved to ``root``."""
     spec = next(s for s in deployment_specs() if s["name"] == "quick-eval")
-    return [f"storage.root={root}", *spec["parameters"]["overrides"]]
+    return [f"storage.root={root}", *spec["parameters"]["overrides"], f"storage.allowed_roots=[{root}]"]
 
 
 def _fake_checkpoint(root: Path, overrides: list[str], name: str) -> Path:

@@ -12,6 +12,7 @@ from PIL import Image
 from tokencompose_core import mask_cache
 from tokencompose_core.manifest import (
     ImageError,
+    ImagePaths,
     export_reference,
     import_reference,
     nouns_table,
@@ -42,6 +43,21 @@ def test_read_manifest_resolves_paths_and_ids(tmp_path) -> None:
     pd.DataFrame({"image": ["x/a.jpg"], "captions": [["a dog"]]}).to_parquet(parquet)
     assert read_manifest(str(parquet))["image"].tolist() == [str(tmp_path / "x" / "a.jpg")]
 
+
+
+@pytest.mark.parametrize(
+    ("path", "stays", "relative"),
+    [("a.png", True, True), ("sub/../a.png", True, True), ("../a.png", False, False),
+     ("sub/../../a.png", False, False), ("..", False, False), ("/abs/a.png", True, False),
+     ("memory://other/a.png", True, False)],
+)
+def test_relative_image_paths_stay_in_the_manifests_folder(path: str, stays: bool, relative: bool) -> None:
+    """Also for a manifest behind a URL, whose joined paths are never normalised."""
+    assert (ImagePaths().problem("memory://bucket/set", path) is None) == stays
+    strict = ImagePaths(allow_absolute=False).problem("memory://bucket/set", path)
+    assert (strict is None) == relative
+    if strict:
+        assert strict.startswith(f"image path not allowed: {path!r} ")
 
 def test_duplicate_ids_are_refused(tmp_path) -> None:
     uri = _write_jsonl(tmp_path / "m.jsonl", [{"image": "a/x.jpg", "captions": "c"}, {"image": "b/x.jpg", "captions": "c"}])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import json
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,7 @@ def test_check_input_applies_only_once_roots_are_configured(tmp_path: Path) -> N
     open_config = load_config("tiny", [f"storage.root={tmp_path / 'runs'}"]).storage
     assert storage.check_input("/etc/passwd", open_config) == "/etc/passwd"  # local runs: unrestricted
     closed = load_config("tiny", [f"storage.root={tmp_path / 'runs'}",
-                                  f"storage.allowed_roots=[{tmp_path / 'data'}]"]).storage
+                                  f"storage.allowed_roots=[{tmp_path / 'data'},{tmp_path / 'runs'}]"]).storage
     assert storage.check_input(str(tmp_path / "data" / "m.jsonl"), closed)
     assert storage.check_input(str(tmp_path / "runs" / "masks"), closed)
     with pytest.raises(ValueError, match="outside the configured storage roots"):
@@ -202,7 +203,8 @@ def test_flows_refuse_user_uris_outside_the_storage_roots(tmp_path: Path, module
     import importlib
 
     outside = tmp_path / "elsewhere" / "input.jsonl"
-    overrides = [f"storage.root={tmp_path / 'runs'}", f"storage.allowed_roots=[{tmp_path / 'data'}]",
+    overrides = [f"storage.root={tmp_path / 'runs'}",
+                 f"storage.allowed_roots=[{tmp_path / 'data'},{tmp_path / 'runs'}]",
                  *(item.format(outside=outside) for item in extra)]
     function = getattr(importlib.import_module(module), flow).fn  # the flow body, without a Prefect run
     with pytest.raises(ValueError, match="outside the configured storage roots"):
@@ -217,13 +219,99 @@ def test_a_symlink_inside_a_root_that_points_outside_is_refused(tmp_path: Path) 
     (data / "link.jsonl").symlink_to(elsewhere / "secret.jsonl")
     (data / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
     (data / "real.jsonl").write_text("{}\n")
-    closed = load_config("tiny", [f"storage.root={tmp_path / 'runs'}", f"storage.allowed_roots=[{data}]"]).storage
+    closed = load_config("tiny", [f"storage.root={data / 'runs'}", f"storage.allowed_roots=[{data}]"]).storage
     for escape in (data / "link.jsonl", data / "linked-folder" / "secret.jsonl", data / "linked-folder" / "new"):
         with pytest.raises(ValueError, match=f"outside the configured storage roots .* resolves to {elsewhere}"):
             storage.check_input(str(escape), closed)
     assert storage.check_input(str(data / "real.jsonl"), closed)
     # A root that is itself a link (a mounted volume) holds what lies behind it.
     (tmp_path / "mounted").symlink_to(elsewhere, target_is_directory=True)
-    via_link = load_config("tiny", [f"storage.allowed_roots=[{tmp_path / 'mounted'}]"]).storage
+    via_link = load_config("tiny", [f"storage.root={tmp_path / 'mounted' / 'runs'}",
+                                    f"storage.allowed_roots=[{tmp_path / 'mounted'}]"]).storage
     assert storage.check_input(str(elsewhere / "secret.jsonl"), via_link)
     assert storage.check_input(str(tmp_path / "mounted" / "secret.jsonl"), via_link)
+
+
+# ----------------------------------------------------------------------------- roots confine writes and images
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), (200, 40, 40)).save(path)
+    return path
+
+
+def test_a_storage_root_outside_the_allowed_roots_is_refused_before_anything_is_written(
+        prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _png(data / "a.png")
+    (data / "manifest.jsonl").write_text('{"image": "a.png", "captions": "a red square"}\n')
+    (data / "link").symlink_to(elsewhere, target_is_directory=True)
+    roots = f"storage.allowed_roots=[{data}]"
+    for root, resolved in ((elsewhere / "runs", ""), (data / "link" / "runs", f" (it resolves to {elsewhere}/runs)")):
+        argv = ["nouns", "-p", "tiny", f"storage.root={root}", roots, "--input", str(data / "manifest.jsonl")]
+        assert main(argv) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
+        assert f"storage.root {str(root)!r} is outside storage.allowed_roots {[str(data)]}{resolved}" in line
+        assert not list(elsewhere.iterdir())  # nothing written behind the link either
+    assert main(["nouns", "-p", "tiny", f"storage.root={data / 'runs'}", roots,
+                 "--input", str(data / "manifest.jsonl")]) == 0
+
+
+def test_manifest_images_stay_in_the_manifests_folder_and_under_the_roots(
+        prefect_harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    folder = data / "set"
+    _png(folder / "good.png")
+    _png(folder / "inside.png")
+    _png(data / "beside.png")
+    _png(elsewhere / "secret.png")
+    (folder / "link.png").symlink_to(elsewhere / "secret.png")
+    rows = {"good": "good.png", "inside": str(folder / "inside.png"), "beside": "../beside.png",
+            "secret": str(elsewhere / "secret.png"), "link": "link.png"}
+    (folder / "manifest.jsonl").write_text("".join(
+        json.dumps({"id": image_id, "image": image, "captions": "a red square"}) + "\n"
+        for image_id, image in rows.items()))
+
+    def nouns(*overrides: str) -> tuple[set[str], dict[str, str]]:
+        assert main(["nouns", "-p", "tiny", f"storage.root={data / 'runs'}", *overrides,
+                     "--input", str(folder / "manifest.jsonl")]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        rejects = storage.read_parquet(summary["rejects_uri"])
+        return (set(storage.read_parquet(summary["nouns_uri"])["image_id"]),
+                dict(zip(rejects["image_id"], rejects["reason"])))
+
+    roots = f"storage.allowed_roots=[{data}]"
+    accepted, rejected = nouns(roots)
+    assert accepted == {"good", "inside"} and set(rejected) == {"beside", "secret", "link"}
+    assert rejected["beside"] == f"image path not allowed: '../beside.png' leaves the manifest's folder {folder}"
+    assert rejected["secret"] == (f"image path not allowed: {str(elsewhere / 'secret.png')!r} is outside the "
+                                  f"configured storage roots {[str(data)]}")
+    assert rejected["link"].endswith(f"is outside the configured storage roots {[str(data)]} "
+                                     f"(it resolves to {elsewhere / 'secret.png'})")
+
+    accepted, rejected = nouns(roots, "nouns.allow_absolute_image_paths=false")
+    assert accepted == {"good"} and set(rejected) == {"beside", "secret", "link", "inside"}
+    assert rejected["inside"].startswith(f"image path not allowed: {str(folder / 'inside.png')!r} is absolute")
+
+    accepted, rejected = nouns()  # no roots (local runs): absolute paths anywhere, '..' still refused
+    assert accepted == {"good", "inside", "secret", "link"} and set(rejected) == {"beside"}
+
+
+def test_image_path_rules_count_in_stage_ones_key_only_when_they_restrict(tmp_path: Path) -> None:
+    from tokencompose_core.stages import stage_fingerprint, stage_settings
+
+    root = f"storage.root={tmp_path / 'runs'}"
+    default = load_config("tiny", [root])
+    assert set(stage_settings(default, "nouns")["nouns"]) == set(default.nouns.model_dump()) - {
+        "manifest", "batch_size", "allow_absolute_image_paths"}  # keys made before the rules stay
+    for restricting in ("nouns.allow_absolute_image_paths=false", f"storage.allowed_roots=[{tmp_path}]"):
+        changed = load_config("tiny", [root, restricting])
+        assert stage_fingerprint(changed, "nouns") != stage_fingerprint(default, "nouns"), restricting

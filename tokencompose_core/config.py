@@ -57,8 +57,18 @@ class StorageConfig(_Section):
     """Where every stage writes. Any fsspec URL; local paths are relative to the CWD."""
 
     root: str = "runs/default"
-    # URIs read or written must live under one of these roots (plus ``root``).
+    # Once set, URIs read or written must live under one of these roots, ``root`` included
+    # (symlinks resolved); empty (local runs): anywhere.
     allowed_roots: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _root_inside_allowed_roots(self) -> "StorageConfig":
+        if self.allowed_roots:
+            # Imported here: a profile without roots loads without fsspec and pandas.
+            from tokencompose_core.storage import check_root
+
+            check_root(self.root, self.allowed_roots)
+        return self
 
 
 class GroundingDinoConfig(_Section):
@@ -102,6 +112,10 @@ class NounsConfig(_Section):
     tagger: Literal["spacy", "flair"] = "spacy"
     flair_model: str = "flair/pos-english"  # hub id in the local HF cache, or a local file
     batch_size: int = Field(256, gt=0)
+    # Image paths of a manifest (stage 1's and score.fid_reference) that are absolute or URLs:
+    # read when true; false allows only paths relative to the manifest's folder. Relative paths
+    # may never leave that folder, and with storage.allowed_roots set every image lies under them.
+    allow_absolute_image_paths: bool = True
 
 
 class MasksConfig(_Section):
@@ -229,9 +243,10 @@ class ScoreConfig(_Section):
     report_overlays: int = Field(8, ge=0)  # per-noun attention heat maps in the HTML report
     device: str = "auto"
     # FID reference images: a manifest URI (COCO 2017 val captions' images, Flickr30k);
-    # None = the manifest stage 1 read for these settings (the tiny profile's input).
+    # None = the manifest stage 1 read for these settings (the tiny profile's input), the rows
+    # it accepted. Images that cannot be read are skipped and named in fid.json.
     fid_reference: str | None = None
-    fid_reference_images: int | None = Field(None, gt=0)  # the first N rows (10k for COCO val)
+    fid_reference_images: int | None = Field(None, gt=0)  # the first N usable images (10k for COCO val)
     fid: bool = True
     # "tiny": seeded random init; else the FID Inception weights file (pt_inception-2015-12-05).
     inception_weights: str = "tiny"

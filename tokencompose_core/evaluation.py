@@ -8,7 +8,6 @@ detector writes the same schema and uses the same scoring functions.
 
 from __future__ import annotations
 
-import io
 import re
 from typing import Any
 
@@ -22,6 +21,7 @@ from tokencompose_core import storage
 from tokencompose_core.conditioning import square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, PipelineConfig
 from tokencompose_core.identity import seed_from, stable_order_key
+from tokencompose_core.manifest import ImageError, decode_image
 from tokencompose_core.sampling import (
     Prompt,
     encode_prompts,
@@ -35,6 +35,9 @@ DETECTION_COLUMNS = ["prompt_id", "image_index", "category", "score", "box"]
 MAX_K = 5
 # Thresholds swept for "mIoU at the best threshold" (maps are min-max normalised per noun).
 SWEEP_THRESHOLDS = np.round(np.linspace(0.05, 0.95, 19), 2)
+# Decompression-bomb guard for the images stage 5 reads: masks.max_image_pixels' default
+# (sampled and mask-cache images are far smaller; the FID reference passes the setting).
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 # ----------------------------------------------------------------------------- detection
@@ -44,8 +47,14 @@ def detection_query(category: str) -> str:
     return f"a photo of a {category}"
 
 
-def read_image(uri: str) -> Image.Image:
-    return Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB")
+def read_image(uri: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The RGB image at ``uri``, full size, decoded as stages 1-2 decode (header checked against
+    ``max_pixels`` first); an :class:`ImageError` naming the file when it cannot be used."""
+    try:
+        return decode_image(uri, max_pixels).image
+    except ImageError as error:
+        message = str(error)  # a rejects row has the URI beside its reason; this error stands alone
+        raise ImageError(message if uri in message else f"{uri}: {message}") from error
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 
 A manifest is JSONL or Parquet (any fsspec URL) of rows
 ``{image: path-or-URL, captions: str | list[str], id?: str}``; relative image
-paths are relative to the manifest's folder. The reference format is a
+paths are relative to the manifest's folder and may not leave it, and
+:class:`ImagePaths` says which other paths may be read (absolute paths and
+URLs, the storage roots). The reference format is a
 ``metadata.jsonl`` of ``{file_name, text, attn_list: [[noun, mask_png | null], ...]}``
 plus a folder of mask PNGs; :func:`import_reference` turns it into a mask cache
 (so the authors' COCO masks train here unchanged) and :func:`export_reference`
@@ -33,7 +35,8 @@ from tokencompose_core.text import (
     unicode_problem,
 )
 
-MANIFEST_COLUMNS = ["id", "image", "captions"]
+# path_problem: why the row's image may not be read (ImagePaths), None when it may.
+MANIFEST_COLUMNS = ["id", "image", "captions", "path_problem"]
 REFERENCE_STAGE = "reference"
 NOUNS_STAGE = "nouns"
 # Stage 1 output: one row per image x noun; noun is null on the single row of an
@@ -64,6 +67,42 @@ def resolve(base_dir: str, path: str) -> str:
     joined = posixpath.join(base_dir, path)
     # normpath would fold the '//' of a URL scheme.
     return joined if is_url(base_dir) else posixpath.normpath(joined)
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    """Which image paths of a manifest may be read.
+
+    A relative path may never leave the manifest's folder (``../x.png``). Absolute paths
+    and URLs are read only with ``allow_absolute``. With ``roots`` (``storage.allowed_roots``)
+    every image must lie under one of them, symlinks resolved.
+    """
+
+    allow_absolute: bool = True
+    roots: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, nouns: Any, allowed_roots: list[str]) -> "ImagePaths":
+        """From a ``NounsConfig`` and ``storage.allowed_roots``."""
+        return cls(nouns.allow_absolute_image_paths, tuple(allowed_roots))
+
+    def problem(self, base_dir: str, path: str) -> str | None:
+        """Why the image ``path`` of a manifest in ``base_dir`` may not be read; None when it may."""
+        text_problem = unicode_problem(path)
+        if text_problem:  # no filesystem call can take it
+            return f"image path is not valid Unicode text: {text_problem}"
+        if is_url(path) or path.startswith("/"):
+            if not self.allow_absolute:
+                return (f"image path not allowed: {path!r} is absolute; give paths relative to the manifest's "
+                        "folder or set nouns.allow_absolute_image_paths=true")
+        elif posixpath.normpath(path).split("/")[0] == "..":
+            return f"image path not allowed: {path!r} leaves the manifest's folder {base_dir}"
+        if self.roots:
+            try:
+                storage.check_under_roots(resolve(base_dir, path), list(self.roots))
+            except (ImportError, ValueError) as error:  # ImportError: a URL whose filesystem is not installed
+                return f"image path not allowed: {error}"
+        return None
 
 
 @contextlib.contextmanager
@@ -108,9 +147,12 @@ def _captions(value: Any) -> list[str]:
     return [str(caption) for caption in value if str(caption).strip()]
 
 
-def read_manifest(uri: str) -> pd.DataFrame:
-    """Rows ``id`` (str), ``image`` (URI), ``captions`` (list[str]); ids default to the image stem."""
+def read_manifest(uri: str, paths: ImagePaths | None = None) -> pd.DataFrame:
+    """Rows ``id`` (str), ``image`` (URI), ``captions`` (list[str]) and ``path_problem`` (why
+    ``paths``, by default any absolute path and no roots, refuse the image; None when they
+    do not); ids default to the image stem."""
     base_dir = posixpath.dirname(uri)
+    paths = paths or ImagePaths()
     records = []
     for number, row in enumerate(_read_rows(uri), start=1):
         if not isinstance(row, dict):
@@ -126,7 +168,8 @@ def read_manifest(uri: str) -> pd.DataFrame:
             captions = _captions(row.get("captions"))
         except ValueError as error:
             raise ValueError(f"{uri}: row {number}: {error}") from None
-        records.append({"id": image_id, "image": image, "captions": captions})
+        records.append({"id": image_id, "image": image, "captions": captions,
+                        "path_problem": paths.problem(base_dir, row["image"])})
     # object dtype: pandas' Arrow-backed strings refuse a lone surrogate, which stage 1 rejects row by row.
     frame = pd.DataFrame(records, columns=MANIFEST_COLUMNS, dtype=object)
     duplicated = frame["id"][frame["id"].duplicated()].unique().tolist()
@@ -376,8 +419,9 @@ def _chosen_captions(rows: list[Any], selector: CaptionSelector | None, max_imag
     return chosen
 
 
-def _text_problem(row: Any) -> str | None:
-    """Why a manifest row's text cannot be processed at all (None when it can)."""
+def _row_problem(row: Any) -> str | None:
+    """Why a manifest row cannot be processed at all (None when it can): its text, or an image
+    path the manifest may not point to."""
     for field, value in (("image id", row.id), ("image path", row.image)):
         problem = unicode_problem(value)
         if problem:
@@ -385,7 +429,8 @@ def _text_problem(row: Any) -> str | None:
     problems = [unicode_problem(caption) for caption in row.captions]
     if row.captions and all(problems):
         return f"caption is not valid Unicode text: {problems[0]}"
-    return None
+    # A frame built without read_manifest has no path check of its own.
+    return getattr(row, "path_problem", None)
 
 
 def nouns_table(
@@ -399,13 +444,14 @@ def nouns_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: manifest rows -> (nouns table, rejects).
 
-    Rejected: rows without a caption or whose id, path or every caption is not
-    valid Unicode (dropped; a row's other valid captions are used), captions
-    without nouns and nouns without a token span (kept as an image with no usable noun).
+    Rejected: rows without a caption, whose id, path or every caption is not
+    valid Unicode (dropped; a row's other valid captions are used) or whose image
+    path :class:`ImagePaths` refused, captions without nouns and nouns without a
+    token span (kept as an image with no usable noun).
     """
     rows, rejects, usable_rows = [], [], []
     for row in manifest.itertuples(index=False):
-        problem = _text_problem(row)
+        problem = _row_problem(row)
         if problem:
             rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, problem))
         else:
@@ -445,11 +491,13 @@ def write_nouns(table: pd.DataFrame, rejects: pd.DataFrame, out_dir: str) -> dic
     return uris
 
 
-def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_image_pixels: int) -> dict[str, Any]:
+def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_image_pixels: int,
+                allowed_roots: list[str] | None = None) -> dict[str, Any]:
     """Stage 1 end to end: read the manifest, write ``nouns.parquet`` + ``rejects.parquet``.
 
     ``nouns`` is a ``NounsConfig``, ``models`` a ``ModelsConfig`` (its CLIP tokenizer
-    gives the token positions; its ``clip_selector`` the CLIP caption choice).
+    gives the token positions; its ``clip_selector`` the CLIP caption choice); rows whose
+    image lies outside ``allowed_roots`` (``storage.allowed_roots``) are rejected.
     """
     from tokencompose_core.models import clip_tokenizer
 
@@ -460,7 +508,7 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_im
         from tokencompose_core.grounding import resolve_device
 
         selector = CaptionSelector.from_pretrained(models.clip_selector, device=resolve_device("auto"))
-    manifest = read_manifest(manifest_uri)
+    manifest = read_manifest(manifest_uri, ImagePaths.from_config(nouns, allowed_roots or []))
     tagger_model = nouns.flair_model if nouns.tagger == "flair" else nouns.spacy_model
     table, rejects = nouns_table(manifest, clip_tokenizer(), tagger_model, nouns.batch_size, selector,
                                  max_image_pixels, nouns.tagger)

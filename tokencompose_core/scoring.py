@@ -27,6 +27,7 @@ from tokencompose_core.evaluation import (
 )
 from tokencompose_core.identity import folder_hash, uri_hash, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
+from tokencompose_core.manifest import ImagePaths
 from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
 from tokencompose_core.reports import MG_KS, multigen_record
 from tokencompose_core.sampling import Prompt, model_fingerprint, model_name, samples_folder
@@ -53,8 +54,10 @@ class FidReference:
     """The reference image set FID is measured against, and where its statistics are kept."""
 
     manifest_uri: str
-    identity: str  # the manifest's content, the rows used and the Inception network
+    identity: str  # the manifest's content, the rows used, how they are read and the Inception network
     out_uri: str
+    # Stage 1's nouns table when the set is the manifest stage 1 read: only its rows are read.
+    accepted_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,13 @@ def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
 
 def fid_reference(config: PipelineConfig) -> FidReference | None:
     """The FID reference set: ``score.fid_reference``, else the manifest stage 1 read for
-    these settings (so the tiny profile measures FID against its input's images); None
-    when FID is off or no manifest is known."""
+    these settings, limited to the rows stage 1 accepted (so the tiny profile measures FID
+    against its input's images); None when FID is off or no manifest is known."""
     from tokencompose_core.models.scorers import scorer_identity
 
     if not config.score.fid:
         return None
-    manifest = config.score.fid_reference
+    manifest, accepted = config.score.fid_reference, None
     if manifest:
         storage.check_input(manifest, config.storage)
     else:
@@ -144,20 +147,31 @@ def fid_reference(config: PipelineConfig) -> FidReference | None:
         manifest = (outputs.read_record(found[0]) or {}).get("inputs", {}).get("manifest") if found else None
         if not manifest:
             return None
-    identity = value_hash({"manifest": uri_hash(manifest), "images": config.score.fid_reference_images,
+        accepted = storage.join(found[0], "nouns.parquet")
+    identity = value_hash({"manifest": uri_hash(manifest), "accepted": uri_hash(accepted) if accepted else None,
+                           "images": config.score.fid_reference_images,
                            "inception": scorer_identity(config.score.inception_weights), "seed": config.models.seed,
-                           "features": config.score.fid_features})
+                           "features": config.score.fid_features, "max_pixels": config.masks.max_image_pixels,
+                           "paths": image_paths(config)})
     out_uri = outputs.output_folder(config, "fid", image_metrics.reference_name(manifest), identity)
-    return FidReference(manifest, identity, out_uri)
+    return FidReference(manifest, identity, out_uri, accepted)
 
 
-def reference_statistics(reference: FidReference, score: ScoreConfig, seed: int) -> str:
-    """The reference set's Inception statistics -> reference_stats.safetensors URI."""
+def image_paths(config: PipelineConfig) -> ImagePaths:
+    """The image paths a manifest may use under these settings (stage 1's rules)."""
+    return ImagePaths.from_config(config.nouns, config.storage.allowed_roots)
+
+
+def reference_statistics(reference: FidReference, config: PipelineConfig) -> str:
+    """The reference set's Inception statistics -> reference_stats.safetensors URI; its images are
+    read as stages 1-2 read them (path rules, size budget), and those that cannot be are skipped."""
     from tokencompose_core.models.scorers import load_inception
 
-    inception = load_inception(score.inception_weights, seed, score.fid_features)
+    score = config.score
+    inception = load_inception(score.inception_weights, config.models.seed, score.fid_features)
     return image_metrics.reference_statistics(reference.manifest_uri, score.fid_reference_images, inception,
-                                              reference.out_uri, score.metrics_batch_size)
+                                              reference.out_uri, score.metrics_batch_size, reference.accepted_uri,
+                                              image_paths(config), config.masks.max_image_pixels)
 
 
 def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:

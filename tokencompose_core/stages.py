@@ -61,12 +61,20 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """The settings ``stage``'s outputs depend on: its own and upstream sections' result fields.
 
     One cross-stage read: training leaves out the images stage 5 scores attention
-    mIoU on (``train.exclude_heldout``), so their count is one of its settings. And
-    stage 5's scoring networks count by content
+    mIoU on (``train.exclude_heldout``), so their count is one of its settings. Stage 1
+    rejects images outside ``storage.allowed_roots``, so those roots are among its
+    settings when set. And stage 5's scoring networks count by content
     (:func:`tokencompose_core.models.scorers.scorers_fingerprint`).
     """
     sections = {name: getattr(config, name).model_dump(mode="json", exclude=set(STAGES[name].execution_only))
                 for name in upstream(stage)}
+    if "nouns" in sections:
+        # Which image paths a manifest may use decides which rows stage 1 rejects. Counted only
+        # when they restrict more than before the rules existed, so earlier keys stay.
+        if config.nouns.allow_absolute_image_paths:
+            del sections["nouns"]["allow_absolute_image_paths"]
+        if config.storage.allowed_roots:
+            sections["nouns"]["image_roots"] = config.storage.allowed_roots
     if "train" in sections and not config.train.grounding.normalize_by_layers:
         # Counted only when on: runs trained before the switch existed keep their keys.
         del sections["train"]["grounding"]["normalize_by_layers"]

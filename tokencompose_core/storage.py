@@ -102,8 +102,9 @@ def _real_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return os.path.realpath(path) if is_local(fs) else posixpath.normpath(path)
 
 
-def check_under_roots(uri: str, roots: list[str]) -> str:
-    """Refuse a URI that is not inside one of the configured storage roots (symlinks resolved)."""
+def _resolved_inside(uri: str, roots: list[str]) -> tuple[bool, str]:
+    """Whether ``uri`` lies inside one of ``roots`` (symlinks resolved), and a note saying what it
+    resolves to when that differs from what was written."""
     fs, path = filesystem(uri)
     real = _real_path(fs, path)
     for root in roots:
@@ -112,19 +113,37 @@ def check_under_roots(uri: str, roots: list[str]) -> str:
             continue
         root_path = _real_path(root_fs, root_path)
         if real == root_path or real.startswith(root_path.rstrip("/") + "/"):
-            return uri
-    resolved = f" (it resolves to {real})" if real != posixpath.normpath(path) else ""
-    raise ValueError(f"{uri!r} is outside the configured storage roots {roots}{resolved}")
+            return True, ""
+    return False, f" (it resolves to {real})" if real != posixpath.normpath(path) else ""
+
+
+def check_under_roots(uri: str, roots: list[str]) -> str:
+    """Refuse a URI that is not inside one of the configured storage roots (symlinks resolved)."""
+    inside, resolved = _resolved_inside(uri, roots)
+    if not inside:
+        raise ValueError(f"{uri!r} is outside the configured storage roots {roots}{resolved}")
+    return uri
+
+
+def check_root(root: str, allowed_roots: list[str]) -> None:
+    """Refuse a ``storage.root`` outside ``storage.allowed_roots`` once they are set (symlinks
+    resolved): a run confined to its roots must not write elsewhere either."""
+    if not allowed_roots:
+        return
+    inside, resolved = _resolved_inside(root, allowed_roots)
+    if not inside:
+        raise ValueError(f"storage.root {root!r} is outside storage.allowed_roots {allowed_roots}{resolved}; "
+                         "set storage.root to a folder inside them")
 
 
 def check_input(uri: str, config: "StorageConfig") -> str:
     """A URI given by a user (flow parameter, config field), checked against the storage roots.
 
-    Once ``storage.allowed_roots`` is set it must lie under one of them or under
-    ``storage.root``, so that flow parameters sent through the Prefect API or UI
-    cannot read other files. Empty (the default, for local runs) accepts any URI.
+    Once ``storage.allowed_roots`` is set it must lie under one of them (``storage.root``
+    does too, :func:`check_root`), so that flow parameters sent through the Prefect API
+    or UI cannot read other files. Empty (the default, for local runs) accepts any URI.
     """
-    return check_under_roots(uri, [config.root, *config.allowed_roots]) if config.allowed_roots else uri
+    return check_under_roots(uri, config.allowed_roots) if config.allowed_roots else uri
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
