@@ -83,9 +83,12 @@ def masks_flow(profile: str = "tiny", overrides: list[str] | None = None, input_
 def _import_reference(metadata_uri: str, config: PipelineConfig) -> dict:
     digest = uri_hash(metadata_uri)
     fingerprint = f"reference-{digest}"
-    cache_uri = outputs.output_folder(config, "masks", "reference", [fingerprint, config.masks.shard_size])
+    allow_absolute, roots = config.nouns.allow_absolute_image_paths, config.storage.allowed_roots
+    # The paths it may read decide its rejects; counted when they restrict, as in stage 1's key.
+    rules = [] if allow_absolute and not roots else [{"allow_absolute_image_paths": allow_absolute, "roots": roots}]
+    cache_uri = outputs.output_folder(config, "masks", "reference", [fingerprint, config.masks.shard_size, *rules])
     result = recompute_unless(import_reference_task, outputs.keep_if_whole(cache_uri))(
-        metadata_uri, digest, cache_uri, config.masks.shard_size, fingerprint)
+        metadata_uri, digest, cache_uri, config.masks.shard_size, allow_absolute, roots, fingerprint)
     outputs.seal(cache_uri, config, "masks", fingerprint, {"metadata": metadata_uri, "metadata_digest": digest})
     print(f"masks: imported {result['images']} reference images into {cache_uri}")
     return {"metadata_uri": metadata_uri, "cache_uri": cache_uri, "shards": len(result["shards"]),

@@ -9,7 +9,7 @@ from tasks.common import retry_batch_size, stage_task
 from tokencompose_core import storage
 from tokencompose_core.config import MasksConfig, ModelsConfig, NounsConfig
 from tokencompose_core.grounding import GroundedSam, run_mask_shard
-from tokencompose_core.manifest import build_nouns, import_reference
+from tokencompose_core.manifest import ImagePaths, build_nouns, import_reference
 
 
 @stage_task
@@ -21,11 +21,15 @@ def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: Nou
 
 @stage_task
 def import_reference_task(metadata_uri: str, metadata_digest: str, cache_uri: str, shard_size: int,
+                          allow_absolute_image_paths: bool, allowed_roots: list[str],
                           fingerprint: str) -> dict[str, Any]:
-    """Stage 2 from the reference's released masks (``metadata.jsonl`` + mask PNGs)."""
+    """Stage 2 from the reference's released masks (``metadata.jsonl`` + mask PNGs), reading
+    only the image and mask paths a manifest may use (``ImagePaths``)."""
     from tokencompose_core.models import clip_tokenizer
 
-    return import_reference(metadata_uri, cache_uri, clip_tokenizer(), shard_size=shard_size, fingerprint=fingerprint)
+    paths = ImagePaths(allow_absolute_image_paths, tuple(allowed_roots))
+    return import_reference(metadata_uri, cache_uri, clip_tokenizer(), shard_size=shard_size, fingerprint=fingerprint,
+                            paths=paths)
 
 
 @lru_cache(maxsize=2)

@@ -125,3 +125,38 @@ def test_masks_flow_imports_the_reference_format(prefect_harness, tmp_path) -> N
     assert result["images"] == 1 and cache.image_ids() == ["7"]
     image = cache.get("7")
     assert image.nouns == ["dog"] and image.masks[0].sum() == 120 and image.image_uri == str(tmp_path / "7.jpg")
+
+
+def test_a_reference_import_reads_only_the_paths_a_manifest_may_use(prefect_harness, tmp_path) -> None:
+    """Image and mask paths of the authors' metadata.jsonl obey the manifest's rules: none leaves
+    the metadata's folder, and with storage.allowed_roots set none lies outside them."""
+    import numpy as np
+
+    from flows.cli import main
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "seg").mkdir(parents=True)
+    outside.mkdir()
+    mask = np.zeros((24, 32), np.uint8)
+    mask[5:15, 8:20] = 255
+    for folder in (data / "seg", outside):
+        Image.fromarray(mask).save(folder / "mask_dog.png")
+    for image in (data / "7.jpg", data / "8.jpg", outside / "9.jpg"):
+        Image.new("RGB", (32, 24)).save(image)
+    rows = [{"file_name": "7.jpg", "text": "A dog on a mat.", "attn_list": [["dog", "seg/mask_dog.png"]]},
+            {"file_name": "../outside/9.jpg", "text": "A dog.", "attn_list": [["dog", "seg/mask_dog.png"]]},
+            {"file_name": "8.jpg", "text": "A dog.", "attn_list": [["dog", "../outside/mask_dog.png"]]},
+            {"file_name": str(outside / "9.jpg"), "text": "A dog.", "attn_list": [["dog", "seg/mask_dog.png"]]}]
+    metadata = data / "metadata.jsonl"
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    root = data / "run"
+    assert main(["masks", "-p", "tiny", f"storage.root={root}", f"storage.allowed_roots=['{data}']",
+                 "--input", str(metadata)]) == 0
+    (cache_uri,) = [str(path) for path in (root / "masks").iterdir()]
+    cache = mask_cache.MaskCache(cache_uri)
+    rejects = cache.rejects()
+    reasons = " | ".join(rejects["reason"].tolist())
+    assert "leaves the manifest's folder" in reasons and "outside the configured storage roots" in reasons
+    assert "mask image path not allowed" in reasons and len(rejects) == 3
+    # The allowed image with an allowed mask is imported; the one whose mask was refused keeps no noun.
+    assert cache.image_ids() == ["7", "8"] and cache.get("7").nouns == ["dog"] and cache.get("8").nouns == []

@@ -255,16 +255,23 @@ def _read_mask_png(uri: str) -> np.ndarray:
 
 
 def _reference_image(
-    row: dict[str, Any], base_dir: str, image_root: str, tokenizer: Any, fingerprint: str
+    row: dict[str, Any], base_dir: str, image_root: str, tokenizer: Any, fingerprint: str, paths: ImagePaths
 ) -> tuple[list[dict], list[dict]]:
     """Shard rows and rejects of one ``metadata.jsonl`` row."""
     image_uri = resolve(image_root, row["file_name"])
     image_id = posixpath.splitext(posixpath.basename(row["file_name"]))[0]
+    refused = paths.problem(image_root, row["file_name"])
+    if refused:
+        return [], [mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, refused)]
     caption = row["text"]
     grounded, rejects, size = [], [], None
     for noun, mask_path in row.get("attn_list", []):
         if mask_path is None:
             rejects.append(mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, "noun without detection", noun))
+            continue
+        refused = paths.problem(base_dir, mask_path)
+        if refused:
+            rejects.append(mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, f"mask {refused}", noun))
             continue
         positions = token_positions(caption, noun, tokenizer)
         if not positions:
@@ -342,20 +349,25 @@ def import_reference(
     image_root: str | None = None,
     shard_size: int = 256,
     fingerprint: str = "reference-import",
+    paths: ImagePaths | None = None,
 ) -> dict[str, Any]:
     """Write a mask cache from the reference's ``metadata.jsonl`` + mask PNGs.
 
     Mask paths are relative to the metadata file's folder, image file names to
-    ``image_root`` (default: that folder too). Nouns with a null mask go to the
-    rejects as "noun without detection"; the score column is NaN (none released).
+    ``image_root`` (default: that folder too); ``paths`` decides which of them may be
+    read, as for a manifest (an image or mask it refuses is a rejects row naming it).
+    Nouns with a null mask go to the rejects as "noun without detection"; the score
+    column is NaN (none released).
     """
     base_dir = posixpath.dirname(metadata_uri)
+    paths = paths or ImagePaths()
     rows = read_reference_metadata(metadata_uri)
     shards = []
     for start in range(0, len(rows), shard_size):
         shard_rows, shard_rejects = [], []
         for row in rows[start : start + shard_size]:
-            grounded, rejects = _reference_image(row, base_dir, image_root or base_dir, tokenizer, fingerprint)
+            grounded, rejects = _reference_image(row, base_dir, image_root or base_dir, tokenizer, fingerprint,
+                                                 paths)
             shard_rows += grounded
             shard_rejects += rejects
         name = f"shard-{start // shard_size:05d}"
