@@ -48,3 +48,11 @@ def prefect_harness():
     # Generous start-up timeout: on a loaded 2-core CI machine the server can take >30 s.
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="module")
+def cache_uri(tmp_path_factory) -> str:
+    """A mask cache of coloured boxes with exact masks (``helpers.make_cache``), one per module."""
+    from helpers import make_cache
+
+    return make_cache(tmp_path_factory.mktemp("cache"))

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_orchestration import _photo_manifest
-from test_rerun_table import BASE, _outputs, _run
+from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline, stage_folders
 from tokencompose_core import outputs
 
 
@@ -46,10 +45,10 @@ def _append_space(path: Path) -> None:
 
 @pytest.mark.slow
 def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(prefect_harness, tmp_path, capsys):
-    manifest = _photo_manifest(tmp_path)
-    argv = [f"storage.root={tmp_path / 'root'}", *BASE]
-    first, _ = _run(capsys, manifest, argv)
-    folders = _outputs(first)
+    manifest = photo_manifest(tmp_path)
+    argv = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
+    first, _ = run_pipeline(capsys, manifest, argv)
+    folders = stage_folders(first)
     png = _one(folders["sample"], "images/*/*.png")
     unet = _one(folders["train"], "unet/*.safetensors")
     shard = _one(folders["masks"], "shards/*.parquet")
@@ -72,9 +71,9 @@ def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(prefect
     for damage, path, stage, folder in damages:
         damage()
         assert not outputs.is_whole(folders_of[folder])
-        summary, states = _run(capsys, manifest, argv)
+        summary, states = run_pipeline(capsys, manifest, argv)
         assert path.read_bytes() == originals[path], f"{path} was not restored as it was"
-        assert _outputs(summary) == folders
+        assert stage_folders(summary) == folders
         assert "Completed" in states[stage], (stage, states)
         # The restored bytes are the same, so every stage after it finds its outputs as they were.
         for other, names in states.items():

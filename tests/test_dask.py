@@ -9,7 +9,7 @@ import skimage.data
 from PIL import Image
 
 from flows.preprocess import masks_flow, nouns_flow
-from test_sample_evaluate_flows import _task_states
+from helpers import flow_task_states
 from tasks.common import configured
 from tokencompose_core import mask_cache, storage
 from tokencompose_core.config import load_config
@@ -51,7 +51,7 @@ def test_masks_on_a_two_worker_dask_cluster_match_a_single_process(prefect_harne
     # Task results written on the workers land in the profile's result storage, so a
     # second run on a new cluster is all cache hits.
     again = on_dask("tiny", spread, nouns, return_state=True)
-    assert set(_task_states(again.state_details.flow_run_id)) == {"Cached"}
+    assert set(flow_task_states(again.state_details.flow_run_id)) == {"Cached"}
     assert distributed["shards"] == local["shards"] == 2
     assert mask_cache.completed_shards(distributed["cache_uri"]) == mask_cache.completed_shards(local["cache_uri"])
     assert _shards(distributed["cache_uri"]) == _shards(local["cache_uri"])

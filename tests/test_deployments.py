@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from prefect.workers.process import ProcessWorker
 
+from helpers import free_port
 from deployments.serve import PREFECT_YAML, REPO_ROOT, build_deployments, deployment_specs, roots_override
 from flows.reevaluate import reevaluate_flow
 from tokencompose_core.reevaluation import newest_checkpoint
@@ -104,12 +104,6 @@ def test_reevaluation_without_a_checkpoint_names_what_is_missing(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _prefect(args: list[str], env: dict[str, str], timeout: float) -> str:
     done = subprocess.run([PREFECT, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout)
@@ -142,7 +136,7 @@ def _wait_healthy(api: str, server: subprocess.Popen, deadline: float) -> None:
 
 def test_quick_eval_deployment_runs_on_a_real_server(tmp_path):
     deadline = time.monotonic() + SERVER_TEST_BUDGET_S
-    port, home = _free_port(), tmp_path / "prefect-home"
+    port, home = free_port(), tmp_path / "prefect-home"
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

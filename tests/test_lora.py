@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import _config, make_cache, resume_after_kill
+from helpers import PIPELINE_SETTINGS, photo_manifest, resume_after_kill, run_pipeline, stage_folders, train_config
 from tokencompose_core import checkpoints, lora, outputs
 from tokencompose_core.attention import AttentionCapture, CaptureAttnProcessor, supervised_groups
 from tokencompose_core.config import load_config
@@ -23,11 +23,6 @@ from tokencompose_core.stages import stage_settings
 from tokencompose_core.train import train
 
 RANK = ("train.lora.rank=4",)
-
-
-@pytest.fixture(scope="module")
-def cache_uri(tmp_path_factory) -> str:
-    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +97,14 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
     settings = (*RANK, "train.lora.alpha=8", "train.max_steps=2", "train.checkpoint_every=1",
                 "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
                 "train.lr_warmup_steps=1")
-    straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+    straight = train(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
     run = tmp_path / "straight"
     assert straight.unet_uri == str(run / "lora") and not (run / "unet").exists()
     assert sorted(os.listdir(checkpoints.checkpoint_dir(str(run), 2))) == [
         "_manifest.json", "ema.pt", "lora", "lr_scheduler.pt", "optimizer.pt", "rng-0.pt", "state.json"]
     assert all(path.startswith(("lora/", "metrics", "loss_curve")) for path in checkpoints.result_files(str(run)))
 
-    resumed = resume_after_kill(monkeypatch, _config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 1)
+    resumed = resume_after_kill(monkeypatch, train_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 1)
 
     ours, theirs = (load_file(os.path.join(result.unet_uri, lora.WEIGHTS_NAME)) for result in (resumed, straight))
     assert ours.keys() == theirs.keys() and all(key.startswith("unet.") and ".lora." in key for key in ours)
@@ -121,7 +116,7 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(straight.unet_uri)
     adapter = load_diffusion(model_dir).unet
-    lora.add_lora(adapter, _config(tmp_path, *settings).train.lora)
+    lora.add_lora(adapter, train_config(tmp_path, *settings).train.lora)
     lora.load_lora_state(adapter, straight.unet_uri)
     merged = load_parts(model_dir, straight.unet_uri, torch.device("cpu"), torch.float32).unet
     assert not lora.has_lora(merged)  # the sampler's U-Net is a plain one
@@ -135,13 +130,10 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
 
 @pytest.mark.slow
 def test_cli_run_with_lora_end_to_end(prefect_harness, tmp_path, capsys):
-    from test_rerun_table import BASE, _outputs, _run
-    from test_orchestration import _photo_manifest
-
-    summary, states = _run(capsys, _photo_manifest(tmp_path),
-                           [f"storage.root={tmp_path / 'root'}", *BASE, "train.lora.rank=4"])
+    summary, states = run_pipeline(capsys, photo_manifest(tmp_path),
+                                   [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS, "train.lora.rank=4"])
     assert all("Completed" in names for names in states.values()), states
-    folders = _outputs(summary)
+    folders = stage_folders(summary)
     run = Path(folders["train"])
     assert (run / "lora" / lora.WEIGHTS_NAME).is_file() and not (run / "unet").exists()
     recorded = {entry["path"] for entry in outputs.read_record(str(run))["files"]}

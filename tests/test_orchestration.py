@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from uuid import UUID
 
 import pytest
 import torch
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows.pipeline as pipeline
+from helpers import subflow_task_states
 from tasks.common import (ResultFiles, configured, is_transient, result_storage, retry_batch_size,
                           stage_task, task_runner)
 from tokencompose_core import storage
@@ -47,22 +45,9 @@ def _toy_stage(stage: str):
 TOY_STAGES = {stage: _toy_stage(stage) for stage in STAGES}
 
 
-def _task_states(parent_run_id: UUID) -> dict[str, list[str]]:
-    """State names of the task runs of each stage subflow of a pipeline run."""
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_run_id])))
-        states: dict[str, list[str]] = {}
-        for child in children:
-            name = client.read_flow(child.flow_id).name
-            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[child.id])))
-            states[name] = sorted(run.state.name for run in runs)
-    return states
-
-
 def _run_pipeline(overrides: list[str]) -> tuple[dict, dict[str, list[str]]]:
     state = pipeline.pipeline_flow(profile="tiny", overrides=overrides, return_state=True)
-    return state.result(), _task_states(state.state_details.flow_run_id)
+    return state.result(), subflow_task_states(state.state_details.flow_run_id)
 
 
 def test_rerun_is_all_cache_hits_and_a_change_reruns_only_downstream(prefect_harness, tmp_path, monkeypatch):
@@ -90,7 +75,7 @@ def test_part_of_the_dag_and_bad_requests(prefect_harness, tmp_path, monkeypatch
     upstream.write_text("manifest>nouns>masks")
     state = pipeline.pipeline_flow("tiny", overrides, str(upstream), stages=["sample", "train"], return_state=True)
     assert list(state.result()["stages"]) == ["train", "sample"]
-    assert set(_task_states(state.state_details.flow_run_id)) == {"toy-train", "toy-sample"}
+    assert set(subflow_task_states(state.state_details.flow_run_id)) == {"toy-train", "toy-sample"}
     assert storage.read_bytes(state.result()["output_uri"]).decode() == "manifest>nouns>masks>train>sample"
 
     with pytest.raises(ValueError, match="leave a gap"):
@@ -224,16 +209,3 @@ def test_local_dask_workers_keep_the_default_malloc_trimming_and_report_to_our_a
 # ---------------------------------------------------------------------------
 
 
-def _photo_manifest(folder: Path) -> str:
-    import json
-
-    import skimage.data
-    from PIL import Image
-
-    rows = []
-    for name, caption in [("astronaut", "An astronaut holding a flag."), ("chelsea", "A cat next to a wall."),
-                          ("coffee", "A cup of coffee with a spoon.")]:
-        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((64, 48)).save(folder / f"{name}.png")
-        rows.append({"image": f"{name}.png", "captions": [caption]})
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(folder / "manifest.jsonl")

@@ -114,9 +114,9 @@ BASE = ["masks.shard_size=2", "masks.batch_size=2", "train.max_steps=2", "train.
 def test_run_tiny_reports_fid_clip_multigen_miou_and_paired_intervals_beside_a_baseline(
         prefect_harness, tmp_path: Path, capsys) -> None:
     from flows.cli import main
-    from test_orchestration import _photo_manifest
+    from helpers import photo_manifest
 
-    manifest = _photo_manifest(tmp_path)
+    manifest = photo_manifest(tmp_path)
     overrides = [f"storage.root={tmp_path / 'root'}", *BASE]
     assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
     summary = json.loads(capsys.readouterr().out)

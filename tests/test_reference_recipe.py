@@ -108,7 +108,7 @@ def test_training_mask_plus_grounding_losses_equal_the_reference(resolution, sid
 
 
 def test_dataset_carries_the_reference_images_and_masks(tmp_path):
-    from test_train import make_cache
+    from helpers import make_cache
 
     cache = MaskCache(make_cache(tmp_path, images=3, side=48))
     ids = cache.image_ids()
@@ -179,7 +179,7 @@ def test_paper_profiles_resolve_to_the_reproducing_table():
 def test_training_runs_with_the_reference_transforms_on_every_image(tmp_path):
     import json
 
-    from test_train import make_cache
+    from helpers import make_cache
 
     from tokencompose_core.config import load_config
     from tokencompose_core.train import train

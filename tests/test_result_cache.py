@@ -10,7 +10,7 @@ from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.serializers import PickleSerializer
 
 from flows.cli import main
-from test_orchestration import _photo_manifest
+from helpers import photo_manifest
 
 
 class _Planted:
@@ -34,7 +34,7 @@ def _serializers(paths: list[Path]) -> dict[Path, str]:
 
 
 def test_result_records_are_json_and_a_planted_pickle_is_recomputed_not_loaded(prefect_harness, tmp_path, capsys):
-    manifest, root = _photo_manifest(tmp_path), tmp_path / "root"
+    manifest, root = photo_manifest(tmp_path), tmp_path / "root"
     argv = ["nouns", "-p", "tiny", "--input", manifest, f"storage.root={root}"]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import flow_task_states
 from tokencompose_core import storage
 from tokencompose_core.sampling import png_bytes
 
@@ -35,15 +36,6 @@ def _mask_cache(root: Path) -> str:
     cache = str(root / "masks")
     commit_shard(cache, "shard-00000", rows_frame(rows))
     return cache
-
-
-def _task_states(flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return [run.state.name for run in runs]
 
 
 def test_sample_then_score_flows(prefect_harness, tmp_path: Path) -> None:
@@ -87,7 +79,7 @@ def test_sample_then_score_flows(prefect_harness, tmp_path: Path) -> None:
 
     # Same inputs again: every task is a cache hit.
     again = evaluate_flow(profile="tiny", overrides=overrides, input_uri=sampled["output_uri"], return_state=True)
-    assert set(_task_states(again.state_details.flow_run_id)) == {"Cached"}
+    assert set(flow_task_states(again.state_details.flow_run_id)) == {"Cached"}
 
 
 def test_sample_flow_refuses_a_run_without_unet(prefect_harness, tmp_path: Path) -> None:

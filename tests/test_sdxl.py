@@ -216,11 +216,10 @@ def test_our_sampling_loop_matches_stable_diffusion_xl_pipeline(xl_dir) -> None:
 @pytest.mark.slow
 def test_tiny_xl_pipeline_through_the_cli(prefect_harness, tmp_path, capsys) -> None:
     from flows.cli import main
-    from test_orchestration import _photo_manifest
-    from test_rerun_table import BASE
+    from helpers import PIPELINE_SETTINGS, photo_manifest
 
-    manifest = _photo_manifest(tmp_path)
-    assert main(["run", "-p", "tiny-xl", "--input", manifest, f"storage.root={tmp_path / 'root'}", *BASE]) == 0
+    manifest = photo_manifest(tmp_path)
+    assert main(["run", "-p", "tiny-xl", "--input", manifest, f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["stages"]) == {"nouns", "masks", "train", "sample", "score"}
     (scores,) = summary["stages"]["score"]["summary"]["scores"]

@@ -7,64 +7,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pytest
 import torch
-from PIL import Image
 
-from tokencompose_core import rle
-from tokencompose_core import checkpoints
+from helpers import resume_after_kill, train_config
 from tokencompose_core import train as train_module
 from tokencompose_core.attention import CaptureAttnProcessor
-from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.data import ResumableBatchSampler
-from tokencompose_core.mask_cache import commit_shard
-from tokencompose_core.models import clip_tokenizer
-from tokencompose_core.text import token_positions
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 from tokencompose_core.train import train
-
-COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
-
-
-def make_cache(root: Path, images: int = 10, side: int = 64) -> str:
-    """A mask cache of coloured boxes with exact masks; the last image has no grounded noun."""
-    tokenizer = clip_tokenizer()
-    rng = np.random.default_rng(0)
-    rows = []
-    box = side * 3 // 8
-    for index in range(images):
-        nouns = list(COLOURS)[: 1 + index % 3] if index < images - 1 else []
-        caption = "a photo of " + (" and ".join(f"a {noun}" for noun in nouns) or "an empty room")
-        canvas = np.full((side, side + 16, 3), 128, dtype=np.uint8)  # not square: exercises the crop
-        uri = str(root / "images" / f"img{index}.png")
-        base = dict(image_id=f"img{index:02d}", image_uri=uri, caption=caption, height=side, width=side + 16,
-                    box=[0.0, 0.0, 1.0, 1.0], score=0.9, fingerprint="fixture")
-        for noun in nouns:
-            y, x = rng.integers(0, side - box, size=2) + (0, 8)
-            mask = np.zeros((side, side + 16), dtype=bool)
-            mask[y : y + box, x : x + box] = True
-            canvas[mask] = COLOURS[noun]
-            positions = list(token_positions(caption, noun, tokenizer))
-            rows.append({**base, "noun": noun, "token_positions": positions, "mask_counts": rle.encode(mask)})
-        if not nouns:
-            rows.append({**base, "noun": None, "token_positions": [], "mask_counts": None})
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(canvas).save(uri)
-    cache = str(root / "masks")
-    commit_shard(cache, "shard-00000", pd.DataFrame(rows))
-    return cache
-
-
-@pytest.fixture(scope="module")
-def cache_uri(tmp_path_factory) -> str:
-    return make_cache(tmp_path_factory.mktemp("cache"))
-
-
-def _config(tmp_path: Path, *overrides: str):
-    return load_config("tiny", [f"storage.root={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2",
-                                "train.log_every=2", *overrides])
-
 
 def _weights(unet_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -83,7 +33,7 @@ def test_sampler_resumes_mid_epoch_and_splits_between_processes():
 
 
 def test_train_outputs_checkpoints_and_stock_pipeline(tmp_path, cache_uri):
-    config = _config(tmp_path, "train.checkpoints_total_limit=1")
+    config = train_config(tmp_path, "train.checkpoints_total_limit=1")
     result = train(config, cache_uri, str(tmp_path / "run"))
     run = tmp_path / "run"
     assert result.global_step == 4 and result.unet_uri == str(run / "unet")
@@ -110,31 +60,11 @@ def test_train_outputs_checkpoints_and_stock_pipeline(tmp_path, cache_uri):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
-class _Interrupted(RuntimeError):
-    pass
-
-
-def resume_after_kill(monkeypatch, config: PipelineConfig, cache_uri: str, output_uri: str, die_after: int):
-    """Train into ``output_uri``, killed right after checkpoint ``die_after``, then rerun it to the end."""
-    save = checkpoints.TrainingState.save
-
-    def save_then_die(self, output_dir, step, state, keep):
-        save(self, output_dir, step, state, keep)
-        if step == die_after:
-            raise _Interrupted(f"killed after checkpoint {die_after}")
-
-    monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
-    with pytest.raises(_Interrupted):
-        train(config, cache_uri, output_uri)
-    monkeypatch.setattr(checkpoints.TrainingState, "save", save)
-    return train(config, cache_uri, output_uri)
-
-
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkeypatch):
     settings = ("train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.caption_dropout=0.3",
                 "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
-    straight = train(_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
-    resumed = resume_after_kill(monkeypatch, _config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 2)
+    straight = train(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+    resumed = resume_after_kill(monkeypatch, train_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 2)
 
     assert resumed.global_step == 4
     ours, theirs = _weights(resumed.unet_uri), _weights(straight.unet_uri)
@@ -149,11 +79,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkey
 def test_pixel_space_plain_fine_tune_from_init_unet(tmp_path, cache_uri):
     overrides = ("models.diffusion=tiny-pixel", "train.resolution=16", "train.token_loss_weight=0",
                  "train.pixel_loss_weight=0", "train.max_steps=2", "train.cache_samples=true")
-    base = train(_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
+    base = train(train_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
     records = (tmp_path / "base" / "metrics.jsonl").read_text()
     assert "token/" not in records and "denoise" in records
     grounded = train(
-        _config(tmp_path, "models.diffusion=tiny-pixel", "train.resolution=16", "train.max_steps=2",
+        train_config(tmp_path, "models.diffusion=tiny-pixel", "train.resolution=16", "train.max_steps=2",
                 "train.grounding.layers=[up]", "train.grounding.group_weights={up_8: 0.0}"),
         cache_uri, str(tmp_path / "grounded"), init_unet=base.unet_uri,
     )

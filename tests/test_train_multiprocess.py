@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from test_train import make_cache
+from helpers import free_port, make_cache
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(cache: str, output: Path, log: Path, *overrides: str) -> subprocess.Popen:
@@ -29,7 +22,7 @@ def _launch(cache: str, output: Path, log: Path, *overrides: str) -> subprocess.
     # workers (`--multi_gpu`) with ACCELERATE_USE_CPU become a MULTI_CPU (gloo) group.
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "tokencompose_core.train", "-p", "tiny", "--cache", cache, "--output", str(output),
         f"storage.root={output.parent}", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
         "train.batch_size=1", *overrides,

@@ -1,0 +1,158 @@
+"""Helpers the test modules share: one place, so that no test module imports another.
+
+Fixtures shared by several modules live in ``conftest.py``; plain functions and constants here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tokencompose_core import checkpoints, rle
+from tokencompose_core.config import PipelineConfig, load_config
+from tokencompose_core.mask_cache import commit_shard
+from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.text import token_positions
+from tokencompose_core.train import train
+
+# Settings that make the real five stages demo-sized: tiny models, a few steps, one prompt.
+PIPELINE_SETTINGS = ["masks.shard_size=2", "masks.batch_size=2", "train.max_steps=2", "train.batch_size=1",
+                     "train.checkpoint_every=2", "train.resolution=32", "sample.max_prompts=1",
+                     "sample.images_per_prompt=1", "sample.num_inference_steps=2", "score.heldout_images=2",
+                     "score.report_overlays=0"]
+
+COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def photo_manifest(folder: Path) -> str:
+    """A three-photo manifest (scikit-image's astronaut, cat and coffee) with one caption each."""
+    import skimage.data
+
+    rows = []
+    for name, caption in [("astronaut", "An astronaut holding a flag."), ("chelsea", "A cat next to a wall."),
+                          ("coffee", "A cup of coffee with a spoon.")]:
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((64, 48)).save(folder / f"{name}.png")
+        rows.append({"image": f"{name}.png", "captions": [caption]})
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def subflow_task_states(parent_run_id: UUID) -> dict[str, list[str]]:
+    """State names of the task runs of each stage subflow of a pipeline run, by flow name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_run_id])))
+        states: dict[str, list[str]] = {}
+        for child in children:
+            name = client.read_flow(child.flow_id).name
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[child.id])))
+            states[name] = sorted(run.state.name for run in runs)
+    return states
+
+
+def flow_task_states(flow_run_id: UUID) -> list[str]:
+    """State names of the task runs of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run.state.name for run in runs]
+
+
+def run_pipeline(capsys: pytest.CaptureFixture[str], manifest: str,
+                 overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
+    """`tokencompose run -p tiny` through the CLI: its summary, and the task states of each stage."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.cli import main
+
+    assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
+                                          sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return summary, {stage: set(states) for stage, states in subflow_task_states(latest.id).items()}
+
+
+def stage_folders(summary: dict) -> dict[str, str]:
+    """Each stage's output folder (stage 1 hands on the nouns table inside its folder)."""
+    uris = {stage: info["output_uri"] for stage, info in summary["stages"].items()}
+    return {stage: str(Path(uri).parent) if Path(uri).suffix else uri for stage, uri in uris.items()}
+
+
+def make_cache(root: Path, images: int = 10, side: int = 64) -> str:
+    """A mask cache of coloured boxes with exact masks; the last image has no grounded noun."""
+    tokenizer = clip_tokenizer()
+    rng = np.random.default_rng(0)
+    rows = []
+    box = side * 3 // 8
+    for index in range(images):
+        nouns = list(COLOURS)[: 1 + index % 3] if index < images - 1 else []
+        caption = "a photo of " + (" and ".join(f"a {noun}" for noun in nouns) or "an empty room")
+        canvas = np.full((side, side + 16, 3), 128, dtype=np.uint8)  # not square: exercises the crop
+        uri = str(root / "images" / f"img{index}.png")
+        base = dict(image_id=f"img{index:02d}", image_uri=uri, caption=caption, height=side, width=side + 16,
+                    box=[0.0, 0.0, 1.0, 1.0], score=0.9, fingerprint="fixture")
+        for noun in nouns:
+            y, x = rng.integers(0, side - box, size=2) + (0, 8)
+            mask = np.zeros((side, side + 16), dtype=bool)
+            mask[y : y + box, x : x + box] = True
+            canvas[mask] = COLOURS[noun]
+            positions = list(token_positions(caption, noun, tokenizer))
+            rows.append({**base, "noun": noun, "token_positions": positions, "mask_counts": rle.encode(mask)})
+        if not nouns:
+            rows.append({**base, "noun": None, "token_positions": [], "mask_counts": None})
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas).save(uri)
+    cache = str(root / "masks")
+    commit_shard(cache, "shard-00000", pd.DataFrame(rows))
+    return cache
+
+
+def train_config(tmp_path: Path, *overrides: str) -> PipelineConfig:
+    """The tiny profile trained for 4 steps with a checkpoint every 2."""
+    return load_config("tiny", [f"storage.root={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2",
+                                "train.log_every=2", *overrides])
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def resume_after_kill(monkeypatch: pytest.MonkeyPatch, config: PipelineConfig, cache_uri: str, output_uri: str,
+                      die_after: int) -> Any:
+    """Train into ``output_uri``, killed right after checkpoint ``die_after``, then rerun it to the end."""
+    save = checkpoints.TrainingState.save
+
+    def save_then_die(self, output_dir, step, state, keep):
+        save(self, output_dir, step, state, keep)
+        if step == die_after:
+            raise _Interrupted(f"killed after checkpoint {die_after}")
+
+    monkeypatch.setattr(checkpoints.TrainingState, "save", save_then_die)
+    with pytest.raises(_Interrupted):
+        train(config, cache_uri, output_uri)
+    monkeypatch.setattr(checkpoints.TrainingState, "save", save)
+    return train(config, cache_uri, output_uri)
