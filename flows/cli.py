@@ -8,8 +8,8 @@ stop`` ends it); with ``PREFECT_API_URL`` set, runs go to that server instead.
     tokencompose train -p tiny train.max_steps=50 train.learning_rate=1e-4
 
 A user's error (a bad profile or override, an unreadable input, missing weights,
-no whole checkpoint, a server that would not start) prints one line and exits with status 2; ``--debug`` shows
-the traceback instead.
+no whole checkpoint, a server that would not start) prints one line and exits with
+status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from flows import local_server
 from tokencompose_core.stages import STAGES
+
+if TYPE_CHECKING:
+    from tokencompose_core.config import PipelineConfig
 
 # Before anything imports Prefect, which reads its settings then: the local server the
 # CLI starts (it inherits this environment) would otherwise send usage telemetry, and
@@ -93,7 +96,7 @@ class _UserErrorTracebacks(logging.Filter):
         return error is None or not _is_user_error(error)
 
 
-def _check_input(command: str, config: Any, input_uri: str | None) -> None:
+def _check_input(command: str, config: PipelineConfig, input_uri: str | None) -> None:
     """The first stage's input exists and lies under the allowed roots: checked before Prefect starts.
 
     A default input other than the manifest (the newest upstream output) is found by the flow.
@@ -158,7 +161,7 @@ def _run(args: argparse.Namespace) -> Any:
         return _run_stage(args, config)
 
 
-def _run_stage(args: argparse.Namespace, config: Any) -> Any:
+def _run_stage(args: argparse.Namespace, config: PipelineConfig) -> Any:
     from tasks.common import configured
 
     target = RUN[0] if args.command == "run" else STAGES[args.command].flow

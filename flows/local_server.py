@@ -68,7 +68,7 @@ def ensure_server() -> str:
         url = _running_url()
         if url:
             return url
-        stop()  # a record of a server that no longer answers (or another Prefect version's)
+        stop()  # a record of a server that no longer answers, or of another Prefect version's
         return _start(home)
 
 
@@ -93,7 +93,7 @@ def stop() -> bool:
 
 def _running_url() -> str | None:
     record = _read_record()
-    if not record or record.get("prefect") != version("prefect") or record.get("python") != sys.executable:
+    if not record or record.get("prefect") != version("prefect"):  # another Prefect's API may differ
         return None
     pid, url = int(record.get("pid", 0)), str(record.get("url", ""))
     return url if pid > 0 and _is_our_server(pid) and _healthy(url) else None
