@@ -16,7 +16,7 @@ from tokencompose_core import models as M
 from tokencompose_core.config import GroundingDinoConfig, ModelsConfig, SamConfig, configs_dir
 from tokencompose_core.gdino_compat import BertModelWarper
 from tokencompose_core.models.loaders import _gdino_args
-from tokencompose_core.models.weights import _load_exact
+from tokencompose_core.models.weights import load_exact
 
 PRETRAINED = dict(
     kind="pretrained",
@@ -215,7 +215,7 @@ def test_sam_hq_missing_checkpoint_names_its_own_file_and_a_tiny_one_round_trips
     model = M.load_sam(tiny_hq)
     assert type(model).__module__.startswith("segment_anything_hq")
     torch.save(model.state_dict(), tmp_path / "sam_hq_tiny.pth")
-    _load_exact(M.load_sam(tiny_hq), M.load_state_dict_file(tmp_path / "sam_hq_tiny.pth"), "sam_hq_tiny.pth")
+    load_exact(M.load_sam(tiny_hq), M.load_state_dict_file(tmp_path / "sam_hq_tiny.pth"), "sam_hq_tiny.pth")
     assert M.fingerprint(tiny_hq) != M.fingerprint(ModelsConfig())
 
 
@@ -238,7 +238,7 @@ def test_checkpoint_missing_parameters_is_an_error(tiny: ModelsConfig, tmp_path:
     state = sam.state_dict()
     torch.save({k: v for k, v in state.items() if not k.startswith("mask_decoder.")}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="missing keys"):
-        _load_exact(sam, M.load_state_dict_file(tmp_path / "partial.pth"), "partial.pth")
+        load_exact(sam, M.load_state_dict_file(tmp_path / "partial.pth"), "partial.pth")
 
 
 def test_fingerprint_tracks_config_seed_and_weight_files(tiny: ModelsConfig, tmp_path: Path) -> None:

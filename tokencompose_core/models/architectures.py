@@ -11,7 +11,8 @@ from tokencompose_core.config import configs_dir
 TINY = "tiny"
 
 
-def _arch_dir(name: str) -> Path:
+def arch_dir(name: str) -> Path:
+    """The architecture folder ``configs/models/<name>``; FileNotFoundError listing the known ones."""
     path = configs_dir() / "models" / name
     if not path.is_dir():
         known = sorted(p.name for p in (configs_dir() / "models").iterdir() if p.is_dir())
@@ -19,5 +20,6 @@ def _arch_dir(name: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """One JSON config file of an architecture folder."""
     return json.loads(path.read_text(encoding="utf-8"))

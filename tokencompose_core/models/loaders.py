@@ -32,24 +32,24 @@ from transformers import (
 from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import tree_hash, value_hash
-from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
+from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
 from tokencompose_core.models.tiny import (
     _build_tiny_sam,
     _diffusion_parts,
-    _library_versions,
+    library_versions,
     _materialise_tiny_diffusion,
     _owlv2_from_arch,
-    _seeded,
+    seeded_init,
 )
-from tokencompose_core.models.tokenizers import _local_bert_tokenizer
+from tokencompose_core.models.tokenizers import local_bert_tokenizer
 from tokencompose_core.models.weights import (
     GDINO_RELEASES,
     GDINO_SWINT_OGC_URL,
     SAM_CHECKPOINT_URLS,
     SAM_HQ_CHECKPOINT_URLS,
     MissingWeightsError,
-    _hub_snapshot,
-    _load_exact,
+    hub_snapshot,
+    load_exact,
     load_state_dict_file,
 )
 
@@ -101,7 +101,7 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     if os.path.isdir(models.diffusion):
         model_dir = models.diffusion
     else:
-        model_dir = _hub_snapshot(
+        model_dir = hub_snapshot(
             models.diffusion,
             "Stable Diffusion model",
             " --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'text_encoder_2/*' 'tokenizer_2/*' "
@@ -156,7 +156,7 @@ def resolve_vae_dir(models: ModelsConfig) -> str | None:
     """The local folder of ``models.vae`` (a replacement VAE such as an fp16-safe one), or None."""
     if models.vae is None:
         return None
-    folder = models.vae if os.path.isdir(models.vae) else _hub_snapshot(models.vae, "VAE", "")
+    folder = models.vae if os.path.isdir(models.vae) else hub_snapshot(models.vae, "VAE", "")
     return str(_require_weights(Path(folder)).resolve())
 
 
@@ -229,7 +229,7 @@ def _parse_gdino_py_config(path: Path) -> dict[str, Any]:
 
 def _gdino_args(config: str) -> types.SimpleNamespace:
     if config == TINY:
-        values = _read_json(_arch_dir(TINY) / "grounding_dino" / "config.json")
+        values = read_config_json(arch_dir(TINY) / "grounding_dino" / "config.json")
     else:
         if config == "swint_ogc":
             package_configs = importlib.resources.files("groundingdino") / "config"
@@ -263,11 +263,11 @@ def _gdino_text_encoder(
     args: types.SimpleNamespace, random_weights: bool
 ) -> tuple[PreTrainedTokenizerBase, BertConfig]:
     if args.backbone == "swin_custom":
-        tokenizer = _local_bert_tokenizer()
+        tokenizer = local_bert_tokenizer()
         return tokenizer, BertConfig(vocab_size=len(tokenizer), **args.bert)
     if random_weights:
         # bert-base shape; the local vocabulary fits inside its 30522 embeddings.
-        return _local_bert_tokenizer(), BertConfig()
+        return local_bert_tokenizer(), BertConfig()
     from transformers import AutoTokenizer
 
     name = args.text_encoder_type
@@ -302,13 +302,13 @@ def load_grounding_dino(
         checkpoint = load_state_dict_file(spec.checkpoint)
     args = _gdino_args(spec.config)
     tokenizer, bert_config = _gdino_text_encoder(args, random_weights)
-    with _seeded(models.seed, "grounding_dino"):
+    with seeded_init(models.seed, "grounding_dino"):
         bert = BertModel(bert_config)
         model = build_grounding_dino(args, _gdino_backbone(args), tokenizer, bert)
     if checkpoint is not None:
         state = checkpoint.get("model", checkpoint)
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        _load_exact(model, state, spec.checkpoint)
+        load_exact(model, state, spec.checkpoint)
     return model.to(device).eval()
 
 
@@ -338,8 +338,8 @@ def load_sam(
     spec = models.sam
     package = sam_package(spec.variant)
     if spec.model_type == TINY:
-        with _seeded(models.seed, "sam"):
-            model = _build_tiny_sam(_read_json(_arch_dir(TINY) / "sam" / "config.json"), spec.variant, package)
+        with seeded_init(models.seed, "sam"):
+            model = _build_tiny_sam(read_config_json(arch_dir(TINY) / "sam" / "config.json"), spec.variant, package)
         return model.to(device).eval()
     urls = SAM_HQ_CHECKPOINT_URLS if spec.variant == "sam_hq" else SAM_CHECKPOINT_URLS
     if spec.model_type not in urls:
@@ -354,11 +354,11 @@ def load_sam(
                 f"Download {urls[spec.model_type]} and set models.sam.checkpoint to its path."
             )
         checkpoint = load_state_dict_file(spec.checkpoint)
-    with _seeded(models.seed, "sam"):
+    with seeded_init(models.seed, "sam"):
         # checkpoint=None: the packages' own loaders use an unrestricted torch.load.
         model = package.sam_model_registry[spec.model_type](checkpoint=None)
     if checkpoint is not None:
-        _load_exact(model, checkpoint, spec.checkpoint)
+        load_exact(model, checkpoint, spec.checkpoint)
     return model.to(device).eval()
 
 
@@ -376,7 +376,7 @@ def load_owlv2(
     else:
         source = models.owlv2
         if not os.path.isdir(source):
-            source = _hub_snapshot(source, "OWLv2 model", "")
+            source = hub_snapshot(source, "OWLv2 model", "")
         model = Owlv2ForObjectDetection.from_pretrained(source, local_files_only=True)
         processor = Owlv2Processor.from_pretrained(source, local_files_only=True)
     return model.to(device).eval(), processor
@@ -385,7 +385,7 @@ def load_owlv2(
 # --------------------------------------------------------------------------- fingerprint
 
 
-def _file_identity(path: str | None) -> str:
+def file_identity(path: str | None) -> str:
     """Size and modification time of a weight file (cheap; changes when the file does)."""
     if not path:
         return "unset"
@@ -396,11 +396,11 @@ def _file_identity(path: str | None) -> str:
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _source_identity(source: str) -> str:
+def source_identity(source: str) -> str:
     """Identity of a local model directory (file sizes/mtimes) or a cached hub repo (revision)."""
     if os.path.isdir(source):
         files = sorted(p for p in Path(source).rglob("*") if p.is_file())
-        return ";".join(_file_identity(str(p)) for p in files)
+        return ";".join(file_identity(str(p)) for p in files)
     from huggingface_hub import snapshot_download
 
     try:
@@ -422,23 +422,23 @@ def fingerprint(models: ModelsConfig) -> str:
     parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir", *unset})}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
-        tiny_dirs += _diffusion_parts(_arch_dir(models.diffusion))
+        tiny_dirs += _diffusion_parts(arch_dir(models.diffusion))
     else:
-        parts["diffusion"] = _source_identity(models.diffusion)
+        parts["diffusion"] = source_identity(models.diffusion)
     if models.grounding_dino.config == TINY or models.sam.model_type == TINY or models.owlv2 == TINY:
-        tiny_dirs += [_arch_dir(TINY) / part for part in ("grounding_dino", "sam", "owlv2")]
+        tiny_dirs += [arch_dir(TINY) / part for part in ("grounding_dino", "sam", "owlv2")]
     if models.grounding_dino.config != TINY:
-        parts["grounding_dino"] = [_file_identity(models.grounding_dino.checkpoint)]
+        parts["grounding_dino"] = [file_identity(models.grounding_dino.checkpoint)]
         if Path(models.grounding_dino.config).is_file():
-            parts["grounding_dino"].append(_file_identity(models.grounding_dino.config))
+            parts["grounding_dino"].append(file_identity(models.grounding_dino.config))
     if models.sam.model_type != TINY:
-        parts["sam"] = _file_identity(models.sam.checkpoint)
+        parts["sam"] = file_identity(models.sam.checkpoint)
     if models.owlv2 != TINY:
-        parts["owlv2"] = _source_identity(models.owlv2)
+        parts["owlv2"] = source_identity(models.owlv2)
     if models.vae is not None:
-        parts["vae"] = _source_identity(models.vae)
+        parts["vae"] = source_identity(models.vae)
     if models.clip_selector:
-        parts["clip_selector"] = _source_identity(models.clip_selector)
+        parts["clip_selector"] = source_identity(models.clip_selector)
     if tiny_dirs:
-        parts["tiny"] = f"{tree_hash(tiny_dirs)};{_library_versions()}"
+        parts["tiny"] = f"{tree_hash(tiny_dirs)};{library_versions()}"
     return value_hash(parts)

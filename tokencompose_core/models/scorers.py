@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
-from tokencompose_core.models.tiny import _seeded
+from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
+from tokencompose_core.models.tiny import seeded_init
 from tokencompose_core.models.tokenizers import clip_tokenizer
-from tokencompose_core.models.weights import MissingWeightsError, _hub_snapshot, _load_exact, load_state_dict_file
+from tokencompose_core.models.weights import MissingWeightsError, hub_snapshot, load_exact, load_state_dict_file
 
 # The FID network: the TF 2015 Inception graph FID is defined on, ported to PyTorch
 # (pytorch-fid's release, the weights torch-fidelity and torchmetrics use too). Its
@@ -70,7 +70,7 @@ def load_inception(weights: str, seed: int = 0, num_features: int = 2048) -> Inc
                             transform_input=False)
 
     if weights == TINY:
-        with _seeded(seed, "inception"):
+        with seeded_init(seed, "inception"):
             network = build()
             # torchvision's init (std 0.1) assumes trained batch norms; with untrained ones
             # (identity in eval) activations grow ~1e10 over the 90 layers and the Fréchet
@@ -84,7 +84,7 @@ def load_inception(weights: str, seed: int = 0, num_features: int = 2048) -> Inc
             f"FID Inception weights not found: {weights} (score.inception_weights). "
             f"Download {FID_INCEPTION_URL} and set score.inception_weights to its path.")
     network = build()
-    _load_exact(network, load_state_dict_file(weights), weights)
+    load_exact(network, load_state_dict_file(weights), weights)
     return InceptionFeatures(network, num_features)
 
 
@@ -92,33 +92,33 @@ def load_clip(source: str, seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
     """CLIP for CLIP score: ``"tiny"`` = seeded random init from configs/models/tiny/clip,
     else a local folder or a hub id in the local cache (openai/clip-vit-large-patch14)."""
     if source == TINY:
-        config = CLIPConfig.from_dict(_read_json(_arch_dir(TINY) / "clip" / "config.json"))
-        with _seeded(seed, "clip"):
+        config = CLIPConfig.from_dict(read_config_json(arch_dir(TINY) / "clip" / "config.json"))
+        with seeded_init(seed, "clip"):
             model = CLIPModel(config)
         side = config.vision_config.image_size
         processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": side},
                                                                      crop_size={"height": side, "width": side}),
                                   tokenizer=clip_tokenizer())
         return model.eval(), processor
-    folder = source if os.path.isdir(source) else _hub_snapshot(source, "CLIP model (score.clip_model)", "")
+    folder = source if os.path.isdir(source) else hub_snapshot(source, "CLIP model (score.clip_model)", "")
     return (CLIPModel.from_pretrained(folder, local_files_only=True).eval(),
             CLIPProcessor.from_pretrained(folder, local_files_only=True))
 
 
 def scorer_identity(weights: str) -> Any:
     """What a reference-statistics cache depends on: the network's file (or tiny's build)."""
-    from tokencompose_core.models.loaders import _file_identity
-    from tokencompose_core.models.tiny import _library_versions
+    from tokencompose_core.models.loaders import file_identity
+    from tokencompose_core.models.tiny import library_versions
 
-    return f"tiny;{_library_versions()}" if weights == TINY else _file_identity(weights)
+    return f"tiny;{library_versions()}" if weights == TINY else file_identity(weights)
 
 
 def scorers_fingerprint(inception_weights: str, clip_model: str) -> str:
     """Identity of stage 5's scoring networks beyond their names: the Inception file,
     the CLIP folder or cached revision, or the tiny architectures and library versions."""
     from tokencompose_core.identity import tree_hash, value_hash
-    from tokencompose_core.models.loaders import _source_identity
+    from tokencompose_core.models.loaders import source_identity
 
-    clip = f"{tree_hash([_arch_dir(TINY) / 'clip'])};{scorer_identity(TINY)}" if clip_model == TINY \
-        else _source_identity(clip_model)
+    clip = f"{tree_hash([arch_dir(TINY) / 'clip'])};{scorer_identity(TINY)}" if clip_model == TINY \
+        else source_identity(clip_model)
     return value_hash({"inception": scorer_identity(inception_weights), "clip": clip})

@@ -34,8 +34,8 @@ from transformers import (
 
 from tokencompose_core.config import ModelsConfig
 from tokencompose_core.identity import bytes_hash, component_seed, tree_hash
-from tokencompose_core.models.architectures import TINY, _arch_dir, _read_json
-from tokencompose_core.models.tokenizers import _owlv2_tokenizer, clip_tokenizer, clip_tokenizer_2
+from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
+from tokencompose_core.models.tokenizers import owlv2_tokenizer, clip_tokenizer, clip_tokenizer_2
 
 # torch's global RNG is shared by all threads: two tiny models built at once (two
 # mask shards on a thread pool) would interleave their draws and get different
@@ -44,14 +44,15 @@ _SEEDED_BUILD = threading.RLock()
 
 
 @contextmanager
-def _seeded(seed: int, component: str) -> Iterator[None]:
+def seeded_init(seed: int, component: str) -> Iterator[None]:
     """Seed initialisation per component, leaving the caller's RNG state untouched."""
     with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(component_seed(seed, component))
         yield
 
 
-def _library_versions() -> str:
+def library_versions() -> str:
+    """The versions of the libraries that build a tiny model (part of its identity)."""
     import diffusers
     import transformers
 
@@ -64,8 +65,8 @@ def _library_versions() -> str:
 
 
 def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
-    arch = _arch_dir(models.diffusion)
-    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{_library_versions()}"
+    arch = arch_dir(models.diffusion)
+    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{library_versions()}"
     cache = Path(models.cache_dir).resolve()
     target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
     if (target / "model_index.json").is_file():
@@ -108,15 +109,15 @@ def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
         config_file = arch / name / "config.json"
         if name in ("vae", "text_encoder_2") and not config_file.is_file():
             continue  # no VAE: a pixel-space model; no second encoder: SD 1.x/2.x-shaped
-        with _seeded(seed, name):
-            module = build(_read_json(config_file))
+        with seeded_init(seed, name):
+            module = build(read_config_json(config_file))
         module.save_pretrained(out / name)
         index[name] = [library, class_name]
     tokenizers = [("tokenizer", clip_tokenizer())] + ([("tokenizer_2", clip_tokenizer_2())] if xl else [])
     for name, tokenizer in tokenizers:
         tokenizer.save_pretrained(out / name)
         index[name] = ["transformers", "CLIPTokenizer"]
-    scheduler = DDPMScheduler.from_config(_read_json(arch / "scheduler" / "scheduler_config.json"))
+    scheduler = DDPMScheduler.from_config(read_config_json(arch / "scheduler" / "scheduler_config.json"))
     scheduler.save_pretrained(out / "scheduler")
     index["scheduler"] = ["diffusers", "DDPMScheduler"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
@@ -180,13 +181,13 @@ def _build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleTyp
 
 
 def _owlv2_from_arch(name: str, seed: int) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
-    folder = _arch_dir(name) / "owlv2" if name == TINY else _arch_dir(name)
-    config = Owlv2Config.from_dict(_read_json(folder / "config.json"))
-    with _seeded(seed, "owlv2"):
+    folder = arch_dir(name) / "owlv2" if name == TINY else arch_dir(name)
+    config = Owlv2Config.from_dict(read_config_json(folder / "config.json"))
+    with seeded_init(seed, "owlv2"):
         model = Owlv2ForObjectDetection(config)
     side = config.vision_config.image_size
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
-        tokenizer=_owlv2_tokenizer(),
+        tokenizer=owlv2_tokenizer(),
     )
     return model, processor

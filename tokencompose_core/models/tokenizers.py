@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import BertTokenizer, CLIPTokenizer
 
-from tokencompose_core.models.architectures import TINY, _arch_dir
+from tokencompose_core.models.architectures import TINY, arch_dir
 
 CLIP_MAX_LENGTH = 77
 OWLV2_MAX_LENGTH = 16
@@ -67,17 +67,18 @@ def clip_tokenizer_2() -> CLIPTokenizer:
     return _build_clip_tokenizer(model_max_length=CLIP_MAX_LENGTH, pad_token="!")
 
 
-def _owlv2_tokenizer() -> CLIPTokenizer:
+def owlv2_tokenizer() -> CLIPTokenizer:
+    """OWLv2's text tokenizer, built offline."""
     # OWLv2 pads with "!" (id 0) to 16 tokens; otherwise the same BPE as SD.
     return _build_clip_tokenizer(model_max_length=OWLV2_MAX_LENGTH, pad_token="!")
 
 
-def _local_bert_tokenizer() -> BertTokenizer:
+def local_bert_tokenizer() -> BertTokenizer:
     """Uncased WordPiece tokenizer from the vocabulary kept in the repo (no download).
 
     ``vocab.txt`` holds BERT's special tokens, ASCII punctuation, digits and letters
     (with ``##`` continuations) and the words of the MultiGen prompts and of COCO
     captions, so any lowercase ASCII caption tokenizes; rarer words split into letters.
     """
-    lines = (_arch_dir(TINY) / "grounding_dino" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    lines = (arch_dir(TINY) / "grounding_dino" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     return BertTokenizer(vocab={token: index for index, token in enumerate(lines)}, do_lower_case=True)

@@ -55,7 +55,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         ) from None
 
 
-def _load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load weights; any missing parameter is an error (never a partly random model)."""
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     unexpected = [k for k in unexpected if not k.endswith(_BENIGN_UNEXPECTED_SUFFIXES)]
@@ -67,7 +67,7 @@ def _load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
         )
 
 
-def _hub_snapshot(repo_id: str, what: str, how: str) -> str:
+def hub_snapshot(repo_id: str, what: str, how: str) -> str:
     """Local snapshot folder of a hub repo, from the cache only."""
     from huggingface_hub import snapshot_download
 
