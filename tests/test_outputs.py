@@ -102,3 +102,45 @@ def test_file_digests_are_memoised_per_machine_yet_an_edit_is_read_again(tmp_pat
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
     assert identity.file_digest(str(weights)) != first
+
+
+def test_an_object_stores_content_tag_memoises_its_digest(monkeypatch) -> None:
+    """On an object store a digest is memoised under the object's content tag (S3's ETag):
+    weights on a bucket are not downloaded on every run, and a rewrite is read again."""
+    import hashlib
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from tokencompose_core import identity
+
+    class TaggedStore(MemoryFileSystem):
+        protocol = "taggedstore"
+        store: dict = {}
+        pseudo_dirs = [""]
+
+        def info(self, path, **kwargs):
+            details = super().info(path, **kwargs)
+            if details["type"] == "file":
+                details["ETag"] = hashlib.md5(self.cat_file(path)).hexdigest()
+            return details
+
+    fsspec.register_implementation("taggedstore", TaggedStore, clobber=True)
+    uri = f"taggedstore://bucket/{uuid.uuid4().hex}/weights.safetensors"
+    storage.atomic_write_bytes(uri, bytes(2 << 20))
+    first = identity.file_digest(uri)
+    identity._DIGESTS.clear()  # a new process: only the machine's memo is left
+    read = identity._read_digest
+    reads: list[str] = []
+    monkeypatch.setattr(identity, "_read_digest", lambda fs, path: reads.append(path) or (0, "unread"))
+    assert identity.file_digest(uri) == first and reads == []
+    monkeypatch.setattr(identity, "_read_digest", read)
+    storage.atomic_write_bytes(uri, b"\x01" + bytes((2 << 20) - 1))  # same size, new content tag
+    assert identity.file_digest(uri) != first
+    # A store without content tags is read every time.
+    plain = f"memory://{uuid.uuid4().hex}/weights.safetensors"
+    storage.atomic_write_bytes(plain, bytes(2 << 20))
+    identity.file_digest(plain)
+    monkeypatch.setattr(identity, "_read_digest", lambda fs, path: reads.append(path) or read(fs, path))
+    identity.file_digest(plain)
+    assert len(reads) == 1

@@ -89,25 +89,28 @@ def component_seed(seed: int, component: str) -> int:
 def file_digest(uri: str) -> tuple[int, str]:
     """(size, sha256 hex) of one file on any filesystem, read in 4 MiB blocks.
 
-    A local file's digest is memoised under its stat (path, size, inode, modification
-    and change times), in this process and, for files of 1 MiB and more, on this machine
-    (:func:`digest_memo_dir`), so multi-gigabyte weights are read once, not on every run.
-    Any write changes the change time, which no one can set back, so a rewritten file,
-    whatever its size and modification time, is read again.
+    The digest is memoised under the file's version, in this process and, for files of
+    1 MiB and more, on this machine (:func:`digest_memo_dir`), so multi-gigabyte weights
+    are read once, not on every run. A local file's version is its stat (path, size,
+    inode, modification and change times): any write changes the change time, which no
+    one can set back, so a rewritten file, whatever its size and modification time, is
+    read again. An object store's version is the content tag it keeps per object (ETag,
+    MD5, generation); a store that keeps none is read every time.
     """
     from tokencompose_core import storage
 
     fs, path = storage.filesystem(uri)
-    if not storage.is_local(fs):
-        return _read_digest(fs, path)
-    before = _stat_key(path)
-    known = _DIGESTS.get(before) or _memo_read(before)
+    local = storage.is_local(fs)
+    before = _local_version(path) if local else _stored_version(fs, path)
+    known = before and (_DIGESTS.get(before) or _memo_read(before))
     if known:
         return known
     result = _read_digest(fs, path)
-    # Not written while it was read, and not within the file system's timestamp tick of now:
-    # a write in the same tick would leave the same stat (git's "racy clean" case).
-    if _stat_key(path) == before and time.time_ns() - os.stat(path).st_ctime_ns > _RACY_NS:
+    after = _local_version(path) if local else _stored_version(fs, path)
+    # Not written while it was read and, locally, not within the file system's timestamp tick
+    # of now: a write in the same tick would leave the same stat (git's "racy clean" case).
+    settled = not local or time.time_ns() - os.stat(path).st_ctime_ns > _RACY_NS
+    if before and after == before and settled:
         _DIGESTS[before] = result
         _memo_write(before, result)
     return result
@@ -135,10 +138,21 @@ def digest_memo_dir() -> Path:
     return Path(base) / "digests"
 
 
-def _stat_key(path: str) -> str:
+def _local_version(path: str) -> str:
     info = os.stat(path)
     return "\0".join(map(str, (os.path.realpath(path), info.st_size, info.st_ino, info.st_dev,
                                 info.st_mtime_ns, info.st_ctime_ns)))
+
+
+# Per-object content tags of object stores (s3fs, gcsfs, adlfs): a rewrite changes them.
+_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "generation", "VersionId", "version_id")
+
+
+def _stored_version(fs: Any, path: str) -> str | None:
+    info = fs.info(path)
+    tags = [f"{name}={info[name]}" for name in _CONTENT_TAGS if info.get(name)]
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "\0".join([f"{protocol}://{path}", str(info.get("size")), *tags]) if tags else None
 
 
 def _memo_path(key: str) -> Path:
