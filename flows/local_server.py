@@ -83,10 +83,7 @@ def stop() -> bool:
     record = _read_record()
     if record is None:
         return False
-    stopped = False
-    pid = int(record.get("pid", 0))
-    if pid > 0 and _is_our_server(pid):
-        stopped = _terminate_group(pid)
+    stopped = _is_our_server(record["pid"]) and _terminate_group(record["pid"])
     (prefect_home() / RECORD).unlink(missing_ok=True)
     return stopped
 
@@ -95,17 +92,19 @@ def _running_url() -> str | None:
     record = _read_record()
     if not record or record.get("prefect") != version("prefect"):  # another Prefect's API may differ
         return None
-    pid, url = int(record.get("pid", 0)), str(record.get("url", ""))
-    return url if pid > 0 and _is_our_server(pid) and _healthy(url) else None
+    return record["url"] if _is_our_server(record["pid"]) and _healthy(record["url"]) else None
 
 
 def _read_record() -> dict | None:
+    """The recorded server; None when there is none or the record is damaged (then it is stale)."""
     path = prefect_home() / RECORD
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    valid = (isinstance(record, dict) and isinstance(record.get("pid"), int) and record["pid"] > 0
+             and isinstance(record.get("url"), str))
+    return record if valid else None
 
 
 def _start(home: Path) -> str:
