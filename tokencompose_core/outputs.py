@@ -154,7 +154,10 @@ def keep_if_whole(folder: str) -> bool:
     fs, root = storage.filesystem(folder)
     for _, relative in differences:
         if relative is not None:
-            fs.rm(storage.join(root, relative))
+            try:
+                fs.rm(storage.join(root, relative))
+            except FileNotFoundError:  # removed meanwhile (another run repairing it): just as good
+                pass
     return not differences
 
 
