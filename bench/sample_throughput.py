@@ -49,7 +49,8 @@ def reference_style(parts: Any, config: Any, prompts: list, device: torch.device
 
     cfg = config.sample
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=build_scheduler(cfg.scheduler, parts.scheduler.config),
+                                   unet=parts.unet, scheduler=build_scheduler(cfg.scheduler, parts.scheduler.config,
+                                                                             parts.stock_scheduler),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     side = cfg.resolution or parts.sample_size

@@ -240,3 +240,51 @@ def test_safety_checker_blacks_out_flagged_images_like_the_stock_pipeline(tiny_m
     kept = storage.read_parquet(sample(checked, flag_none, str(tmp_path / "kept"), prompts))
     for ours, theirs in zip(kept["image_uri"], baseline["image_uri"]):
         assert np.array_equal(_pixels(ours), _pixels(theirs)) and _pixels(ours).max() > 0
+
+
+def _as_snapshot(model_dir: str, copy: Path, scheduler: str, safety_checker: list | None) -> str:
+    """A copy of ``model_dir`` whose scheduler config and model_index.json read as a hub
+    snapshot's: SD 2.1 names DDIMScheduler and ``"safety_checker": [null, null]``."""
+    import shutil
+
+    if not copy.exists():
+        shutil.copytree(model_dir, copy)
+    config_path = copy / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "_class_name": scheduler}))
+    index_path = copy / "model_index.json"
+    index = {**json.loads(index_path.read_text()), "scheduler": ["diffusers", scheduler],
+             "safety_checker": safety_checker or [None, None]}
+    index_path.write_text(json.dumps(index))
+    return str(copy)
+
+
+def test_sd21_samples_as_its_snapshots_stock_pipeline(tiny_model_dir: str, tmp_path: Path) -> None:
+    """``sample.scheduler: model`` and ``sample.safety_checker: model`` (the sd14 and sd21 profiles):
+    the scheduler the snapshot's config names, and its safety checker only where it names one."""
+    from tokencompose_core.models import MissingWeightsError
+    from tokencompose_core.sampling import build_scheduler
+
+    prompts = load_prompts("multigen:coco", max_prompts=1)
+    small = ["sample.num_inference_steps=3", "sample.guidance_scale=3.0", "sample.images_per_prompt=2",
+             "sample.resolution=64"]
+    sd21 = load_config("sd21", small)
+    assert (sd21.sample.scheduler, sd21.sample.safety_checker) == ("model", "model")
+    snapshot = _as_snapshot(tiny_model_dir, tmp_path / "sd21-like", "DDIMScheduler", None)
+    stock = storage.read_parquet(sample(sd21, snapshot, str(tmp_path / "stock"), prompts))
+    explicit = load_config("sd21", [*small, "sample.scheduler=ddim", "sample.safety_checker=false"])
+    ddim = storage.read_parquet(sample(explicit, snapshot, str(tmp_path / "ddim"), prompts))
+    pndm = load_config("sd21", [*small, "sample.scheduler=pndm", "sample.safety_checker=false"])
+    other = storage.read_parquet(sample(pndm, snapshot, str(tmp_path / "pndm"), prompts))
+    for ours, theirs, not_theirs in zip(stock["image_uri"], ddim["image_uri"], other["image_uri"]):
+        assert np.array_equal(_pixels(ours), _pixels(theirs)) and not np.array_equal(_pixels(ours), _pixels(not_theirs))
+    # The setting this replaces: a checker asked for on a snapshot that has none stops sampling.
+    with pytest.raises(MissingWeightsError, match="safety_checker"):
+        sample(load_config("sd21", [*small, "sample.safety_checker=true"]), snapshot, str(tmp_path / "old"), prompts)
+
+    # A snapshot that names its checker (SD 1.4) gets it: this tiny one flags every image.
+    with_checker = _as_snapshot(_with_safety_checker(tiny_model_dir, tmp_path, -1.0), tmp_path / "model--1.0",
+                                "PNDMScheduler", ["stable_diffusion", "StableDiffusionSafetyChecker"])
+    flagged = storage.read_parquet(sample(load_config("sd14", small), with_checker, str(tmp_path / "sd14"), prompts))
+    assert all(_pixels(uri).max() == 0 for uri in flagged["image_uri"])
+    with pytest.raises(ValueError, match="sample.scheduler=model"):
+        build_scheduler("model", {}, "FlowMatchEulerDiscreteScheduler")

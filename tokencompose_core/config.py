@@ -208,14 +208,17 @@ class SampleConfig(_Section):
     batch_size: int = Field(8, gt=0)
     num_inference_steps: int = Field(50, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
+    # A scheduler name (tokencompose_core.sampling.build_scheduler), or "model": the one the
+    # model's own scheduler/scheduler_config.json names, as its stock pipeline samples.
     scheduler: str = "pndm"
     resolution: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 apply on CUDA only
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
     # Black out images the model's own safety checker flags, as the stock pipeline (and the
-    # reference's MultiGen sampling) does; off keeps every image scoreable.
-    safety_checker: bool = False
+    # reference's MultiGen sampling) does; off keeps every image scoreable. "model": on exactly
+    # when the model's model_index.json names a safety checker, as its stock pipeline does.
+    safety_checker: bool | Literal["model"] = False
     num_shards: int = Field(1, gt=0)  # parallel sample tasks (GPUs / Prefect workers)
     tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
 

@@ -172,11 +172,19 @@ def _scheduler_classes() -> dict[str, Any]:
     }
 
 
-def build_scheduler(name: str, base_config: Any) -> Any:
-    """A fresh scheduler of kind ``name`` from the model's scheduler config."""
+def build_scheduler(name: str, base_config: Any, stock: str | None = None) -> Any:
+    """A fresh scheduler of kind ``name`` from the model's scheduler config; ``"model"``: of the
+    class ``stock`` the model's own config names (its stock pipeline's scheduler,
+    ``DiffusionParts.stock_scheduler``)."""
     classes = _scheduler_classes()
+    if name == "model":
+        found = [key for key, cls in classes.items() if cls.__name__ == stock]
+        if not found:
+            raise ValueError(f"sample.scheduler=model: the model's scheduler {stock!r} is not one of "
+                             f"{', '.join(cls.__name__ for cls in classes.values())}; name one instead")
+        name = found[0]
     if name not in classes:
-        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(classes)}")
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(classes)}, or model")
     # StableDiffusionPipeline runs PNDM without the Runge-Kutta warm-up steps.
     extra = {"skip_prk_steps": True} if name == "pndm" else {}
     return classes[name].from_config(base_config, **extra)
@@ -279,6 +287,16 @@ def decode_images(parts: Any, latents: torch.Tensor) -> np.ndarray:
         latents = parts.vae.decode(latents.to(parts.vae.dtype) / parts.latent_scaling).sample
     pixels = (latents.float() / 2 + 0.5).clamp(0, 1)
     return (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def wants_safety_checker(setting: bool | str, model_dir: str) -> bool:
+    """``sample.safety_checker`` for this model: ``"model"`` is on exactly when the model's
+    ``model_index.json`` names a safety checker (SD 1.x snapshots do, SD 2.x ones say null)."""
+    if setting != "model":
+        return bool(setting)
+    index = Path(model_dir) / "model_index.json"
+    entry = json.loads(index.read_text(encoding="utf-8")).get("safety_checker") if index.is_file() else None
+    return bool(entry) and any(entry)
 
 
 class SafetyChecker:
@@ -451,7 +469,8 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
         from tokencompose_core.models import resolve_vae_dir
 
         parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(config.models))
-        checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if cfg.safety_checker else None
+        wanted = wants_safety_checker(cfg.safety_checker, model_dir)
+        checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if wanted else None
         seconds = generate_images(parts, config, todo, device, checker)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
@@ -488,7 +507,7 @@ def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem],
         uncond = uncond_one.expand(len(padded)) if use_cfg else None
         # Step generators are seeded apart from the initial noise (seed + 1) so they never repeat it.
         generators = [torch.Generator("cpu").manual_seed(s + 1) for s in seeds]
-        latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config),
+        latents = denoise(parts, build_scheduler(cfg.scheduler, parts.scheduler.config, parts.stock_scheduler),
                           initial_noise(seeds, shape, device, dtype), cond, uncond,
                           cfg.guidance_scale, cfg.num_inference_steps, generators)
         images = decode_images(parts, latents)

@@ -76,6 +76,9 @@ class DiffusionParts:
     tokenizer_2: CLIPTokenizer | None = None
     # SDXL pipeline semantics: the unconditional branch of guidance gets zero embeddings.
     force_zeros_for_empty_prompt: bool = False
+    # The scheduler class the model's own config names (its stock pipeline samples with it);
+    # ``scheduler`` above is always DDPM, the training noise schedule.
+    stock_scheduler: str | None = None
 
     @property
     def text_encoders(self) -> list[tuple[nn.Module, CLIPTokenizer]]:
@@ -210,6 +213,7 @@ def load_diffusion(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         force_zeros_for_empty_prompt=text_encoder_2 is not None and _force_zeros_for_empty_prompt(root),
+        stock_scheduler=DDPMScheduler.load_config(root / "scheduler", local_files_only=True).get("_class_name"),
     )
 
 
