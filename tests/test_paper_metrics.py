@@ -79,6 +79,56 @@ def test_fid_is_zero_against_itself_and_grows_with_a_different_set(tmp_path: Pat
     assert one["fid"] is None and "at least 2" in one["note"]  # no covariance from one image, no failure
 
 
+def _random_fid_weights(path: Path) -> dict:
+    """A pt_inception-shaped state dict with seeded random weights and batch-norm statistics,
+    saved to ``path``: FID's network without its (downloaded) weights."""
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    network = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008,
+                           transform_input=False)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.1, 0.1)
+    state = {name: tensor.contiguous() for name, tensor in network.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def test_our_fid_inception_gives_pytorch_fids_features_on_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    """FID is defined on the TF 2015 Inception graph, whose mixed blocks pool differently from
+    torchvision's Inception-v3: on the same weights our features are pytorch-fid's (the reference
+    implementation of FID) to 1e-4, and torchvision's plain network would not be."""
+    import pytorch_fid.inception as reference
+    import torch
+    from torchvision.models import inception_v3
+
+    from tokencompose_core.models.scorers import InceptionFeatures, load_inception
+
+    weights = tmp_path / "pt_inception.safetensors"
+    state = _random_fid_weights(weights)
+    monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    ours = load_inception(str(weights), num_features=2048)
+    images = torch.randint(0, 256, (3, 3, 120, 150), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(images.float() / 255.0)[0].flatten(1)
+        got = ours(images)
+        plain = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008,
+                             transform_input=False)
+        plain.load_state_dict(state)
+        torchvision_features = InceptionFeatures(plain, 2048)(images)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-4 * scale, float((got - expected).abs().max() / scale)
+    assert (torchvision_features - expected).abs().max() > 1e-3 * scale  # the check can fail
+
+
 def test_missing_inception_weights_name_the_file(tmp_path: Path) -> None:
     from tokencompose_core.models import MissingWeightsError
     from tokencompose_core.models.scorers import load_inception
@@ -220,10 +270,13 @@ def test_inception_weights_file_loads_exactly_or_is_refused(tmp_path: Path) -> N
     network = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=FID_CLASSES)
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp_path / "fid.safetensors"))
     loaded = load_inception(str(tmp_path / "fid.safetensors"), num_features=2048)
-    network.fc = torch.nn.Identity()
-    image = torch.randint(0, 255, (1, 3, 299, 299), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.equal(loaded(image), network.eval()(image.float() / 255 * 2 - 1))
+    # Every parameter and batch-norm statistic up to pool3 is the file's (the forward pass
+    # is pytorch-fid's: test_our_fid_inception_gives_pytorch_fids_features_on_the_same_weights).
+    blocks = [name for name, _ in network.named_children() if name not in ("avgpool", "dropout", "fc")]
+    ours = {f"{blocks[int(key.split('.', 1)[0])]}.{key.split('.', 1)[1]}": value
+            for key, value in loaded.layers.state_dict().items()}
+    theirs = {key: value for key, value in network.state_dict().items() if key.split(".", 1)[0] in blocks}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
     del network.Mixed_7c  # a file that leaves parameters unset is never a partly random network
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="missing keys"):

@@ -8,6 +8,7 @@ other value is a real model read from disk, and a missing one raises
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
 
 import torch
@@ -33,6 +34,49 @@ FID_CLASSES = 1008
 # after which features are average-pooled. 2048 (pool3) is the standard FID; the
 # smaller ones make FID's matrix square root cheap for tiny runs of a few images.
 FEATURE_LAYERS = {64: "maxpool1", 192: "maxpool2", 768: "Mixed_6e", 2048: "Mixed_7c"}
+
+
+class _PaddingExcludedAverage:
+    """The TF graph FID is defined on pools the pooling branch of these Inception blocks with an
+    average that does not count the padding (torchvision's counts it): only border pixels
+    differ, but every feature after them does."""
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        branches = super()._forward(x)  # type: ignore[misc]
+        branches[-1] = self.branch_pool(self._pool(x))  # torchvision puts the pooling branch last
+        return branches
+
+
+class _MaxPooledBranch(_PaddingExcludedAverage):
+    """The graph's last block (Mixed_7c) max-pools that branch instead."""
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+@cache
+def _fid_block_classes() -> dict[str, type]:
+    """Mixed block name -> its class in the FID graph (torchvision imported on first use)."""
+    from torchvision.models import inception
+
+    average_a = type("FIDInceptionA", (_PaddingExcludedAverage, inception.InceptionA), {})
+    average_c = type("FIDInceptionC", (_PaddingExcludedAverage, inception.InceptionC), {})
+    return {"Mixed_5b": average_a, "Mixed_5c": average_a, "Mixed_5d": average_a,
+            **{f"Mixed_6{x}": average_c for x in "bcde"},
+            "Mixed_7b": type("FIDInceptionE1", (_PaddingExcludedAverage, inception.InceptionE), {}),
+            "Mixed_7c": type("FIDInceptionE2", (_MaxPooledBranch, inception.InceptionE), {})}
+
+
+def _fid_blocks(network: nn.Module) -> nn.Module:
+    """torchvision's Inception-v3 with the FID graph's pooling in its mixed blocks (same
+    parameters, so the same weights load): the features pytorch-fid, torch-fidelity and
+    torchmetrics compute from ``pt_inception-2015-12-05``."""
+    for name, cls in _fid_block_classes().items():
+        getattr(network, name).__class__ = cls
+    return network
 
 
 class InceptionFeatures(nn.Module):
@@ -66,8 +110,8 @@ def load_inception(weights: str, seed: int = 0, num_features: int = 2048) -> Inc
     from torchvision.models import inception_v3
 
     def build() -> nn.Module:
-        return inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=FID_CLASSES,
-                            transform_input=False)
+        return _fid_blocks(inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=FID_CLASSES,
+                                        transform_input=False))
 
     if weights == TINY:
         with seeded_init(seed, "inception"):
