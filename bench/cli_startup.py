@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import emit  # noqa: E402
+
 BAD = ROOT / "tests" / "data" / "bad"
 
 # Process start -> first line of a flow body. PROBE_START is the parent's clock at spawn.
@@ -112,11 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
               "median": {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]}}
     median = result["median"]
     result["again_vs_temporary"] = round(median["orchestration_again_s"] / median["orchestration_temporary_s"], 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

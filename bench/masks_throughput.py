@@ -15,7 +15,6 @@ synthetic shapes. Imports neither Prefect nor spaCy.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from tokencompose_core.config import load_config  # noqa: E402
 from tokencompose_core.grounding import GroundedSam  # noqa: E402
 
@@ -119,12 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.device.startswith("cuda"):
             result["runs"][-1]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

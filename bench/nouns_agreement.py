@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from tokencompose_core.text import extract_nouns_batch, load_spacy  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "captions_nouns_dev.jsonl"
@@ -58,11 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     predicted = extract_nouns_batch(captions, model=args.model)
     seconds = time.perf_counter() - start
     result = {"captions": len(captions), **agreement(predicted, reference), "captions_per_s": len(captions) / seconds}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Imports no Prefect (GPU machines have none).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,9 +21,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 import torch  # noqa: E402
 
-from tokencompose_core import storage  # noqa: E402
 from tokencompose_core.config import load_config  # noqa: E402
 from tokencompose_core.models import resolve_diffusion_dir  # noqa: E402
 from tokencompose_core.sampling import (  # noqa: E402
@@ -127,11 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"speedup_b{args.batch}_vs_reference"] = batched / result["reference_pipeline_b1_images_per_s"]
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        storage.atomic_write_bytes(args.out, (text + "\n").encode("utf-8"))
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,9 @@ def _server(action: str) -> Any:
     if action == "stop":
         return "stopped the local Prefect server" if local_server.stop() else "no local Prefect server was running"
     if action == "start":
-        if local_server.configured_api_url():
-            return f"PREFECT_API_URL is set ({local_server.configured_api_url()}): commands use that server"
+        configured = local_server.configured_api_url()
+        if configured:
+            return f"PREFECT_API_URL is set ({configured}): commands use that server"
         local_server.ensure_server()
     return local_server.status() or "no local Prefect server is running"
 
