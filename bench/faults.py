@@ -97,7 +97,7 @@ def prepare(work: Path) -> dict[str, str]:
     """Inputs of the three stages under ``work`` (idempotent): nouns table, mask cache, model."""
     from tokencompose_core import storage
     from tokencompose_core.config import WorldConfig
-    from tokencompose_core.manifest import nouns_table, write_nouns
+    from tokencompose_core.stages.nouns import nouns_table, write_nouns
     from tokencompose_core.models import clip_tokenizer, resolve_diffusion_dir
     from tokencompose_core.synthetic import png_bytes, train_samples, world_fingerprint, write_split
 
@@ -133,12 +133,12 @@ def run_stage(stage: str, work: Path, out: Path) -> dict[str, Any]:
         from tokencompose_core.train import train
 
         before = checkpoint_steps(str(out))
-        result = train(config, inputs["cache"], str(out))
+        result = train(config.train, config.models, inputs["cache"], str(out), config.score.heldout_images)
         return {"resumed_from": before[-1] if before else 0, "global_step": result.global_step}
     from tokencompose_core.sampling import load_prompts, sample
 
     prompts = load_prompts(config.sample.prompts, config.sample.max_prompts)
-    return {"index_uri": sample(config, inputs["model"], str(out), prompts)}
+    return {"index_uri": sample(config.sample, config.models, inputs["model"], str(out), prompts)}
 
 
 def _run_masks(config: Any, nouns_uri: str, cache_uri: str) -> dict[str, Any]:

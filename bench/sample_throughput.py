@@ -74,9 +74,9 @@ def ours(parts: Any, config: Any, prompts: list, device: torch.device, batch_siz
     """images/s of our sampler at ``batch_size`` (after one warm-up batch)."""
     config.sample.batch_size = batch_size
     warm = shard_items(prompts[:1], batch_size, config.sample.seed + 1, f"{out}/warm", (0, 1))
-    generate_images(parts, config, warm[:batch_size], device)
+    generate_images(parts, config.sample, warm[:batch_size], device)
     items = shard_items(prompts, config.sample.images_per_prompt, config.sample.seed, out, (0, 1))
-    seconds = generate_images(parts, config, items, device)
+    seconds = generate_images(parts, config.sample, items, device)
     return len(items) / seconds
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from tasks.common import configured
-from tokencompose_core import reevaluation, storage
+from tasks.common import bookkeeping_task, configured
+from tokencompose_core import reevaluation
 from tokencompose_core.config import load_config
-from tokencompose_core.reevaluation import newest_checkpoint
+
+choose_checkpoint = bookkeeping_task(reevaluation.checkpoint_to_evaluate)
+compare_and_record = bookkeeping_task(reevaluation.compare_and_record)
 
 
 @flow(name="reevaluate", log_prints=True)
@@ -30,18 +32,15 @@ def reevaluate_flow(profile: str = "tiny", overrides: list[str] | None = None, i
 
     overrides = list(overrides or [])
     config = load_config(profile, overrides)
-    checkpoint = (input_uri or newest_checkpoint(config)).rstrip("/")
-    tag = reevaluation.sample_tag(checkpoint, storage.join(config.storage.root, "train"))
+    checkpoint, tag = choose_checkpoint(config, input_uri)
     tagged = overrides + [f"sample.tag={tag}"]
     samples = configured(sample_flow, config)(profile=profile, overrides=tagged, input_uri=checkpoint)
     scored = configured(evaluate_flow, config)(profile=profile, overrides=tagged, input_uri=samples["output_uri"])
     scores_uri = scored["scores"][0]
-    current = reevaluation.headline_scores(scores_uri)
-    previous = reevaluation.previous_evaluation(config, checkpoint)
-    rows = reevaluation.comparison_rows(current, previous["scores"] if previous else None)
-    against = previous["checkpoint"] if previous else "nothing (first evaluation)"
-    create_table_artifact(table=rows, key="reevaluation", description=f"{config.name}: {checkpoint} vs {against}")
-    history_uri = reevaluation.record_evaluation(config, checkpoint, scores_uri, current)
-    print(f"re-evaluated {checkpoint}: {current} (previous: {against})")
-    return {"checkpoint": checkpoint, "output_uri": scores_uri, "history_uri": history_uri,
-            "previous": previous["checkpoint"] if previous else None, "comparison": rows}
+    compared = compare_and_record(config, checkpoint, scores_uri)
+    against = compared["previous"] or "nothing (first evaluation)"
+    create_table_artifact(table=compared["rows"], key="reevaluation",
+                          description=f"{config.name}: {checkpoint} vs {against}")
+    print(f"re-evaluated {checkpoint}: {compared['current']} (previous: {against})")
+    return {"checkpoint": checkpoint, "output_uri": scores_uri, "history_uri": compared["history_uri"],
+            "previous": compared["previous"], "comparison": compared["rows"]}

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from uuid import UUID
 
 from prefect import Flow, Task, task
-from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
 from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import bytes_hash, value_hash
+from tokencompose_core.stages import STAGES
 from tokencompose_core.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
 
 # ---------------------------------------------------------------------------
@@ -192,6 +193,21 @@ def stage_task(fn: Callable | None = None, **options: Any):
         return task(function, **(defaults | options))
 
     return decorate if fn is None else decorate(fn)
+
+
+# Names end with this mark: tests and readers of the run history tell them from stage tasks.
+BOOKKEEPING = "(bookkeeping)"
+
+
+def bookkeeping_task(fn: Callable) -> Task:
+    """A library step that reads the disk as it is now (plan a stage: its inputs' identities,
+    its output folder, which parts are done; seal an output folder) as a task: retried like a
+    stage task, visible in the run, never cached (a cache record cannot know what the disk
+    holds now). What it costs, hashing files, is memoised per file version
+    (:func:`tokencompose_core.identity.file_digest`)."""
+    return task(fn, name=f"{fn.__name__} {BOOKKEEPING}", cache_policy=NO_CACHE, persist_result=False, retries=2,
+                retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+                retry_condition_fn=retry_transient)
 
 
 def recompute_unless(stage_task_: Task, whole: bool) -> Task:
@@ -356,3 +372,22 @@ def configured(flow: Flow, config: PipelineConfig) -> Flow:
         result_serializer=DataOnlyJSON(),
         persist_result=True,
     )
+
+
+# ---------------------------------------------------------------------------
+# The generic steps of every stage flow (see flows/stage.py).
+# ---------------------------------------------------------------------------
+
+
+def _plan(stage: str, config: PipelineConfig, input_uri: str | None) -> Any:
+    """The stage's plan: its inputs' identities, its output folder, its units and which are done."""
+    return STAGES[stage].module.plan(config, input_uri)
+
+
+def _seal(stage: str, config: PipelineConfig, plan: Any, results: Any) -> None:
+    """Write the stage record of every folder the stage filled (after its units)."""
+    STAGES[stage].module.seal(config, plan, results)
+
+
+plan_stage = bookkeeping_task(_plan)
+seal_stage = bookkeeping_task(_seal)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from tasks.common import retry_batch_size, stage_task
+from tasks.common import recompute_unless, retry_batch_size, stage_task
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig
-from tokencompose_core.sampling import load_prompts, merge_shards, sample
+from tokencompose_core.sampling import load_prompts
+from tokencompose_core.stages.sample import SamplePlan, merge_shards, sample
 
 
 @stage_task
@@ -18,11 +19,19 @@ def sample_shard(sample_settings: SampleConfig, models: ModelsConfig, model_dir:
     # After a CUDA out-of-memory failure the retry runs with a halved batch (same images).
     settings = sample_settings.model_copy(update={"batch_size": retry_batch_size(sample_settings.batch_size)})
     prompts = load_prompts(settings.prompts, settings.max_prompts)
-    return sample(PipelineConfig(models=models, sample=settings), model_dir, out_uri, prompts,
-                  unet_dir=unet_dir, shard=tuple(shard))
+    return sample(settings, models, model_dir, out_uri, prompts, unet_dir=unet_dir, shard=tuple(shard))
 
 
 @stage_task
 def merge_sample_shards(out_uri: str, num_shards: int, shard_indexes: list[str], fingerprint: str) -> str:
     """Join the shards' indexes into ``index.parquet`` (``shard_indexes`` orders the DAG)."""
     return merge_shards(out_uri, num_shards)
+
+
+def run_units(config: PipelineConfig, plan: SamplePlan) -> str:
+    futures = [recompute_unless(sample_shard, plan.whole).submit(
+                   config.sample, config.models, plan.model_dir, plan.unet_dir, plan.model_identity, plan.out_uri,
+                   shard, plan.fingerprint)
+               for shard in plan.shards]
+    return recompute_unless(merge_sample_shards, plan.whole)(
+        plan.out_uri, len(plan.shards), [future.result() for future in futures], plan.fingerprint)

@@ -7,9 +7,9 @@ from typing import Any
 
 from prefect.context import TaskRunContext
 
-from tasks.common import stage_task
-from tokencompose_core.config import ModelsConfig, PipelineConfig, ScoreConfig, TrainConfig
-from tokencompose_core.train import train
+from tasks.common import recompute_unless, stage_task
+from tokencompose_core.config import ModelsConfig, PipelineConfig, TrainConfig
+from tokencompose_core.stages.train import TrainPlan, train
 
 
 @stage_task
@@ -25,6 +25,11 @@ def train_task(train_settings: TrainConfig, models: ModelsConfig, heldout_images
     """
     context = TaskRunContext.get()
     resume = train_settings.resume or (context is not None and context.task_run.run_count > 1)
-    settings = PipelineConfig(models=models, train=train_settings.model_copy(update={"resume": resume}),
-                              score=ScoreConfig(heldout_images=heldout_images))
-    return asdict(train(settings, cache_uri, output_uri))
+    return asdict(train(train_settings.model_copy(update={"resume": resume}), models, cache_uri, output_uri,
+                        heldout_images))
+
+
+def run_units(config: PipelineConfig, plan: TrainPlan) -> dict[str, Any]:
+    return recompute_unless(train_task, plan.whole)(
+        config.train, config.models, config.score.heldout_images, plan.cache_uri, plan.cache_identity, plan.out_uri,
+        plan.fingerprint)

@@ -23,13 +23,12 @@ from tokencompose_core.manifest import (
     ImageError,
     export_reference,
     masks_input_kind,
-    nouns_table,
     open_image,
     read_manifest,
     read_reference_metadata,
-    write_nouns,
 )
 from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.stages.nouns import nouns_table, write_nouns
 from tokencompose_core.sampling import load_prompts
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -104,7 +104,8 @@ def test_a_users_error_inside_a_flow_is_one_line_and_prefect_logs_no_traceback(
 
 
 def test_missing_weights_are_one_line(prefect_harness, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tokencompose_core.manifest import nouns_table, read_manifest, write_nouns
+    from tokencompose_core.manifest import read_manifest
+    from tokencompose_core.stages.nouns import nouns_table, write_nouns
     from tokencompose_core.models import clip_tokenizer
 
     write_nouns(*nouns_table(read_manifest(STAGE1_MANIFEST).head(2), clip_tokenizer()), str(tmp_path / "nouns"))

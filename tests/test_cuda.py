@@ -86,15 +86,16 @@ def test_seeded_sampling_on_cuda_regenerates_one_image_alone(tmp_path) -> None:
     from PIL import Image
 
     from tokencompose_core import storage
-    from tokencompose_core.sampling import load_prompts, sample
+    from helpers import sample_run
+    from tokencompose_core.sampling import load_prompts
 
     steps = ["sample.num_inference_steps=3", "sample.scheduler=ddim", "sample.device=cuda",
              "sample.mixed_precision=fp16", "sample.images_per_prompt=2", "sample.batch_size=4"]
     config = load_config("tiny", steps)
     model_dir = resolve_diffusion_dir(config.models)
     prompts = load_prompts("multigen:coco", max_prompts=2)
-    index = storage.read_parquet(sample(config, model_dir, str(tmp_path / "all"), prompts))
-    alone = storage.read_parquet(sample(config, model_dir, str(tmp_path / "alone"), prompts[1:]))
+    index = storage.read_parquet(sample_run(config, model_dir, str(tmp_path / "all"), prompts))
+    alone = storage.read_parquet(sample_run(config, model_dir, str(tmp_path / "alone"), prompts[1:]))
     wanted = index[(index.prompt_id == prompts[1].prompt_id) & (index.image_index == 1)].iloc[0]
     got = alone[alone.image_index == 1].iloc[0]
     assert got.seed == wanted.seed

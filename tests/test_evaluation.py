@@ -148,7 +148,9 @@ def test_segmentation_miou_perfect_maps_give_full_score(monkeypatch: pytest.Monk
     monkeypatch.setattr(attention, "AttentionCapture", Capture)
     monkeypatch.setattr(mask_cache, "MaskCache", Cache)
     monkeypatch.setattr(evaluation, "_image_attention", fake_attention)
-    result = evaluation.segmentation_miou(load_config("tiny"), "model", "cache", ["img"])
+    config = load_config("tiny")
+    result = evaluation.segmentation_miou(config.score, config.sample, config.train.grounding, config.models, "model",
+                                          "cache", ["img"])
     assert result["groups"]["up_8"]["miou_fixed"] == pytest.approx(100.0)
     assert result["groups"]["mid_4"]["miou_best"] == pytest.approx(0.0)
     assert result["overall"]["miou_fixed"] == pytest.approx(100.0)
@@ -218,7 +220,8 @@ def test_segmentation_miou_runs_on_the_pixel_space_model(tmp_path, device: str) 
     cache = str(tmp_path / "masks")
     commit_shard(cache, "shard-00000", rows_frame(rows))
     config = load_config("tiny", ["models.diffusion=tiny-pixel", f"score.device={device}"])
-    result = evaluation.segmentation_miou(config, resolve_diffusion_dir(config.models), cache, ["img0", "img1"],
+    result = evaluation.segmentation_miou(config.score, config.sample, config.train.grounding, config.models,
+                                          resolve_diffusion_dir(config.models), cache, ["img0", "img1"],
                                           overlays_uri=str(tmp_path / "overlays"), max_overlays=3)
     assert result["images"] == 2 and result["groups"]
     for scores in [*result["groups"].values(), result["overall"]]:

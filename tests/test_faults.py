@@ -23,6 +23,7 @@ from tokencompose_core import mask_cache, storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import faults  # noqa: E402  (bench/faults.py; the fork server imports it by this name too)
+from helpers import sample_run, train_run  # noqa: E402
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -135,25 +136,24 @@ def test_failing_fsspec_write_leaves_every_listed_shard_whole(fail_on: str) -> N
 def test_full_disk_during_a_checkpoint_keeps_the_older_checkpoints(runner: faults.Runner, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from tokencompose_core.checkpoints import checkpoint_steps
-    from tokencompose_core.train import train
-
+    
     config = faults.stage_config("train", runner.work)
     config.train.max_steps = 4
     inputs = faults.prepare(runner.work)
     out = tmp_path / "run"
     failed = _disk_fills_up(monkeypatch, f".tmp-checkpoint-4{'/'}optimizer.pt")
     with pytest.raises(storage.StorageError, match="optimizer.pt.*No space left on device"):
-        train(config, inputs["cache"], str(out))
+        train_run(config, inputs["cache"], str(out))
     assert failed and checkpoint_steps(str(out)) == [2]
     faults.check_published("train", out)  # checkpoint-2 and the metrics read back whole
     monkeypatch.undo()
-    assert train(config, inputs["cache"], str(out)).global_step == 4  # resumes from checkpoint-2
+    assert train_run(config, inputs["cache"], str(out)).global_step == 4  # resumes from checkpoint-2
     assert checkpoint_steps(str(out)) == [2, 4]
 
 
 def test_full_disk_while_sampling_keeps_the_finished_images(runner: faults.Runner, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokencompose_core.sampling import Prompt, sample
+    from tokencompose_core.sampling import Prompt
 
     config = faults.stage_config("sample", runner.work)
     model = faults.prepare(runner.work)["model"]
@@ -161,12 +161,12 @@ def test_full_disk_while_sampling_keeps_the_finished_images(runner: faults.Runne
     out = tmp_path / "samples"
     _disk_fills_up(monkeypatch, "p1_i0.png")
     with pytest.raises(storage.StorageError, match="p1_i0.png.*No space left on device"):
-        sample(config, model, str(out), prompts)
+        sample_run(config, model, str(out), prompts)
     written = sorted(p.name for p in out.rglob("*.png"))
     assert written == ["p0_i0.png", "p0_i1.png"] and not (out / "index.parquet").exists()
     faults.check_published("sample", out)
     monkeypatch.undo()
-    sample(config, model, str(out), prompts)
+    sample_run(config, model, str(out), prompts)
     assert storage.read_json(str(out / "stats.json"))["skipped"] == 2
 
 
@@ -175,8 +175,7 @@ def test_death_while_deleting_an_old_checkpoint_never_lists_a_broken_one(runner:
     import shutil
 
     from tokencompose_core.checkpoints import checkpoint_steps
-    from tokencompose_core.train import train
-
+    
     config = faults.stage_config("train", runner.work)
     config.train.max_steps, config.train.checkpoints_total_limit = 4, 1
     real_rmtree = shutil.rmtree
@@ -190,7 +189,7 @@ def test_death_while_deleting_an_old_checkpoint_never_lists_a_broken_one(runner:
     monkeypatch.setattr(shutil, "rmtree", dies_half_way)
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train(config, faults.prepare(runner.work)["cache"], str(out))
+        train_run(config, faults.prepare(runner.work)["cache"], str(out))
     monkeypatch.undo()
     assert checkpoint_steps(str(out))[-1] == 4
     faults.check_published("train", out)  # every listed checkpoint is whole
@@ -206,12 +205,11 @@ def _scramble(path: Path) -> None:
 
 def _trained(runner: faults.Runner, out: Path, steps: int):
     from tokencompose_core.checkpoints import checkpoint_steps
-    from tokencompose_core.train import train
-
+    
     config = faults.stage_config("train", runner.work)
     config.train.max_steps = steps
     cache = faults.prepare(runner.work)["cache"]
-    train(config, cache, str(out))
+    train_run(config, cache, str(out))
     assert checkpoint_steps(str(out)) == [2, 4]
     return config, cache
 
@@ -222,8 +220,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, t
                                                         manifest_rewritten: bool) -> None:
     from tokencompose_core.outputs import write_manifest
     from tokencompose_core.checkpoints import checkpoint_dir
-    from tokencompose_core.train import train
-
+    
     out = tmp_path / "run"
     config, cache = _trained(runner, out, 4)
     damaged = Path(checkpoint_dir(str(out), 4)) / "optimizer.pt"
@@ -232,7 +229,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, t
         write_manifest(str(damaged.parent))
     config.train.max_steps = 6
     with caplog.at_level(logging.INFO, logger="tokencompose_core.train"):
-        assert train(config, cache, str(out)).global_step == 6
+        assert train_run(config, cache, str(out)).global_step == 6
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(damaged) in message and "damaged" in message for message in warnings), warnings
     assert any(f"resumed from {checkpoint_dir(str(out), 2)} at step 2" in r.getMessage() for r in caplog.records)
@@ -241,14 +238,13 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(runner: faults.Runner, t
 
 def test_no_whole_checkpoint_is_one_error_naming_them(runner: faults.Runner, tmp_path: Path) -> None:
     from tokencompose_core.checkpoints import CheckpointError, checkpoint_dir
-    from tokencompose_core.train import train
-
+    
     out = tmp_path / "run"
     config, cache = _trained(runner, out, 4)
     _scramble(Path(checkpoint_dir(str(out), 4)) / "optimizer.pt")
     (Path(checkpoint_dir(str(out), 2)) / "lr_scheduler.pt").write_bytes(b"")
     with pytest.raises(CheckpointError) as caught:
-        train(config, cache, str(out))
+        train_run(config, cache, str(out))
     message = str(caught.value)
     assert "\n" not in message
     assert str(Path(checkpoint_dir(str(out), 4)) / "optimizer.pt") in message

@@ -11,16 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PIPELINE_SETTINGS, photo_manifest, resume_after_kill, run_pipeline, stage_folders, train_config
+from helpers import (PIPELINE_SETTINGS, photo_manifest, resume_after_kill, run_pipeline, stage_folders, train_config,
+                     train_run)
 from tokencompose_core import checkpoints, lora, outputs
 from tokencompose_core.attention import AttentionCapture, CaptureAttnProcessor, supervised_groups
 from tokencompose_core.config import load_config
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.models import load_diffusion, resolve_diffusion_dir
 from tokencompose_core.reevaluation import newest_checkpoint
-from tokencompose_core.sampling import load_parts, model_fingerprint, trained_unet
+from tokencompose_core.sampling import load_parts, model_fingerprint
+from tokencompose_core.stages.sample import trained_unet
 from tokencompose_core.stages import stage_settings
-from tokencompose_core.train import train
 
 RANK = ("train.lora.rank=4",)
 
@@ -97,7 +98,7 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
     settings = (*RANK, "train.lora.alpha=8", "train.max_steps=2", "train.checkpoint_every=1",
                 "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
                 "train.lr_warmup_steps=1")
-    straight = train(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+    straight = train_run(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
     run = tmp_path / "straight"
     assert straight.unet_uri == str(run / "lora") and not (run / "unet").exists()
     assert sorted(os.listdir(checkpoints.checkpoint_dir(str(run), 2))) == [

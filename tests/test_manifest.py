@@ -15,12 +15,11 @@ from tokencompose_core.manifest import (
     ImagePaths,
     export_reference,
     import_reference,
-    nouns_table,
     open_image,
     read_manifest,
-    write_nouns,
 )
 from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.stages.nouns import nouns_table, write_nouns
 from tokencompose_core.storage import read_parquet
 
 

@@ -179,10 +179,9 @@ def test_paper_profiles_resolve_to_the_reproducing_table():
 def test_training_runs_with_the_reference_transforms_on_every_image(tmp_path):
     import json
 
-    from helpers import make_cache
+    from helpers import make_cache, train_run
 
     from tokencompose_core.config import load_config
-    from tokencompose_core.train import train
 
     cache = make_cache(tmp_path / "data", images=4, side=48)
     config = load_config("tiny", [
@@ -190,6 +189,6 @@ def test_training_runs_with_the_reference_transforms_on_every_image(tmp_path):
         "train.image_transform=resize_crop_bilinear", "train.mask_transform=training_resolution",
         "train.exclude_heldout=false",
     ])
-    assert train(config, cache, str(tmp_path / "run")).global_step == 2
+    assert train_run(config, cache, str(tmp_path / "run")).global_step == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) and r["token/up_8"] > 0 for r in records)

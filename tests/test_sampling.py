@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from helpers import sample_run
 from tokencompose_core import storage
 from tokencompose_core.config import load_config
 from tokencompose_core.sampling import (
@@ -18,7 +19,6 @@ from tokencompose_core.sampling import (
     image_seed,
     load_prompts,
     merge_shards,
-    sample,
 )
 
 STEPS = ["sample.num_inference_steps=3", "sample.guidance_scale=3.0", "sample.scheduler=ddim"]
@@ -112,7 +112,7 @@ def test_batched_images_regenerate_alone_and_resume_skips(tiny_model_dir: str, t
     prompts = load_prompts("multigen:coco", max_prompts=2)
     config = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", "sample.batch_size=4"])
     out = str(tmp_path / "batched")
-    index_uri = sample(config, tiny_model_dir, out, prompts)
+    index_uri = sample_run(config, tiny_model_dir, out, prompts)
     index = storage.read_parquet(index_uri)
     assert list(index.columns) == INDEX_COLUMNS and len(index) == 4
     assert index["seed"].tolist() == [image_seed(0, p.prompt_id, i) for p in prompts for i in range(2)]
@@ -125,7 +125,7 @@ def test_batched_images_regenerate_alone_and_resume_skips(tiny_model_dir: str, t
     row = index[(index.prompt_id == prompts[1].prompt_id) & (index.image_index == 1)].iloc[0]
     for batch_size, tolerance in ((4, 0), (1, 2)):
         config_alone = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", f"sample.batch_size={batch_size}"])
-        alone_index = storage.read_parquet(sample(config_alone, tiny_model_dir, str(tmp_path / f"alone{batch_size}"),
+        alone_index = storage.read_parquet(sample_run(config_alone, tiny_model_dir, str(tmp_path / f"alone{batch_size}"),
                                                   prompts[1:]))
         alone_row = alone_index[alone_index.image_index == 1].iloc[0]
         assert alone_row.seed == row.seed
@@ -136,7 +136,7 @@ def test_batched_images_regenerate_alone_and_resume_skips(tiny_model_dir: str, t
     kept_mtime = kept.stat().st_mtime_ns
     removed = Path(index["image_uri"][0])
     removed.unlink()
-    sample(config, tiny_model_dir, out, prompts)
+    sample_run(config, tiny_model_dir, out, prompts)
     assert kept.stat().st_mtime_ns == kept_mtime
     assert np.array_equal(_pixels(str(removed)), first)
     assert storage.read_json(storage.join(out, "stats.json"))["skipped"] == 3
@@ -144,7 +144,7 @@ def test_batched_images_regenerate_alone_and_resume_skips(tiny_model_dir: str, t
     # Other settings into the same folder are refused instead of mixing images.
     other = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", "sample.guidance_scale=5.0"])
     with pytest.raises(ValueError, match="other settings"):
-        sample(other, tiny_model_dir, out, prompts)
+        sample_run(other, tiny_model_dir, out, prompts)
 
 
 def test_shards_cover_all_images_once(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -152,14 +152,14 @@ def test_shards_cover_all_images_once(tiny_model_dir: str, tmp_path: Path) -> No
     config = load_config("tiny", [*STEPS, "sample.images_per_prompt=1", "sample.scheduler=euler_a"])
     out = str(tmp_path / "sharded")
     for shard in range(2):
-        sample(config, tiny_model_dir, out, prompts, shard=(shard, 2))
+        sample_run(config, tiny_model_dir, out, prompts, shard=(shard, 2))
     index = storage.read_parquet(merge_shards(out, 2))
     assert index[["prompt_id", "image_index"]].values.tolist() == [[0, 0], [1, 0], [2, 0]]
     assert all(Path(u).is_file() for u in index["image_uri"])
     assert {Path(u).parent.name for u in index["image_uri"]} == {"shard-00000", "shard-00001"}
     assert storage.read_json(storage.join(out, "stats.json"))["images"] == 3
     with pytest.raises(ValueError, match="shard"):
-        sample(config, tiny_model_dir, out, prompts, shard=(2, 2))
+        sample_run(config, tiny_model_dir, out, prompts, shard=(2, 2))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def pixel_model_dir() -> str:
 @pytest.mark.parametrize("scheduler", ["pndm", "dpm", "ddpm"])
 def test_pixel_space_model_with_each_scheduler(pixel_model_dir: str, tmp_path: Path, scheduler: str) -> None:
     config = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", f"sample.scheduler={scheduler}"])
-    index = storage.read_parquet(sample(config, pixel_model_dir, str(tmp_path / "pix"), [Prompt(0, "a red circle")]))
+    index = storage.read_parquet(sample_run(config, pixel_model_dir, str(tmp_path / "pix"), [Prompt(0, "a red circle")]))
     first, second = (_pixels(u) for u in index["image_uri"])
     assert first.shape == (16, 16, 3) and not np.array_equal(first, second)
 
@@ -180,7 +180,7 @@ def test_pixel_space_model_with_each_scheduler(pixel_model_dir: str, tmp_path: P
 def test_unknown_scheduler_is_refused(pixel_model_dir: str, tmp_path: Path) -> None:
     config = load_config("tiny", [*STEPS, "sample.scheduler=heun2"])
     with pytest.raises(ValueError, match="unknown scheduler 'heun2'"):
-        sample(config, pixel_model_dir, str(tmp_path / "x"), [Prompt(0, "a red circle")])
+        sample_run(config, pixel_model_dir, str(tmp_path / "x"), [Prompt(0, "a red circle")])
 
 
 def test_auto_device_spreads_shards_over_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,13 +231,13 @@ def test_safety_checker_blacks_out_flagged_images_like_the_stock_pipeline(tiny_m
     plain = load_config("tiny", [*STEPS, "sample.images_per_prompt=2"])
     checked = load_config("tiny", [*STEPS, "sample.images_per_prompt=2", "sample.safety_checker=true"])
     with pytest.raises(MissingWeightsError, match="safety_checker"):
-        sample(checked, tiny_model_dir, str(tmp_path / "none"), prompts)
-    baseline = storage.read_parquet(sample(plain, tiny_model_dir, str(tmp_path / "plain"), prompts))
+        sample_run(checked, tiny_model_dir, str(tmp_path / "none"), prompts)
+    baseline = storage.read_parquet(sample_run(plain, tiny_model_dir, str(tmp_path / "plain"), prompts))
     flag_all = _with_safety_checker(tiny_model_dir, tmp_path, -1.0)
-    flagged = storage.read_parquet(sample(checked, flag_all, str(tmp_path / "flagged"), prompts))
+    flagged = storage.read_parquet(sample_run(checked, flag_all, str(tmp_path / "flagged"), prompts))
     assert all(_pixels(uri).max() == 0 for uri in flagged["image_uri"])
     flag_none = _with_safety_checker(tiny_model_dir, tmp_path, 2.0)
-    kept = storage.read_parquet(sample(checked, flag_none, str(tmp_path / "kept"), prompts))
+    kept = storage.read_parquet(sample_run(checked, flag_none, str(tmp_path / "kept"), prompts))
     for ours, theirs in zip(kept["image_uri"], baseline["image_uri"]):
         assert np.array_equal(_pixels(ours), _pixels(theirs)) and _pixels(ours).max() > 0
 
@@ -270,21 +270,21 @@ def test_sd21_samples_as_its_snapshots_stock_pipeline(tiny_model_dir: str, tmp_p
     sd21 = load_config("sd21", small)
     assert (sd21.sample.scheduler, sd21.sample.safety_checker) == ("model", "model")
     snapshot = _as_snapshot(tiny_model_dir, tmp_path / "sd21-like", "DDIMScheduler", None)
-    stock = storage.read_parquet(sample(sd21, snapshot, str(tmp_path / "stock"), prompts))
+    stock = storage.read_parquet(sample_run(sd21, snapshot, str(tmp_path / "stock"), prompts))
     explicit = load_config("sd21", [*small, "sample.scheduler=ddim", "sample.safety_checker=false"])
-    ddim = storage.read_parquet(sample(explicit, snapshot, str(tmp_path / "ddim"), prompts))
+    ddim = storage.read_parquet(sample_run(explicit, snapshot, str(tmp_path / "ddim"), prompts))
     pndm = load_config("sd21", [*small, "sample.scheduler=pndm", "sample.safety_checker=false"])
-    other = storage.read_parquet(sample(pndm, snapshot, str(tmp_path / "pndm"), prompts))
+    other = storage.read_parquet(sample_run(pndm, snapshot, str(tmp_path / "pndm"), prompts))
     for ours, theirs, not_theirs in zip(stock["image_uri"], ddim["image_uri"], other["image_uri"]):
         assert np.array_equal(_pixels(ours), _pixels(theirs)) and not np.array_equal(_pixels(ours), _pixels(not_theirs))
     # The setting this replaces: a checker asked for on a snapshot that has none stops sampling.
     with pytest.raises(MissingWeightsError, match="safety_checker"):
-        sample(load_config("sd21", [*small, "sample.safety_checker=true"]), snapshot, str(tmp_path / "old"), prompts)
+        sample_run(load_config("sd21", [*small, "sample.safety_checker=true"]), snapshot, str(tmp_path / "old"), prompts)
 
     # A snapshot that names its checker (SD 1.4) gets it: this tiny one flags every image.
     with_checker = _as_snapshot(_with_safety_checker(tiny_model_dir, tmp_path, -1.0), tmp_path / "model--1.0",
                                 "PNDMScheduler", ["stable_diffusion", "StableDiffusionSafetyChecker"])
-    flagged = storage.read_parquet(sample(load_config("sd14", small), with_checker, str(tmp_path / "sd14"), prompts))
+    flagged = storage.read_parquet(sample_run(load_config("sd14", small), with_checker, str(tmp_path / "sd14"), prompts))
     assert all(_pixels(uri).max() == 0 for uri in flagged["image_uri"])
     with pytest.raises(ValueError, match="sample.scheduler=model"):
         build_scheduler("model", {}, "FlowMatchEulerDiscreteScheduler")

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import resume_after_kill, train_config
+from helpers import resume_after_kill, train_config, train_run
 from tokencompose_core import train as train_module
 from tokencompose_core.attention import CaptureAttnProcessor
 from tokencompose_core.data import ResumableBatchSampler
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
-from tokencompose_core.train import train
 
 def _weights(unet_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -34,7 +33,7 @@ def test_sampler_resumes_mid_epoch_and_splits_between_processes():
 
 def test_train_outputs_checkpoints_and_stock_pipeline(tmp_path, cache_uri):
     config = train_config(tmp_path, "train.checkpoints_total_limit=1")
-    result = train(config, cache_uri, str(tmp_path / "run"))
+    result = train_run(config, cache_uri, str(tmp_path / "run"))
     run = tmp_path / "run"
     assert result.global_step == 4 and result.unet_uri == str(run / "unet")
     assert checkpoint_steps(str(run)) == [4]  # total limit 1
@@ -63,7 +62,7 @@ def test_train_outputs_checkpoints_and_stock_pipeline(tmp_path, cache_uri):
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkeypatch):
     settings = ("train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "train.caption_dropout=0.3",
                 "train.lr_scheduler=cosine", "train.lr_warmup_steps=1")
-    straight = train(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
+    straight = train_run(train_config(tmp_path, *settings), cache_uri, str(tmp_path / "straight"))
     resumed = resume_after_kill(monkeypatch, train_config(tmp_path, *settings), cache_uri, str(tmp_path / "resumed"), 2)
 
     assert resumed.global_step == 4
@@ -79,10 +78,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkey
 def test_pixel_space_plain_fine_tune_from_init_unet(tmp_path, cache_uri):
     overrides = ("models.diffusion=tiny-pixel", "train.resolution=16", "train.token_loss_weight=0",
                  "train.pixel_loss_weight=0", "train.max_steps=2", "train.cache_samples=true")
-    base = train(train_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
+    base = train_run(train_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
     records = (tmp_path / "base" / "metrics.jsonl").read_text()
     assert "token/" not in records and "denoise" in records
-    grounded = train(
+    grounded = train_run(
         train_config(tmp_path, "models.diffusion=tiny-pixel", "train.resolution=16", "train.max_steps=2",
                 "train.grounding.layers=[up]", "train.grounding.group_weights={up_8: 0.0}"),
         cache_uri, str(tmp_path / "grounded"), init_unet=base.unet_uri,

@@ -34,7 +34,6 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError, safe_open
 
 from tokencompose_core import lora, outputs, storage
-from tokencompose_core.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +300,6 @@ def publish_unet(unet: torch.nn.Module, output_dir: str) -> str:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def run_folder(config: PipelineConfig, fingerprint: str, cache_identity: str) -> str:
-    """``<root>/train/<train.run_name>``, else ``run-<key>`` from the training fingerprint and
-    the mask cache's content."""
-    if config.train.run_name:
-        return storage.join(config.storage.root, "train", config.train.run_name)
-    return outputs.output_folder(config, "train", "run", [fingerprint, cache_identity])
 
 
 def weights_complete(folder: str) -> bool:

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import reports, scoring, storage, synthetic
+from tokencompose_core import reports, storage, synthetic
+from tokencompose_core.stages import score as scoring
 from tokencompose_core.config import GroundingLayersConfig, PipelineConfig, TrainConfig, WorldConfig, load_config
 from tokencompose_core.identity import value_hash
 from tokencompose_core.evaluation import read_image
@@ -195,7 +196,7 @@ def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: s
     cfg = phase_config(config, model)
     threads = config.demo.base_threads if model == "base" else config.demo.task_threads
     with pinned_threads(threads):
-        result = train(cfg, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
+        result = train(cfg.train, cfg.models, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
                        model_dir=resolve_diffusion_dir(config.models))
     return {"model": model, "output_uri": result.output_uri, "unet_uri": result.unet_uri,
             "global_step": result.global_step, "final_losses": result.final_losses}
@@ -211,8 +212,8 @@ def sample_model(config: PipelineConfig, model: str, unet_uri: str, prompts_uri:
 
     prompts = _sampling_prompts(read_prompts(prompts_uri))
     with pinned_threads(config.demo.task_threads):
-        return sample(config, resolve_diffusion_dir(config.models), model_paths(config, model)["samples"], prompts,
-                      unet_dir=unet_uri)
+        return sample(config.sample, config.models, resolve_diffusion_dir(config.models),
+                      model_paths(config, model)["samples"], prompts, unet_dir=unet_uri)
 
 
 def prompt_groups(records: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -254,7 +255,8 @@ def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: st
         prompt_groups(records)))
     with pinned_threads(config.demo.task_threads):
         segmentation = storage.read_json(scoring.score_segmentation(
-            config, resolve_diffusion_dir(config.models), unet_uri, test_cache_uri, out_uri))
+            config.score, config.sample, config.train.grounding, config.models, resolve_diffusion_dir(config.models),
+            unet_uri, test_cache_uri, out_uri))
     scores_uri = storage.join(out_uri, "scores.json")
     storage.atomic_write_json(scores_uri, {"model": model, "index_uri": index_uri, "detections_uri": detections_uri,
                                            "multigen": multigen["groups"], "reported_ks": multigen["reported_ks"],

@@ -19,7 +19,7 @@ from PIL import Image
 
 from tokencompose_core import storage
 from tokencompose_core.conditioning import square_time_ids, unet_kwargs
-from tokencompose_core.config import ModelsConfig, PipelineConfig
+from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, SampleConfig, ScoreConfig
 from tokencompose_core.identity import seed_from, stable_order_key
 from tokencompose_core.manifest import ImageError, decode_image
 from tokencompose_core.sampling import (
@@ -255,13 +255,16 @@ def _pixels(uri: str, side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, image_ids: list[str],
+def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: GroundingLayersConfig,
+                      models: ModelsConfig, model_dir: str, cache_uri: str, image_ids: list[str],
                       unet_dir: str | None = None, overlays_uri: str | None = None,
                       max_overlays: int = 0) -> dict[str, Any]:
     """Attention-map mIoU on mask-cache images: noise each image to
-    ``config.score.segmentation_timestep``, one U-Net forward on its caption, and score each
-    noun's cross-attention map per supervised group and overall (the groups' maps averaged)
-    against its mask at ``segmentation_threshold`` and at the best swept threshold.
+    ``score.segmentation_timestep``, one U-Net forward on its caption, and score each
+    noun's cross-attention map per supervised group (``grounding.layers``, as training
+    supervises them) and overall (the groups' maps averaged) against its mask at
+    ``segmentation_threshold`` and at the best swept threshold; at ``sample``'s resolution
+    and precision.
 
     Returns {"groups": {group: scores}, "overall": scores, "images", "timestep",
     "overlays": [{"title", "uri", "iou"}]} with mIoU in percent.
@@ -269,12 +272,12 @@ def segmentation_miou(config: PipelineConfig, model_dir: str, cache_uri: str, im
     from tokencompose_core.attention import AttentionCapture, supervised_groups
     from tokencompose_core.mask_cache import MaskCache
     from tokencompose_core.models import resolve_vae_dir
-    score = config.score
+
     device = resolve_device(score.device)
-    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(config.sample.mixed_precision, device),
-                       resolve_vae_dir(config.models))
-    side = config.sample.resolution or parts.sample_size
-    groups = supervised_groups(parts.unet, list(config.train.grounding.layers), side // parts.vae_scale_factor)
+    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(sample.mixed_precision, device),
+                       resolve_vae_dir(models))
+    side = sample.resolution or parts.sample_size
+    groups = supervised_groups(parts.unet, list(grounding.layers), side // parts.vae_scale_factor)
     if not groups:
         raise ValueError("the model has no supervised cross-attention layers to score")
     cache = MaskCache(cache_uri)

@@ -1,8 +1,9 @@
 """Every hash the project computes: identities of settings, files, folders and seeds.
 
 One module so that the rules are the same everywhere: a value's identity is the
-sha256 of its canonical JSON (sorted keys), a file's is the sha256 of its bytes,
-a folder's is the sha256 over its files' relative names and bytes. Short forms
+sha256 of its canonical JSON (sorted keys); a URI's (:func:`uri_identity`) is its
+content: a file's bytes, a folder's files by relative name and digest, or for a
+folder a stage sealed, the digests its record lists. Short forms
 (16 hex digits, 64 bits) name folders and cache keys; collisions at that length
 need ~4 billion distinct settings.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import time
 import zlib
 from importlib import metadata
@@ -19,6 +21,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SHORT = 16  # hex digits of a short identity
+# The version of the rules above: part of every stage fingerprint and output folder name.
+# Bump it when a rule changes, and every key moves at once (no case kept for old keys).
+KEY_SCHEMA = 2
+
+# A stage output's record (files, digests, inputs), its manifest-only variant, and the
+# resolved configuration written beside the outputs.
+STAGE_RECORD = "_stage.json"
+MANIFEST_NAME = "_manifest.json"
+RECORD_NAMES = (STAGE_RECORD, MANIFEST_NAME)
+CONFIG_NAME = "config.yaml"
 
 # Packages whose versions are recorded beside every stage output.
 RECORDED_PACKAGES = ("tokencompose", "torch", "diffusers", "transformers", "accelerate", "prefect",
@@ -37,43 +49,65 @@ def bytes_hash(data: bytes, length: int = SHORT) -> str:
     return hashlib.sha256(data).hexdigest()[:length]
 
 
-def uri_hash(uri: str, length: int = SHORT) -> str:
-    """Identity of the content of one file on any fsspec filesystem."""
-    from tokencompose_core import storage
+def uri_identity(uri: str) -> str:
+    """The identity of what ``uri`` holds; the one rule every cache key and folder name uses.
 
-    return bytes_hash(storage.read_bytes(uri), length)
+    - a folder a stage sealed (it holds :data:`STAGE_RECORD`): the digests its record lists
+      for its result files, so it is not read again;
+    - any other folder: every file's relative path and content digest;
+    - a file: its content digest.
 
-
-def tree_hash(roots: Iterable[Path], length: int | None = None) -> str:
-    """Identity of local folders: every file's name (relative to its root) and bytes."""
-    digest = hashlib.sha256()
-    for root in roots:
-        for file in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(f"{root.name}/{file.relative_to(root).as_posix()}".encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:length]
-
-
-def folder_hash(uri: str, large: int = 1 << 20) -> str:
-    """Identity of a folder of weights on any filesystem, cheaply.
-
-    Small files count by content; files over ``large`` bytes by size and
-    modification time, which is right for folders nobody rewrites in place (hub
-    snapshots, model folders). Our own outputs are identified by content instead:
-    see :func:`tokencompose_core.outputs.content_identity`.
+    Content digests are memoised per file version (:func:`file_digest`), so multi-gigabyte
+    weights are read once per machine, not on every run.
     """
     from tokencompose_core import storage
 
-    digest = hashlib.sha256()
-    fs, base = storage.filesystem(uri)
-    for path in sorted(fs.find(base)):
-        info = fs.info(path)
-        digest.update(path[len(base):].encode())
-        if info["size"] <= large:
-            digest.update(fs.cat_file(path))
-        else:
-            digest.update(f"{info['size']}:{info.get('mtime', info.get('LastModified', ''))}".encode())
-    return digest.hexdigest()[:SHORT]
+    fs, path = storage.filesystem(uri)
+    if not fs.isdir(path):
+        return file_digest(uri)[1][:SHORT]
+    record = _stage_record(storage.join(uri, STAGE_RECORD))
+    if record is not None:
+        files = {entry["path"]: entry["sha256"] for entry in record["files"] if is_result_file(entry["path"])}
+    else:
+        files = {relative: file_digest(storage.join(uri, relative))[1] for relative in listed_files(uri)}
+    return value_hash(files)
+
+
+def folders_identity(folders: Iterable[Path]) -> str:
+    """Identity of several local folders together (a tiny model's architecture folders)."""
+    return value_hash({f"{folder.parent.name}/{folder.name}": uri_identity(str(folder)) for folder in folders})
+
+
+def listed_files(folder: str) -> list[str]:
+    """Relative paths of the files under ``folder``: no stage record or manifest, and no
+    temporary or hidden files (half-written files and tool state are not content)."""
+    from tokencompose_core import storage
+
+    fs, root = storage.filesystem(folder)
+    found = []
+    for path in fs.find(root):
+        relative = posixpath.relpath(path, root)
+        hidden = any(part.startswith(".") for part in relative.split("/"))
+        if relative not in RECORD_NAMES and ".tmp-" not in posixpath.basename(relative) and not hidden:
+            found.append(relative)
+    return sorted(found)
+
+
+def is_result_file(path: str) -> bool:
+    """What a folder says about how it was made (its configuration, its timings) is not
+    part of what it holds: a repair run rewrites those without changing a result."""
+    name = posixpath.basename(path)
+    return name != CONFIG_NAME and not (name.startswith("stats") and name.endswith(".json"))
+
+
+def _stage_record(uri: str) -> dict[str, Any] | None:
+    from tokencompose_core import storage
+
+    try:
+        record = storage.read_json(uri) if storage.exists(uri) else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), list) else None
 
 
 def seed_from(text: str) -> int:

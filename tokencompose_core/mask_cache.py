@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokencompose_core import rle, storage
-from tokencompose_core.identity import value_hash
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -163,12 +162,11 @@ def shard_is_whole(cache_uri: str, shard_name: str, record: dict[str, Any]) -> b
     return size is not None and record.get("bytes", size) == size
 
 
-def cache_identity(cache_uri: str) -> str:
-    """Identity of a mask cache's committed content (its shards' markers: rows, inputs, sizes)."""
-    shards = completed_shards(cache_uri)
-    if not shards:
+def require_committed(cache_uri: str) -> str:
+    """``cache_uri``, if it has committed shards; else an error naming the command to run."""
+    if not completed_shards(cache_uri):
         raise FileNotFoundError(f"no committed mask-cache shards in {cache_uri}: run `tokencompose masks` first")
-    return value_hash(shards)
+    return cache_uri
 
 
 def remove_shard(cache_uri: str, shard_name: str) -> None:

@@ -24,26 +24,16 @@ from typing import Any, Iterable
 
 from tokencompose_core import storage
 from tokencompose_core.config import PipelineConfig, dump_config
+from tokencompose_core import identity
 from tokencompose_core.identity import file_digest, package_versions, value_hash
 
-MANIFEST_NAME = "_manifest.json"
+MANIFEST_NAME = identity.MANIFEST_NAME
 MANIFEST_VERSION = 1
-RECORD = "_stage.json"
-CONFIG = "config.yaml"
+RECORD = identity.STAGE_RECORD
+CONFIG = identity.CONFIG_NAME
 
 
 # ----------------------------------------------------------------------------- manifests
-
-
-def _files_under(fs: Any, root: str) -> list[str]:
-    """Relative paths of the files under ``root``, without manifests or temporary files."""
-    found = []
-    for path in fs.find(root):
-        relative = posixpath.relpath(path, root)
-        hidden = any(part.startswith(".") for part in relative.split("/"))
-        if relative not in (MANIFEST_NAME, RECORD) and ".tmp-" not in posixpath.basename(relative) and not hidden:
-            found.append(relative)
-    return sorted(found)
 
 
 def write_manifest(folder: str, files: Iterable[str] | None = None, name: str = MANIFEST_NAME,
@@ -51,9 +41,8 @@ def write_manifest(folder: str, files: Iterable[str] | None = None, name: str = 
     """Record size and sha256 of ``files`` (relative to ``folder``; default: every file
     under it) in ``<folder>/<name>``, published atomically, with ``extra`` keys beside
     them. Call it after the last file of the folder is written. Returns its URI."""
-    fs, root = storage.filesystem(folder)
     entries = []
-    for relative in sorted(files) if files is not None else _files_under(fs, root):
+    for relative in sorted(files) if files is not None else identity.listed_files(folder):
         size, sha256 = file_digest(storage.join(folder, relative))
         entries.append({"path": relative, "size": size, "sha256": sha256})
     uri = storage.join(folder, name)
@@ -111,9 +100,12 @@ def _differences(folder: str, deep: bool, name: str) -> list[tuple[str, str | No
 # ----------------------------------------------------------------------------- stage outputs
 
 
-def output_folder(config: PipelineConfig, stage: str, name: str, key: Any) -> str:
-    """``<root>/<stage>/<name>-<hash of key>``: one folder per distinct producer."""
-    return storage.join(config.storage.root, stage, f"{name}-{value_hash(key)}")
+def output_folder(config: PipelineConfig, stage: str, name: str, key: Any = None) -> str:
+    """``<root>/<stage>/<name>-<hash of key>``: one folder per distinct producer. The only
+    function that names an output folder; ``key=None`` keeps ``name`` as given (a run the
+    user named, ``train.run_name``)."""
+    folder = name if key is None else f"{name}-{value_hash([identity.KEY_SCHEMA, key])}"
+    return storage.join(config.storage.root, stage, folder)
 
 
 def write_record(folder: str, config: PipelineConfig, stage: str, fingerprint: str,
@@ -179,23 +171,6 @@ def problems(folder: str) -> list[str]:
 
 def is_whole(folder: str) -> bool:
     return not problems(folder)
-
-
-def _is_result(path: str) -> bool:
-    """What a folder says about how it was made (its configuration, its timings) is not
-    part of what it holds: a repair run rewrites those without changing a result."""
-    name = posixpath.basename(path)
-    return name != CONFIG and not (name.startswith("stats") and name.endswith(".json"))
-
-
-def content_identity(folder: str, prefix: str = "") -> str | None:
-    """Identity of the recorded result files under ``prefix`` (e.g. ``unet/``) by their
-    digests; None when the folder has no record. It moves only when their bytes change."""
-    record = read_record(folder)
-    if record is None:
-        return None
-    entries = {e["path"]: e["sha256"] for e in record["files"] if e["path"].startswith(prefix) and _is_result(e["path"])}
-    return value_hash(entries) if entries else None
 
 
 def finished(config: PipelineConfig, stage: str) -> list[tuple[dict[str, Any], str]]:

@@ -93,3 +93,18 @@ def record_evaluation(config: PipelineConfig, checkpoint: str, scores_uri: str, 
                     "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     storage.atomic_write_json(uri, history)
     return uri
+
+
+def checkpoint_to_evaluate(config: PipelineConfig, input_uri: str | None) -> tuple[str, str]:
+    """(the checkpoint: ``input_uri`` or the newest, its samples' tag)."""
+    checkpoint = (input_uri or newest_checkpoint(config)).rstrip("/")
+    return checkpoint, sample_tag(checkpoint, storage.join(config.storage.root, "train"))
+
+
+def compare_and_record(config: PipelineConfig, checkpoint: str, scores_uri: str) -> dict[str, Any]:
+    """The checkpoint's headline scores against the previous evaluation's, recorded in the history."""
+    current = headline_scores(scores_uri)
+    previous = previous_evaluation(config, checkpoint)
+    rows = comparison_rows(current, previous["scores"] if previous else None)
+    return {"current": current, "previous": previous["checkpoint"] if previous else None, "rows": rows,
+            "history_uri": record_evaluation(config, checkpoint, scores_uri, current)}

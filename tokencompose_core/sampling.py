@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import posixpath
 import threading
 import time
 from dataclasses import dataclass
@@ -26,10 +25,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from tokencompose_core import lora, outputs, storage
+from tokencompose_core import lora, storage
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
-from tokencompose_core.config import PipelineConfig
-from tokencompose_core.identity import folder_hash, seed_from, value_hash
+from tokencompose_core.config import ModelsConfig, SampleConfig
+from tokencompose_core.identity import seed_from, uri_identity, value_hash
 
 MULTIGEN_SETS = {
     "coco": "coco_obj_comp_5_1k.json",
@@ -355,55 +354,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def model_fingerprint(model_dir: str, unet_dir: str | None = None) -> str:
-    """Identity of the weights: the model folder's, and the trained U-Net's (or LoRA's) by content.
-
-    A U-Net trained here is identified by the digests its run folder recorded
-    (:mod:`tokencompose_core.outputs`), so it moves only when its bytes change.
-    """
-    parts = [folder_hash(model_dir)]
-    if unet_dir:
-        run, folder = posixpath.split(unet_dir.rstrip("/"))
-        parts.append(outputs.content_identity(run, f"{folder}/") or folder_hash(unet_dir))
-    return value_hash(parts)
-
-
-def model_name(unet_dir: str | None) -> str:
-    """``base`` for the profile's model, else the trained run folder's name."""
-    return posixpath.basename(posixpath.dirname(unet_dir.rstrip("/"))) if unet_dir else "base"
-
-
-def trained_unet(config: PipelineConfig, run_uri: str | None) -> str | None:
-    """The ``unet/`` of a trained run folder, or its ``lora/`` for a LoRA run (checked);
-    None for the profile's model."""
-    if not run_uri:
-        return None
-    run = storage.check_input(run_uri, config.storage)
-    adapter = storage.join(run, lora.LORA_DIR)
-    if storage.exists(storage.join(adapter, lora.WEIGHTS_NAME)):
-        return adapter
-    unet_dir = storage.join(run, "unet")
-    if not storage.exists(storage.join(unet_dir, "config.json")):
-        raise FileNotFoundError(f"{run_uri} has no trained unet/ (expected {unet_dir}/config.json) "
-                                f"nor {lora.LORA_DIR}/{lora.WEIGHTS_NAME}")
-    return unet_dir
-
-
-def samples_folder(config: PipelineConfig, unet_dir: str | None, model_identity: str, fingerprint: str) -> str:
-    """``<root>/samples/<tag or model-prompt set>-<key>``, the key from what makes its pixels."""
-    name = config.sample.tag or f"{model_name(unet_dir)}-{prompt_set_name(config.sample.prompts)}"
-    return outputs.output_folder(config, "samples", name, [fingerprint, model_identity])
-
-
-def settings_fingerprint(config: PipelineConfig, model_fp: str) -> str:
-    """Everything that changes pixels: the model and the sampling settings (not batching)."""
-    cfg = config.sample
-    # The prompt source is in (image names are per prompt id); max_prompts and
-    # images_per_prompt are not, so a rerun with more of either extends the folder.
-    keys = (model_fp, cfg.prompts, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler, cfg.resolution,
-            cfg.mixed_precision, cfg.seed)
-    if cfg.safety_checker:  # appended only when on: folders sampled before the switch existed stay valid
-        keys += ("safety_checker",)
-    return value_hash(keys)
+    """Identity of the weights: the model folder's and the trained U-Net's (or LoRA's), by content."""
+    return value_hash([uri_identity(model_dir)] + ([uri_identity(unet_dir)] if unet_dir else []))
 
 
 def shard_items(prompts: list[Prompt], images_per_prompt: int, base_seed: int, out_uri: str,
@@ -423,17 +375,26 @@ def _batches(items: list[SampleItem], size: int) -> Iterator[list[SampleItem]]:
         yield items[start:start + size]
 
 
+# Asking for more prompts or images extends a folder: the images already there stay valid.
+_EXTENDS = ("max_prompts", "images_per_prompt")
+
+
 def _check_settings(out_uri: str, meta: dict[str, Any]) -> None:
     """Refuse to resume into a folder made with another model or other settings; else
     record the current settings (a rerun may have asked for more prompts or images)."""
     meta_uri = storage.join(out_uri, "sample_meta.json")
     if storage.exists(meta_uri):
         old = storage.read_json(meta_uri)
-        if old.get("settings_fingerprint") != meta["settings_fingerprint"]:
-            raise ValueError(f"{out_uri} holds samples made with other settings or another model "
-                             f"({old.get('settings_fingerprint')} != {meta['settings_fingerprint']}); "
+        made = (old.get("model_fingerprint"), _without(old.get("settings", {})))
+        wanted = (meta["model_fingerprint"], _without(meta["settings"]))
+        if made != wanted:
+            raise ValueError(f"{out_uri} holds samples made with other settings or another model; "
                              "use a new output folder")
     storage.atomic_write_json(meta_uri, meta)
+
+
+def _without(settings: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in settings.items() if name not in _EXTENDS}
 
 
 def shard_index_uri(out_uri: str, shard: tuple[int, int]) -> str:
@@ -448,16 +409,18 @@ def shard_stats_uri(out_uri: str, shard: tuple[int, int]) -> str:
     return storage.join(out_uri, "shards", f"stats-{shard[0]:05d}-of-{shard[1]:05d}.json")
 
 
-def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[Prompt],
+def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri: str, prompts: list[Prompt],
            unet_dir: str | None = None, shard: tuple[int, int] = (0, 1)) -> str:
     """Generate ``images_per_prompt`` images per prompt; returns the index Parquet URI.
 
     With ``shard=(i, n)``, n > 1, this worker makes every n-th image and writes
     ``shards/index-i-of-n.parquet`` (and stats); :func:`merge_shards` joins them.
     """
-    cfg = config.sample
+    from tokencompose_core.stages import section_settings
+
+    cfg = settings
     fp = model_fingerprint(model_dir, unet_dir)
-    meta = {"settings_fingerprint": settings_fingerprint(config, fp), "model_fingerprint": fp,
+    meta = {"settings": section_settings("sample", cfg), "model_fingerprint": fp,
             "model_dir": model_dir, "unet_dir": unet_dir, "sample": cfg.model_dump(mode="json")}
     _check_settings(out_uri, meta)
     items = shard_items(prompts, cfg.images_per_prompt, cfg.seed, out_uri, shard)
@@ -468,10 +431,10 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
         dtype = resolve_dtype(cfg.mixed_precision, device)
         from tokencompose_core.models import resolve_vae_dir
 
-        parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(config.models))
+        parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(models))
         wanted = wants_safety_checker(cfg.safety_checker, model_dir)
         checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if wanted else None
-        seconds = generate_images(parts, config, todo, device, checker)
+        seconds = generate_images(parts, cfg, todo, device, checker)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
     index_uri = shard_index_uri(out_uri, shard)
@@ -485,12 +448,11 @@ def sample(config: PipelineConfig, model_dir: str, out_uri: str, prompts: list[P
     return index_uri
 
 
-def generate_images(parts: Any, config: PipelineConfig, items: list[SampleItem], device: torch.device,
+def generate_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], device: torch.device,
                     checker: SafetyChecker | None = None) -> float:
     """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
     from tqdm.auto import tqdm
 
-    cfg = config.sample
     resolution = cfg.resolution or parts.sample_size
     side = resolution // parts.vae_scale_factor
     shape = (parts.latent_channels, side, side)

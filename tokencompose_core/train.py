@@ -69,7 +69,7 @@ from tokencompose_core.checkpoints import (
     weights_dir,
 )
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
-from tokencompose_core.config import LoraAdapterConfig, PipelineConfig, load_config
+from tokencompose_core.config import LoraAdapterConfig, ModelsConfig, TrainConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
@@ -189,8 +189,7 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
 # ----------------------------------------------------------------------------- setup
 
 
-def _groups(unet: torch.nn.Module, config: PipelineConfig, latent_side: int) -> dict[str, list[str]]:
-    cfg = config.train
+def _groups(unet: torch.nn.Module, cfg: TrainConfig, latent_side: int) -> dict[str, list[str]]:
     if cfg.token_loss_weight == 0 and cfg.pixel_loss_weight == 0:
         return {}
     groups = supervised_groups(unet, list(cfg.grounding.layers), latent_side)
@@ -206,10 +205,10 @@ def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
 
 
-def _init_unet_dir(config: PipelineConfig, resume: Checkpoint | None, init_unet: str | None) -> str | None:
+def _init_unet_dir(cfg: TrainConfig, resume: Checkpoint | None, init_unet: str | None) -> str | None:
     """The U-Net to load: the checkpoint's when resuming a full fine-tune; a LoRA run
     always starts from the base U-Net, which its saved adapter applies to."""
-    if not lora.enabled(config.train.lora):
+    if not lora.enabled(cfg.lora):
         return os.path.join(resume.path, "unet") if resume else init_unet
     if init_unet:
         raise ValueError("train.lora.rank > 0 trains an adapter of the base model the sample stage loads; "
@@ -222,27 +221,29 @@ def _published(output_dir: str, settings: LoraAdapterConfig) -> bool:
     return weights_complete(os.path.join(output_dir, lora.LORA_DIR if lora.enabled(settings) else "unet"))
 
 
-def _config_digest(config: PipelineConfig) -> dict:
+def _config_digest(cfg: TrainConfig) -> dict:
     """Settings that must match for a resumed run to continue the same data order."""
-    cfg = config.train
     return {"batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "seed": cfg.seed, "resolution": cfg.resolution}
 
 
 def train(
-    config: PipelineConfig,
+    cfg: TrainConfig,
+    models: ModelsConfig,
     cache_uri: str,
     output_uri: str,
+    heldout_images: int = 0,
     init_unet: str | None = None,
     model_dir: str | None = None,
 ) -> TrainResult:
     """Fine-tune the U-Net on the mask cache at ``cache_uri``; write the run to ``output_uri``.
 
-    ``model_dir``: diffusers model folder (default: ``train.init_model`` or the
-    profile's model); ``init_unet``: a trained ``unet/`` folder to start from.
-    Resumes from the newest checkpoint in ``output_uri`` when ``train.resume``.
+    ``heldout_images``: how many cache images stage 5 scores attention mIoU on, left out
+    of training when ``train.exclude_heldout``. ``model_dir``: diffusers model folder
+    (default: ``train.init_model`` or the profile's model); ``init_unet``: a trained
+    ``unet/`` folder to start from. Resumes from the newest checkpoint in ``output_uri``
+    when ``train.resume``.
     """
-    cfg = config.train
     output_dir = local_path(output_uri)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
@@ -256,9 +257,9 @@ def train(
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
     resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
-    model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(config.models)
-    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(config, resume, init_unet), device=device,
-                           dtype=torch.float32, vae_dir=resolve_vae_dir(config.models))
+    model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(models)
+    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(cfg, resume, init_unet), device=device,
+                           dtype=torch.float32, vae_dir=resolve_vae_dir(models))
     unet = parts.unet
     unet.train().requires_grad_(True)
     if lora.enabled(cfg.lora):
@@ -273,7 +274,7 @@ def train(
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     latent_side = cfg.resolution // parts.vae_scale_factor
-    groups = _groups(unet, config, latent_side)
+    groups = _groups(unet, cfg, latent_side)
     capture = AttentionCapture(unet, groups) if groups else None
 
     # The fused kernel updates every parameter in one pass: 5-10% faster steps on the demo model (CPU).
@@ -295,13 +296,13 @@ def train(
     if resume:
         state = trainer.restore(resume)
         global_step = int(state["global_step"])
-        if state.get("config") != _config_digest(config):
+        if state.get("config") != _config_digest(cfg):
             logger.warning("resuming %s with different settings %s (was %s): the data order changes",
-                           resume.path, _config_digest(config), state.get("config"))
+                           resume.path, _config_digest(cfg), state.get("config"))
         logger.info("resumed from %s at step %d", resume.path, global_step)
 
     cache = MaskCache(cache_uri, max_cached_shards=1_000_000)  # shard tables hold RLE text only
-    heldout = config.score.heldout_images if cfg.exclude_heldout else 0
+    heldout = heldout_images if cfg.exclude_heldout else 0
     dataset = GroundingDataset(
         cache, training_image_ids(cache, heldout), cfg.resolution, latent_side, in_memory=cfg.cache_samples,
         image_transform=cfg.image_transform, mask_transform=cfg.mask_transform,
@@ -324,7 +325,7 @@ def train(
     )
     metrics = MetricsLog(storage.join(output_uri, "metrics.jsonl"), global_step) if accelerator.is_main_process else None
     resumed_at = global_step
-    global_step = _loop(config, trainer, model, loader, metrics, output_dir, global_step)
+    global_step = _loop(cfg, trainer, model, loader, metrics, output_dir, global_step)
 
     unet_uri = storage.join(output_uri, lora.LORA_DIR if lora.enabled(cfg.lora) else "unet")
     final_losses: dict[str, float] = {}
@@ -348,10 +349,9 @@ def train(
     return TrainResult(output_uri=output_uri, unet_uri=unet_uri, global_step=global_step, final_losses=final_losses)
 
 
-def _loop(config: PipelineConfig, trainer: TrainingState, model: _Model, loader, metrics: MetricsLog | None,
+def _loop(cfg: TrainConfig, trainer: TrainingState, model: _Model, loader, metrics: MetricsLog | None,
           output_dir: str, global_step: int) -> int:
     """Optimizer steps until ``max_steps``; checkpoints and logs along the way."""
-    cfg = config.train
     acc = trainer.accelerator
     if global_step >= cfg.max_steps:
         return global_step
@@ -394,7 +394,7 @@ def _loop(config: PipelineConfig, trainer: TrainingState, model: _Model, loader,
         if global_step % cfg.checkpoint_every == 0 or global_step >= cfg.max_steps:
             if metrics is not None:  # before the checkpoint: a resumed run finds every earlier record
                 metrics.flush()
-            trainer.save(output_dir, global_step, {"config": _config_digest(config)}, cfg.checkpoints_total_limit)
+            trainer.save(output_dir, global_step, {"config": _config_digest(cfg)}, cfg.checkpoints_total_limit)
         if global_step >= cfg.max_steps:
             break
     progress.close()
@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.overrides)
-    result = train(config, args.cache, args.output, init_unet=args.init_unet, model_dir=args.model_dir)
+    result = train(config.train, config.models, args.cache, args.output, config.score.heldout_images,
+                   init_unet=args.init_unet, model_dir=args.model_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.__dict__, indent=2))
     return 0

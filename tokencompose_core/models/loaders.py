@@ -31,7 +31,7 @@ from transformers import (
 
 from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
-from tokencompose_core.identity import tree_hash, value_hash
+from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
 from tokencompose_core.models.tiny import (
     _build_tiny_sam,
@@ -390,21 +390,16 @@ def load_owlv2(
 
 
 def file_identity(path: str | None) -> str:
-    """Size and modification time of a weight file (cheap; changes when the file does)."""
+    """Identity of a weight file by its content (its digest is memoised per file version)."""
     if not path:
         return "unset"
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return f"missing:{path}"
-    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return uri_identity(path) if os.path.exists(path) else f"missing:{path}"
 
 
 def source_identity(source: str) -> str:
-    """Identity of a local model directory (file sizes/mtimes) or a cached hub repo (revision)."""
+    """Identity of a local model folder by its content, or of a cached hub repo by its revision."""
     if os.path.isdir(source):
-        files = sorted(p for p in Path(source).rglob("*") if p.is_file())
-        return ";".join(file_identity(str(p)) for p in files)
+        return uri_identity(source)
     from huggingface_hub import snapshot_download
 
     try:
@@ -417,13 +412,11 @@ def fingerprint(models: ModelsConfig) -> str:
     """Short stable hash of the model profile: config plus weight identity.
 
     Tiny models: config, seed, architecture files and library versions. Real models:
-    config plus checkpoint size/mtime, local directory contents' size/mtime, or the
-    cached hub revision. ``cache_dir`` is excluded: where a model is cached does not
+    config plus the content of checkpoints and local model folders, or the cached hub
+    revision. ``cache_dir`` is excluded: where a model is cached does not
     change it.
     """
-    # models.vae counts only when set, so profiles from before the setting keep their fingerprints.
-    unset = {"vae"} if models.vae is None else set()
-    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir", *unset})}
+    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir"})}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
         tiny_dirs += _diffusion_parts(arch_dir(models.diffusion))
@@ -444,5 +437,5 @@ def fingerprint(models: ModelsConfig) -> str:
     if models.clip_selector:
         parts["clip_selector"] = source_identity(models.clip_selector)
     if tiny_dirs:
-        parts["tiny"] = f"{tree_hash(tiny_dirs)};{library_versions()}"
+        parts["tiny"] = f"{folders_identity(tiny_dirs)};{library_versions()}"
     return value_hash(parts)

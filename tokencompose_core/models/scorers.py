@@ -160,9 +160,9 @@ def scorer_identity(weights: str) -> Any:
 def scorers_fingerprint(inception_weights: str, clip_model: str) -> str:
     """Identity of stage 5's scoring networks beyond their names: the Inception file,
     the CLIP folder or cached revision, or the tiny architectures and library versions."""
-    from tokencompose_core.identity import tree_hash, value_hash
+    from tokencompose_core.identity import folders_identity, value_hash
     from tokencompose_core.models.loaders import source_identity
 
-    clip = f"{tree_hash([arch_dir(TINY) / 'clip'])};{scorer_identity(TINY)}" if clip_model == TINY \
+    clip = f"{folders_identity([arch_dir(TINY) / 'clip'])};{scorer_identity(TINY)}" if clip_model == TINY \
         else source_identity(clip_model)
     return value_hash({"inception": scorer_identity(inception_weights), "clip": clip})

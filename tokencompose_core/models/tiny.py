@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from tokencompose_core.config import ModelsConfig
-from tokencompose_core.identity import bytes_hash, component_seed, tree_hash
+from tokencompose_core.identity import bytes_hash, component_seed, folders_identity
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
 from tokencompose_core.models.tokenizers import owlv2_tokenizer, clip_tokenizer, clip_tokenizer_2
 
@@ -66,7 +66,7 @@ def library_versions() -> str:
 
 def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
     arch = arch_dir(models.diffusion)
-    identity = f"{tree_hash(_diffusion_parts(arch))};seed={models.seed};{library_versions()}"
+    identity = f"{folders_identity(_diffusion_parts(arch))};seed={models.seed};{library_versions()}"
     cache = Path(models.cache_dir).resolve()
     target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
     if (target / "model_index.json").is_file():

@@ -1,28 +1,51 @@
-"""The five stages: one registry for the CLI, the pipeline and the cache keys.
+"""The five stages, each declared once: the only registry of the pipeline.
 
-Each stage's outputs depend on the models, its own config section and the
-sections of the stages upstream of it; never on a downstream section, and never
-on fields that only change how it runs (batch sizes of per-item work, devices,
-folder names). :func:`stage_fingerprint` hashes exactly that, so a changed
-setting redoes its own stage and the stages after it, and nothing else.
+A stage is a module here (``nouns``, ``masks``, ``train``, ``sample``, ``score``)
+with the same three parts:
+
+- ``plan(config, input_uri)``: what it reads (its inputs' identities), where it
+  writes (its output folder, named by :func:`tokencompose_core.outputs.output_folder`)
+  and its units of work (mask shards, one training run, sample shards, score steps);
+- the functions that run one unit, pure library code the Prefect tasks wrap;
+- ``summary(plan, results)``: what its flow returns, with the URI the next stage reads.
+
+:data:`STAGES` lists them in pipeline order; the CLI verbs, the pipeline, the
+generic flow path and the cache keys read it.
+
+A stage's outputs depend on the models, its own config section and the sections
+of the stages upstream of it; never on a downstream section, and never on fields
+that only change how it runs (batch sizes of per-item work, devices, folder
+names). :func:`stage_fingerprint` hashes exactly that, so a changed setting redoes
+its own stage and the stages after it, and nothing else.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
 
 from tokencompose_core.config import PipelineConfig
-from tokencompose_core.identity import value_hash
+from tokencompose_core.identity import KEY_SCHEMA, value_hash
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
+    name: str  # CLI verb, config section and module name
     flow: str  # "module:function" of its Prefect flow
     output_key: str  # the key of its summary that names its output (the next stage's input)
     help: str
     # Fields of its own section that do not change what it produces.
     execution_only: frozenset[str] = frozenset()
+
+    @property
+    def module(self) -> ModuleType:
+        """``tokencompose_core.stages.<name>``: its plan and units (imported on demand: they
+        pull heavy libraries)."""
+        return importlib.import_module(f"{__name__}.{self.name}")
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
@@ -57,33 +80,25 @@ def upstream(stage: str) -> list[str]:
     return order[: order.index(stage) + 1]
 
 
+def section_settings(stage: str, section: BaseModel) -> dict[str, Any]:
+    """The fields of ``stage``'s own section that change what it produces."""
+    return section.model_dump(mode="json", exclude=set(STAGES[stage].execution_only))
+
+
 def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """The settings ``stage``'s outputs depend on: its own and upstream sections' result fields.
 
-    One cross-stage read: training leaves out the images stage 5 scores attention
-    mIoU on (``train.exclude_heldout``), so their count is one of its settings. Stage 1
-    rejects images outside ``storage.allowed_roots``, so those roots are among its
-    settings when set. And stage 5's scoring networks count by content
+    Three cross-section reads: stage 1 reads image paths only under
+    ``storage.allowed_roots``, so those roots decide its rejects; training leaves out
+    the images stage 5 scores attention mIoU on (``train.exclude_heldout``), so their
+    count is one of its settings; and stage 5's scoring networks count by content
     (:func:`tokencompose_core.models.scorers.scorers_fingerprint`).
     """
-    sections = {name: getattr(config, name).model_dump(mode="json", exclude=set(STAGES[name].execution_only))
-                for name in upstream(stage)}
-    if "nouns" in sections:
-        # Which image paths a manifest may use decides which rows stage 1 rejects. Counted only
-        # when they restrict more than before the rules existed, so earlier keys stay.
-        if config.nouns.allow_absolute_image_paths:
-            del sections["nouns"]["allow_absolute_image_paths"]
-        if config.storage.allowed_roots:
-            sections["nouns"]["image_roots"] = config.storage.allowed_roots
-    if "train" in sections and not config.train.grounding.normalize_by_layers:
-        # Counted only when on: runs trained before the switch existed keep their keys.
-        del sections["train"]["grounding"]["normalize_by_layers"]
+    sections = {name: section_settings(name, getattr(config, name)) for name in upstream(stage)}
+    sections["nouns"]["image_roots"] = config.storage.allowed_roots
     if "train" in sections and config.train.exclude_heldout:
         sections["train"]["heldout_images"] = config.score.heldout_images
-    if "train" in sections and not config.train.lora.rank:
-        del sections["train"]["lora"]  # LoRA off: full fine-tunes keep the keys they had before LoRA existed
     if "score" in sections:
-        # The scoring networks are named by path or hub id: their content counts too.
         from tokencompose_core.models.scorers import scorers_fingerprint
 
         sections["score"]["scorers"] = scorers_fingerprint(config.score.inception_weights, config.score.clip_model)
@@ -91,7 +106,7 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
 
 
 def stage_fingerprint(config: PipelineConfig, stage: str) -> str:
-    """Short hash of the models and :func:`stage_settings` of ``stage``.
+    """Short hash of the key schema, the models and :func:`stage_settings` of ``stage``.
 
     A change to ``train.learning_rate`` changes the fingerprints of train, sample
     and score, never those of nouns or masks; a change to ``sample.batch_size``
@@ -99,4 +114,5 @@ def stage_fingerprint(config: PipelineConfig, stage: str) -> str:
     """
     from tokencompose_core.models import fingerprint as models_fingerprint
 
-    return value_hash({"models": models_fingerprint(config.models), "sections": stage_settings(config, stage)})
+    return value_hash({"schema": KEY_SCHEMA, "models": models_fingerprint(config.models),
+                       "sections": stage_settings(config, stage)})

@@ -1,21 +1,25 @@
-"""Stage 5's plan and steps: which samples to score, where their scores go, the scoring work.
+"""Stage 5, score: MultiGen, attention mIoU, FID and CLIP score of samples folders, and their report.
 
-A scores folder is named after the samples it scores (their content identity)
-and the score stage's fingerprint; a report folder after the scores it reports.
-The Prefect tasks in ``tasks/evaluate.py`` wrap the steps one to one.
+Outputs: ``<root>/scores/<samples name>-<key>/`` per samples folder, named after
+the samples' content and the score stage's fingerprint; ``<root>/fid/<manifest>-<key>/``
+for the FID reference statistics, shared by every run scored against that image
+set; ``<root>/reports/report-<key>/`` named after the scores it reports. Units per
+samples folder: detect, MultiGen, CLIP score, FID, exports, attention mIoU; then
+one report. A trained run scored beside a base-model run sampled with the same
+prompts and seeds gets paired 95% bootstrap intervals for every metric difference.
 """
 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from tokencompose_core import image_metrics, outputs, storage
-from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
+from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
     heldout_image_ids,
@@ -25,13 +29,14 @@ from tokencompose_core.evaluation import (
     read_image,
     segmentation_miou,
 )
-from tokencompose_core.identity import folder_hash, uri_hash, value_hash
+from tokencompose_core.identity import uri_identity, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
 from tokencompose_core.manifest import ImagePaths
-from tokencompose_core.mask_cache import COMPLETED, MaskCache, cache_identity
+from tokencompose_core.mask_cache import COMPLETED, MaskCache
 from tokencompose_core.reports import MG_KS, multigen_record
-from tokencompose_core.sampling import Prompt, model_fingerprint, model_name, samples_folder
+from tokencompose_core.sampling import Prompt, model_fingerprint
 from tokencompose_core.stages import stage_fingerprint
+from tokencompose_core.stages.sample import model_name, samples_folder
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,72 @@ class ScorePlan:
     unet_dir: str | None
     model_identity: str
     out_uri: str
+
+
+@dataclass(frozen=True)
+class ScoreStagePlan:
+    """Every samples folder to score with one score fingerprint, and what they are scored against."""
+
+    fingerprint: str
+    folders: list[ScorePlan]
+    whole: dict[str, bool]  # per output folder (scores, FID reference): matches its record
+    cache: HeldoutCache | None  # attention mIoU's mask cache
+    reference: FidReference | None
+
+
+def plan(config: PipelineConfig, input_uri: str | None) -> ScoreStagePlan:
+    """``input_uri``: a samples folder (with index.parquet); default every finished samples folder."""
+    fingerprint, cache = stage_fingerprint(config, "score"), heldout_cache(config)
+    reference = fid_reference(config)
+    folders = [plan_scores(config, folder, fingerprint, reference) for folder in samples_to_score(config, input_uri)]
+    whole = {folder.out_uri: outputs.keep_if_whole(folder.out_uri) for folder in folders}
+    if reference is not None:
+        whole[reference.out_uri] = outputs.keep_if_whole(reference.out_uri)
+    return ScoreStagePlan(fingerprint, folders, whole, cache, reference)
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    out_uri: str
+    scores_identity: str  # the content of the scores folders it reports
+    runs: dict[str, list[str]]  # model -> its scores folders
+    pairs: dict[str, tuple[str, str]]  # label -> (base, trained run) compared with paired intervals
+    whole: bool
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return {"scores": self.runs, "scores_identity": self.scores_identity}
+
+
+def plan_report(config: PipelineConfig, stage_plan: ScoreStagePlan) -> ReportPlan:
+    """The report of the sealed scores folders: named after their content."""
+    runs = runs_by_model(stage_plan.folders)
+    scores = {model: [uri_identity(uri) for uri in folders] for model, folders in runs.items()}
+    identity = value_hash(scores)
+    out_uri = outputs.output_folder(config, "reports", "report", [stage_plan.fingerprint, identity])
+    return ReportPlan(out_uri, identity, runs, baseline_pairs(stage_plan.folders), outputs.keep_if_whole(out_uri))
+
+
+def seal_scores(config: PipelineConfig, plan: ScoreStagePlan, folder: ScorePlan) -> None:
+    outputs.seal(folder.out_uri, config, "score", plan.fingerprint, stage_inputs(folder, plan.cache, plan.reference))
+
+
+def seal_reference(config: PipelineConfig, reference: FidReference) -> None:
+    outputs.seal(reference.out_uri, config, "fid", reference.identity,
+                 {"manifest": reference.manifest_uri, "accepted": reference.accepted_uri,
+                  "images": config.score.fid_reference_images})
+
+
+def seal(config: PipelineConfig, plan: ScoreStagePlan, report: tuple[ReportPlan, dict[str, str]]) -> None:
+    """The report's record (each scores folder was sealed before the report was planned)."""
+    report_plan, _ = report
+    outputs.seal(report_plan.out_uri, config, "score", plan.fingerprint, report_plan.inputs)
+
+
+def summary(plan: ScoreStagePlan, report: tuple[ReportPlan, dict[str, str]]) -> dict[str, Any]:
+    report_plan, uris = report
+    return {"output_uri": report_plan.out_uri, "scores": [folder.out_uri for folder in plan.folders], "report": uris,
+            "runs": sorted(report_plan.runs)}
 
 
 @dataclass(frozen=True)
@@ -98,7 +169,7 @@ def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str,
                 reference: FidReference | None = None) -> ScorePlan:
     """Where the scores of ``samples_uri`` go for this score fingerprint (and FID reference set)."""
     meta = storage.read_json(storage.join(samples_uri, "sample_meta.json"))
-    identity = outputs.content_identity(samples_uri) or folder_hash(samples_uri)
+    identity = uri_identity(samples_uri)
     name = posixpath.basename(samples_uri.rstrip("/"))
     return ScorePlan(
         samples_uri=samples_uri,
@@ -128,7 +199,7 @@ def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
         uri = found[0]
     if not storage.exists(storage.join(uri, COMPLETED)):
         return None
-    return HeldoutCache(uri, cache_identity(uri))
+    return HeldoutCache(uri, uri_identity(uri))
 
 
 def fid_reference(config: PipelineConfig) -> FidReference | None:
@@ -148,11 +219,11 @@ def fid_reference(config: PipelineConfig) -> FidReference | None:
         if not manifest:
             return None
         accepted = storage.join(found[0], "nouns.parquet")
-    identity = value_hash({"manifest": uri_hash(manifest), "accepted": uri_hash(accepted) if accepted else None,
+    identity = value_hash({"manifest": uri_identity(manifest), "accepted": uri_identity(accepted) if accepted else None,
                            "images": config.score.fid_reference_images,
                            "inception": scorer_identity(config.score.inception_weights), "seed": config.models.seed,
                            "features": config.score.fid_features, "max_pixels": config.masks.max_image_pixels,
-                           "paths": image_paths(config)})
+                           "paths": asdict(image_paths(config))})
     out_uri = outputs.output_folder(config, "fid", image_metrics.reference_name(manifest), identity)
     return FidReference(manifest, identity, out_uri, accepted)
 
@@ -162,16 +233,16 @@ def image_paths(config: PipelineConfig) -> ImagePaths:
     return ImagePaths.from_config(config.nouns, config.storage.allowed_roots)
 
 
-def reference_statistics(reference: FidReference, config: PipelineConfig) -> str:
+def reference_statistics(reference: FidReference, score: ScoreConfig, seed: int, paths: ImagePaths,
+                         max_image_pixels: int) -> str:
     """The reference set's Inception statistics -> reference_stats.safetensors URI; its images are
-    read as stages 1-2 read them (path rules, size budget), and those that cannot be are skipped."""
+    read as stages 1-2 read them (``paths``, ``max_image_pixels``), and those that cannot be are skipped."""
     from tokencompose_core.models.scorers import load_inception
 
-    score = config.score
-    inception = load_inception(score.inception_weights, config.models.seed, score.fid_features)
+    inception = load_inception(score.inception_weights, seed, score.fid_features)
     return image_metrics.reference_statistics(reference.manifest_uri, score.fid_reference_images, inception,
                                               reference.out_uri, score.metrics_batch_size, reference.accepted_uri,
-                                              image_paths(config), config.masks.max_image_pixels)
+                                              paths, max_image_pixels)
 
 
 def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:
@@ -279,13 +350,13 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     return uri
 
 
-def score_segmentation(config: PipelineConfig, model_dir: str, unet_dir: str | None, cache_uri: str,
+def score_segmentation(score: ScoreConfig, sample: SampleConfig, grounding: GroundingLayersConfig,
+                       models: ModelsConfig, model_dir: str, unet_dir: str | None, cache_uri: str,
                        out_uri: str) -> str:
     """Attention-map mIoU on the held-out mask-cache images -> segmentation.json URI."""
-    image_ids = heldout_image_ids(MaskCache(cache_uri).image_ids(), config.score.heldout_images)
-    result = segmentation_miou(config, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
-                               overlays_uri=storage.join(out_uri, "overlays"),
-                               max_overlays=config.score.report_overlays)
+    image_ids = heldout_image_ids(MaskCache(cache_uri).image_ids(), score.heldout_images)
+    result = segmentation_miou(score, sample, grounding, models, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
+                               overlays_uri=storage.join(out_uri, "overlays"), max_overlays=score.report_overlays)
     write_per_unit(pd.DataFrame([(f"image {image} noun {i}", "attention mIoU", value)
                                  for image, values in result["per_image"].items() for i, value in enumerate(values)],
                                 columns=PER_UNIT_COLUMNS), out_uri, "miou")
@@ -312,13 +383,6 @@ def baseline_pairs(plans: list[ScorePlan]) -> dict[str, tuple[str, str]]:
     bases = {paired_on(plan) for plan in plans if plan.model == "base"}
     return {f"{plan.model} − base": ("base", plan.model) for plan in plans
             if plan.model != "base" and paired_on(plan) in bases}
-
-
-def report_folder(config: PipelineConfig, fingerprint: str, runs: dict[str, list[str]]) -> tuple[str, str]:
-    """(the report's folder, the identity of the scores it reports): named after them."""
-    scores = {model: [outputs.content_identity(uri) for uri in folders] for model, folders in runs.items()}
-    identity = value_hash(scores)
-    return outputs.output_folder(config, "reports", "report", [fingerprint, identity]), identity
 
 
 def stage_inputs(plan: ScorePlan, cache: HeldoutCache | None, reference: FidReference | None) -> dict[str, Any]:

@@ -1,22 +1,16 @@
-"""Prefect tasks of stages 1-2: the nouns table, and one cached, retried task per mask shard."""
+"""Prefect tasks of stage 2: one cached, retried task per mask shard, or the reference import."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
 
-from tasks.common import retry_batch_size, stage_task
+from tasks.common import recompute_unless, retry_batch_size, stage_task
 from tokencompose_core import storage
-from tokencompose_core.config import MasksConfig, ModelsConfig, NounsConfig
-from tokencompose_core.grounding import GroundedSam, run_mask_shard
-from tokencompose_core.manifest import ImagePaths, build_nouns, import_reference
-
-
-@stage_task
-def nouns_task(manifest_uri: str, manifest_digest: str, out_dir: str, nouns: NounsConfig, models: ModelsConfig,
-               max_image_pixels: int, allowed_roots: list[str], fingerprint: str) -> dict[str, Any]:
-    """Stage 1; ``manifest_digest`` keys the cache on the manifest's content, not just its URI."""
-    return build_nouns(manifest_uri, out_dir, nouns, models, max_image_pixels, allowed_roots)
+from tokencompose_core.config import MasksConfig, ModelsConfig, PipelineConfig
+from tokencompose_core.grounding import GroundedSam
+from tokencompose_core.manifest import ImagePaths
+from tokencompose_core.stages.masks import MasksPlan, import_reference, reference_paths, run_mask_shard
 
 
 @stage_task
@@ -61,3 +55,16 @@ def mask_shard_task(nouns_uri: str, cache_uri: str, shard_name: str, image_ids: 
         retry_batch_size(masks.batch_size),
         masks.max_image_pixels,
     )
+
+
+def run_units(config: PipelineConfig, plan: MasksPlan) -> list[dict[str, Any]]:
+    if plan.reference:
+        paths = reference_paths(config)
+        return [recompute_unless(import_reference_task, plan.whole)(
+            plan.source_uri, plan.source_identity, plan.out_uri, config.masks.shard_size, paths.allow_absolute,
+            list(paths.roots), plan.fingerprint)]
+    futures = [recompute_unless(mask_shard_task, shard.committed).submit(
+                   plan.source_uri, plan.out_uri, shard.name, shard.image_ids, shard.inputs_digest, config.models,
+                   config.masks, plan.fingerprint)
+               for shard in plan.shards]
+    return [future.result() for future in futures]

@@ -1,0 +1,77 @@
+"""Stage 2, masks: Grounded-SAM masks of each image's nouns into the Parquet mask cache.
+
+Output: ``<root>/masks/masks-<key>/`` (key: the mask settings and everything
+upstream); the cache is filled shard by shard (the units), so a larger nouns table
+extends it and a killed run resumes at the first uncommitted shard. Given the
+reference's ``metadata.jsonl`` instead of a nouns table, the one unit imports the
+released masks into ``<root>/masks/reference-<key>/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tokencompose_core import outputs, storage
+from tokencompose_core.config import PipelineConfig
+from tokencompose_core.grounding import ShardPlan, plan_masks, run_mask_shard
+from tokencompose_core.identity import uri_identity
+from tokencompose_core.manifest import ImagePaths, import_reference, masks_input_kind
+from tokencompose_core.stages import stage_fingerprint
+
+__all__ = ["MasksPlan", "plan", "summary", "run_mask_shard", "import_reference"]
+
+
+@dataclass(frozen=True)
+class MasksPlan:
+    source_uri: str  # the nouns table, or the reference's metadata.jsonl
+    source_identity: str
+    fingerprint: str
+    out_uri: str
+    whole: bool
+    shards: list[ShardPlan]  # empty for a reference import (one unit)
+    reference: bool
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        if self.reference:
+            return {"metadata": self.source_uri, "metadata_digest": self.source_identity}
+        return {"nouns": self.source_uri, "nouns_digest": self.source_identity}
+
+
+def plan(config: PipelineConfig, input_uri: str | None) -> MasksPlan:
+    """``input_uri``: the nouns table (default: stage 1's output for these settings), or the
+    reference's ``metadata.jsonl`` (+ mask PNGs beside it)."""
+    source = input_uri or storage.join(outputs.current(config, "nouns"), "nouns.parquet")
+    storage.check_input(source, config.storage)
+    identity = uri_identity(source)
+    if masks_input_kind(source) == "reference":
+        fingerprint = f"reference-{identity}"
+        out_uri = outputs.output_folder(config, "masks", "reference",
+                                        [fingerprint, config.masks.shard_size, asdict(reference_paths(config))])
+        return MasksPlan(source, identity, fingerprint, out_uri, outputs.keep_if_whole(out_uri), [], True)
+    fingerprint = stage_fingerprint(config, "masks")
+    out_uri = outputs.output_folder(config, "masks", "masks", fingerprint)
+    whole = outputs.keep_if_whole(out_uri)  # a damaged shard is removed, so its unit runs again
+    shards = plan_masks(source, out_uri, config.masks.shard_size, fingerprint)
+    return MasksPlan(source, identity, fingerprint, out_uri, whole, shards, False)
+
+
+def reference_paths(config: PipelineConfig) -> ImagePaths:
+    """Which image and mask paths a reference import may read: a manifest's rules."""
+    return ImagePaths.from_config(config.nouns, config.storage.allowed_roots)
+
+
+def seal(config: PipelineConfig, plan: MasksPlan, results: list[dict[str, Any]]) -> None:
+    outputs.seal(plan.out_uri, config, "masks", plan.fingerprint, plan.inputs)
+
+
+def summary(plan: MasksPlan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    if plan.reference:
+        (result,) = results
+        return {"metadata_uri": plan.source_uri, "cache_uri": plan.out_uri, "shards": len(result["shards"]),
+                "images": result["images"], "cache_identity": uri_identity(plan.out_uri)}
+    return {"nouns_uri": plan.source_uri, "cache_uri": plan.out_uri, "fingerprint": plan.fingerprint,
+            "shards": len(results), "shards_skipped": sum(bool(r["skipped"]) for r in results),
+            "images": sum(r["images"] for r in results), "rows": sum(r["rows"] for r in results),
+            "rejects": sum(r["rejects"] for r in results)}
