@@ -135,6 +135,18 @@ class MasksConfig(_Section):
     # data: every token above the threshold, its matching rules, a later phrase's mask
     # replacing an earlier one's).
     phrase_matching: Literal["noun_tokens", "reference"] = "noun_tokens"
+    # The detector's input size from the short-side scale: "round" (ours, 640x480 -> 1067x800)
+    # or "truncate", as groundingdino's own transform (the reference: 1066x800).
+    detector_size_rounding: Literal["round", "truncate"] = "round"
+    # "batched": one GroundingDINO forward per batch, images padded to the largest; "per_image":
+    # one forward per image, as the reference (padding changes the features near the border).
+    detector_batching: Literal["batched", "per_image"] = "batched"
+    # Boxes clipped to the image before SAM (ours) or passed as predicted (the reference).
+    clamp_boxes: bool = True
+    # An image with no grounded noun: kept as one noun-less row that trains with the denoising
+    # loss only (ours), or left out as the reference's data does (its trainer divides by the
+    # number of nouns, so it cannot take one).
+    keep_ungrounded_images: bool = True
 
 
 class GroundingLayersConfig(_Section):

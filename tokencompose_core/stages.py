@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import value_hash
+from tokencompose_core.pinning import pinned_settings
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
             del sections["nouns"]["allow_absolute_image_paths"]
         if config.storage.allowed_roots:
             sections["nouns"]["image_roots"] = config.storage.allowed_roots
+    pinned_settings(config, sections)  # the image allowlist by content; pinned-regeneration switches
     if "train" in sections and not config.train.grounding.normalize_by_layers:
         # Counted only when on: runs trained before the switch existed keep their keys.
         del sections["train"]["grounding"]["normalize_by_layers"]
