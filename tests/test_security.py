@@ -311,7 +311,7 @@ def test_image_path_rules_count_in_stage_ones_key_only_when_they_restrict(tmp_pa
     root = f"storage.root={tmp_path / 'runs'}"
     default = load_config("tiny", [root])
     assert set(stage_settings(default, "nouns")["nouns"]) == set(default.nouns.model_dump()) - {
-        "manifest", "batch_size", "allow_absolute_image_paths"}  # keys made before the rules stay
+        "manifest", "batch_size", "allow_absolute_image_paths", "image_ids"}  # keys made before the rules stay
     for restricting in ("nouns.allow_absolute_image_paths=false", f"storage.allowed_roots=[{tmp_path}]"):
         changed = load_config("tiny", [root, restricting])
         assert stage_fingerprint(changed, "nouns") != stage_fingerprint(default, "nouns"), restricting

@@ -512,6 +512,7 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_im
     image lies outside ``allowed_roots`` (``storage.allowed_roots``) are rejected.
     """
     from tokencompose_core.models import clip_tokenizer
+    from tokencompose_core.pinning import restrict_manifest
 
     selector = None
     if nouns.caption_choice == "clip":
@@ -521,8 +522,10 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: Any, models: Any, max_im
 
         selector = CaptionSelector.from_pretrained(models.clip_selector, device=resolve_device("auto"))
     manifest = read_manifest(manifest_uri, ImagePaths.from_config(nouns, allowed_roots or []))
+    manifest, outside = restrict_manifest(manifest, nouns.image_ids)  # rows of images not in nouns.image_ids
     tagger_model = nouns.flair_model if nouns.tagger == "flair" else nouns.spacy_model
     table, rejects = nouns_table(manifest, clip_tokenizer(), tagger_model, nouns.batch_size, selector,
                                  max_image_pixels, nouns.tagger)
+    rejects = mask_cache.rejects_frame(outside + rejects.to_dict("records"))
     uris = write_nouns(table, rejects, out_dir)
     return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}
