@@ -1,4 +1,4 @@
-"""Pinned regeneration: stage 1's image allowlist, the new switches in the stage keys."""
+"""Pinned regeneration: stage 1's image allowlist, the new switches in the stage keys, OWLv2's processor."""
 
 from __future__ import annotations
 
@@ -101,3 +101,23 @@ def test_mask_switches_count_in_stage_two_only_when_changed(override: str) -> No
     assert stage_fingerprint(changed, "nouns") == stage_fingerprint(default, "nouns")
     assert stage_fingerprint(changed, "masks") != stage_fingerprint(default, "masks")
 
+
+def test_owlv2_image_processor_backend() -> None:
+    from tokencompose_core.models import load_owlv2
+
+    default, pinned = load_config("tiny"), load_config("tiny", ["score.owlv2_backend=pil"])
+    assert "owlv2_backend" not in stage_settings(default, "score")["score"]
+    assert stage_fingerprint(pinned, "score") != stage_fingerprint(default, "score")
+    assert stage_fingerprint(pinned, "sample") == stage_fingerprint(default, "sample")
+    for backend, processor in (("torchvision", "Owlv2ImageProcessor"), ("pil", "Owlv2ImageProcessorPil")):
+        assert type(load_owlv2(default.models, backend=backend)[1].image_processor).__name__ == processor
+
+
+def test_scoring_passes_the_backend_to_the_detector(monkeypatch) -> None:
+    from tokencompose_core import scoring
+
+    seen = {}
+    monkeypatch.setattr(scoring, "detect_owlv2", lambda *args, **kwargs: seen.update(kwargs) or "uri")
+    config = load_config("tiny", ["score.owlv2_backend=pil"])
+    scoring.DETECTORS["owlv2"]("index", [], config.models, config.score, "out", 8)
+    assert seen["backend"] == "pil"

@@ -254,6 +254,10 @@ class ScoreConfig(_Section):
     detection_threshold: float = Field(0.1, ge=0, le=1)
     store_threshold: float = Field(0.01, ge=0, le=1)
     detector_batch_size: int = Field(8, gt=0)
+    # OWLv2's image processor in transformers 5: "torchvision" (its default, the former fast one) or
+    # "pil", the former slow one, which the reference's transformers 4.35 ran (padding and resizing
+    # differ slightly, so scores near the threshold can flip).
+    owlv2_backend: Literal["torchvision", "pil"] = "torchvision"
     segmentation_timestep: int = Field(300, ge=0)
     # Fixed threshold on maps min-max normalised per noun (0.5 = half their range).
     segmentation_threshold: float = Field(0.5, ge=0, le=1)

@@ -107,6 +107,7 @@ def restrict_manifest(manifest: pd.DataFrame, spec: ImageIds) -> tuple[pd.DataFr
 # stage settings, so outputs made before they existed keep their keys.
 _KEYLESS_AT_DEFAULT = {
     "masks": ("detector_size_rounding", "detector_batching", "clamp_boxes", "keep_ungrounded_images"),
+    "score": ("owlv2_backend",),
 }
 
 
