@@ -80,6 +80,14 @@ def test_stage_one_writes_allowlist_rejects(tmp_path) -> None:
     assert summary["images"] == 1 and summary["rejects"] == 1
 
 
+def test_paper_profiles_regenerate_from_the_authors_images_only() -> None:
+    for profile in ("sd14", "sd21"):
+        assert load_config(profile).nouns.image_ids == "tokencompose-4526"
+    assert load_config("tiny").nouns.image_ids is None
+    with pytest.raises(ConfigError):
+        load_config("tiny", ["nouns.image_ids={a: 1}"])
+
+
 def test_the_allowlist_counts_in_stage_one_by_content(tmp_path) -> None:
     default = load_config("tiny")
     assert "image_ids" not in stage_settings(default, "nouns")["nouns"]  # keys made before the switch stay
@@ -102,9 +110,10 @@ def test_mask_switches_count_in_stage_two_only_when_changed(override: str) -> No
     assert stage_fingerprint(changed, "masks") != stage_fingerprint(default, "masks")
 
 
-def test_owlv2_image_processor_backend() -> None:
+def test_paper_profiles_score_with_the_slow_owlv2_processor() -> None:
     from tokencompose_core.models import load_owlv2
 
+    assert [load_config(p).score.owlv2_backend for p in ("sd14", "sd21", "tiny")] == ["pil", "pil", "torchvision"]
     default, pinned = load_config("tiny"), load_config("tiny", ["score.owlv2_backend=pil"])
     assert "owlv2_backend" not in stage_settings(default, "score")["score"]
     assert stage_fingerprint(pinned, "score") != stage_fingerprint(default, "score")
@@ -121,3 +130,13 @@ def test_scoring_passes_the_backend_to_the_detector(monkeypatch) -> None:
     config = load_config("tiny", ["score.owlv2_backend=pil"])
     scoring.DETECTORS["owlv2"]("index", [], config.models, config.score, "out", 8)
     assert seen["backend"] == "pil"
+
+
+def test_paper_profiles_pick_the_reference_grounded_sam_choices() -> None:
+    for profile in ("sd14", "sd21"):
+        masks = load_config(profile).masks
+        assert (masks.detector_size_rounding, masks.detector_batching) == ("truncate", "per_image")
+        assert not masks.clamp_boxes and not masks.keep_ungrounded_images
+    masks = load_config("tiny").masks
+    assert (masks.detector_size_rounding, masks.detector_batching, masks.clamp_boxes,
+            masks.keep_ungrounded_images) == ("round", "batched", True, True)

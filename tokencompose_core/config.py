@@ -116,7 +116,7 @@ class NounsConfig(_Section):
     # read when true; false allows only paths relative to the manifest's folder. Relative paths
     # may never leave that folder, and with storage.allowed_roots set every image lies under them.
     allow_absolute_image_paths: bool = True
-    # Which images stage 1 keeps (tokencompose_core/image_ids.py): None, every image; else a list of
+    # Which images stage 1 keeps (tokencompose_core/pinning.py): None, every image; else a list of
     # ids, the name of a shipped list ("tokencompose-4526": the authors' COCO images) or a file
     # of ids, one per line. Rows of other images become rejects rows.
     image_ids: str | list[str | int] | None = None
