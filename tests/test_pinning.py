@@ -38,6 +38,7 @@ def test_coco_file_names_and_ids_are_one_image(name) -> None:
 
 def test_image_key_leaves_other_names_alone() -> None:
     assert image_key("dog.v2") == "dog.v2" and image_key("a/b/cat.png") == "cat" and image_key("0") == "0"
+    assert image_key("x²") == "x²" and image_key("²") == "²"
 
 
 def _manifest(ids: list[str]) -> pd.DataFrame:

@@ -46,7 +46,7 @@ def image_key(name: str | int) -> str:
     stem, extension = posixpath.splitext(base)
     if extension.lower() in _IMAGE_EXTENSIONS:
         base = stem
-    return str(int(base)) if base.isdigit() else base
+    return str(int(base)) if base.isdecimal() else base  # isdigit() would pass "²", which int() refuses
 
 
 def _parse(text: str) -> list[str]:
