@@ -12,11 +12,14 @@ from PIL import Image
 from tokencompose_core import mask_cache
 from tokencompose_core.config import load_config
 from tokencompose_core.grounding import (
+    UNGROUNDED_REASON,
     Detection,
     GroundedSam,
     Grounding,
     _cxcywh_to_pixels,
     detection_caption,
+    detector_batches,
+    detector_input_size,
     ground_shard,
     match_phrase,
     match_phrase_reference,
@@ -249,3 +252,77 @@ def test_an_image_the_models_fail_on_is_rejected_alone(tmp_path) -> None:
 
     with pytest.raises(torch.OutOfMemoryError):  # not the image's fault: the task retries with a smaller batch
         ground_shard(nouns, out_of_memory, "fp", batch_size=2, max_image_pixels=10**6)
+
+
+# ----------------------------------------------------------------- the reference's deterministic choices
+
+
+@pytest.mark.parametrize("size, rounded, truncated", [
+    ((640, 480), (800, 1067), (800, 1066)),  # COCO's usual size: 1066.67 px wide
+    ((480, 640), (1067, 800), (1066, 800)),
+    ((1000, 400), (533, 1333), (533, 1332)),  # long side capped at 1333
+    ((800, 800), (800, 800), (800, 800)),
+    ((1000, 401), (535, 1333), (535, 1334)),  # capped: the reference rounds the short side, then truncates
+])
+def test_detector_input_size_rounded_or_truncated(size, rounded, truncated) -> None:
+    assert detector_input_size(*size, 800) == rounded
+    assert detector_input_size(*size, 800, "truncate") == truncated
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 400), (1000, 401), (333, 500), (612, 612), (7, 5)])
+def test_truncated_size_is_groundingdinos_own_resize(size) -> None:
+    from groundingdino.datasets.transforms import RandomResize
+
+    resized, _ = RandomResize([800], max_size=1333)(Image.new("RGB", size))
+    assert detector_input_size(*size, 800, "truncate") == (resized.height, resized.width)
+
+
+def test_boxes_are_left_unclipped_on_request() -> None:
+    boxes = torch.tensor([[0.9, 0.1, 0.4, 0.4]])
+    assert _cxcywh_to_pixels(boxes, 100, 200, clamp=False).flatten().tolist() == pytest.approx([140, -10, 220, 30])
+    assert _cxcywh_to_pixels(boxes, 100, 200).flatten().tolist() == pytest.approx([140, 0, 200, 30])
+
+
+def test_detector_batches() -> None:
+    assert detector_batches(3, "batched") == [range(3)] and detector_batches(0, "batched") == []
+    assert detector_batches(3, "per_image") == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError, match="unknown detector batching"):
+        detector_batches(3, "sometimes")
+
+
+def test_per_image_detection_runs_one_forward_per_image(tmp_path) -> None:
+    config = load_config("tiny", ["masks.max_boxes=8", "masks.detector_batching=per_image",
+                                  "masks.detector_size_rounding=truncate", "masks.clamp_boxes=false"])
+    grounder = GroundedSam.from_config(config.models, config.masks)
+    assert (grounder.detector_size_rounding, grounder.clamp_boxes) == ("truncate", False)
+    forward, batches = grounder.dino.forward, []
+
+    def recording(samples, captions):
+        batches.append(len(captions))
+        return forward(samples, captions=captions)
+
+    grounder.dino.forward = recording
+    images = [Image.fromarray(skimage.data.chelsea()), _shapes_photo(tmp_path)]
+    nouns = [["cat"], ["square", "disk"]]
+    together = grounder.detect(images, nouns)
+    assert batches == [1, 1]
+    alone = [grounder.detect([image], [image_nouns])[0] for image, image_nouns in zip(images, nouns)]
+    assert [[(d.noun, d.box) for d in found] for found in together] == [[(d.noun, d.box) for d in found]
+                                                                          for found in alone]
+
+
+def test_images_without_a_grounded_noun_are_left_out_on_request(tmp_path) -> None:
+    truth = _shapes_image(tmp_path / "shapes.png")
+    nouns = _nouns_rows([
+        ("shapes", str(tmp_path / "shapes.png"), ["square"]),
+        ("missed", str(tmp_path / "shapes.png"), ["unicorn"]),  # a noun, never detected
+        ("plain", str(tmp_path / "shapes.png"), []),  # no noun from stage 1
+    ])
+    grounder = ShapeGrounder({(80, 60): truth})
+    kept, _ = ground_shard(nouns, grounder, "fp", batch_size=4, max_image_pixels=10**6)
+    assert set(kept["image_id"]) == {"shapes", "missed", "plain"}  # ours: they train with the denoising loss
+    grounder.keep_ungrounded_images = False  # GroundedSam takes it from masks.keep_ungrounded_images
+    rows, rejects = ground_shard(nouns, grounder, "fp", batch_size=4, max_image_pixels=10**6)
+    assert rows["image_id"].tolist() == ["shapes"]
+    reasons = rejects.groupby("image_id")["reason"].apply(list).to_dict()
+    assert reasons == {"missed": ["noun without detection", UNGROUNDED_REASON], "plain": [UNGROUNDED_REASON]}

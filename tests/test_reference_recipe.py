@@ -147,7 +147,7 @@ def _reproducing_rows() -> list[tuple[str, dict[str, str]]]:
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) != 6:
             continue
-        setting = re.fullmatch(r"`([a-z_]+(?:\.[a-z_]+)+)`", cells[2])
+        setting = re.fullmatch(r"`([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)`", cells[2])
         if setting:
             values = [re.fullmatch(r"`(.*)`", cell) for cell in cells[3:]]
             assert all(values), f"row {cells[2]}: every profile value must be `quoted`"
@@ -164,7 +164,9 @@ def test_paper_profiles_resolve_to_the_reproducing_table():
     assert {"nouns.caption_choice", "models.clip_selector", "nouns.tagger", "models.sam.variant",
             "masks.mixed_precision", "masks.phrase_matching", "train.exclude_heldout", "sample.mixed_precision",
             "sample.safety_checker", "train.image_transform", "train.mask_transform", "train.resolution",
-            "train.learning_rate", "train.max_steps"} <= settings
+            "train.learning_rate", "train.max_steps", "nouns.image_ids", "masks.detector_size_rounding",
+            "masks.detector_batching", "masks.clamp_boxes", "masks.keep_ungrounded_images",
+            "score.owlv2_backend"} <= settings
     for profile in ("sd14", "sd21", "tiny"):
         config = load_config(profile)
         for setting, values in rows:

@@ -305,13 +305,13 @@ def test_manifest_images_stay_in_the_manifests_folder_and_under_the_roots(
     assert accepted == {"good", "inside", "secret", "link"} and set(rejected) == {"beside"}
 
 
-def test_image_path_rules_count_in_stage_ones_key_only_when_they_restrict(tmp_path: Path) -> None:
+def test_image_path_rules_count_in_stage_ones_key(tmp_path: Path) -> None:
     from tokencompose_core.stages import stage_fingerprint, stage_settings
 
     root = f"storage.root={tmp_path / 'runs'}"
     default = load_config("tiny", [root])
     assert set(stage_settings(default, "nouns")["nouns"]) == set(default.nouns.model_dump()) - {
-        "manifest", "batch_size", "allow_absolute_image_paths"}  # keys made before the rules stay
+        "manifest", "batch_size"} | {"image_roots"}
     for restricting in ("nouns.allow_absolute_image_paths=false", f"storage.allowed_roots=[{tmp_path}]"):
         changed = load_config("tiny", [root, restricting])
         assert stage_fingerprint(changed, "nouns") != stage_fingerprint(default, "nouns"), restricting

@@ -116,6 +116,10 @@ class NounsConfig(_Section):
     # read when true; false allows only paths relative to the manifest's folder. Relative paths
     # may never leave that folder, and with storage.allowed_roots set every image lies under them.
     allow_absolute_image_paths: bool = True
+    # Which images stage 1 keeps (tokencompose_core/pinning.py): None, every image; else a list of
+    # ids, the name of a shipped list ("tokencompose-4526": the authors' COCO images) or a file
+    # of ids, one per line. Rows of other images become rejects rows.
+    image_ids: str | list[str | int] | None = None
 
 
 class MasksConfig(_Section):
@@ -135,6 +139,18 @@ class MasksConfig(_Section):
     # data: every token above the threshold, its matching rules, a later phrase's mask
     # replacing an earlier one's).
     phrase_matching: Literal["noun_tokens", "reference"] = "noun_tokens"
+    # The detector's input size from the short-side scale: "round" (ours, 640x480 -> 1067x800)
+    # or "truncate", as groundingdino's own transform (the reference: 1066x800).
+    detector_size_rounding: Literal["round", "truncate"] = "round"
+    # "batched": one GroundingDINO forward per batch, images padded to the largest; "per_image":
+    # one forward per image, as the reference (padding changes the features near the border).
+    detector_batching: Literal["batched", "per_image"] = "batched"
+    # Boxes clipped to the image before SAM (ours) or passed as predicted (the reference).
+    clamp_boxes: bool = True
+    # An image with no grounded noun: kept as one noun-less row that trains with the denoising
+    # loss only (ours), or left out as the reference's data does (its trainer divides by the
+    # number of nouns, so it cannot take one).
+    keep_ungrounded_images: bool = True
 
 
 class GroundingLayersConfig(_Section):
@@ -238,6 +254,10 @@ class ScoreConfig(_Section):
     detection_threshold: float = Field(0.1, ge=0, le=1)
     store_threshold: float = Field(0.01, ge=0, le=1)
     detector_batch_size: int = Field(8, gt=0)
+    # OWLv2's image processor in transformers 5: "torchvision" (its default, the former fast one) or
+    # "pil", the former slow one, which the reference's transformers 4.35 ran (padding and resizing
+    # differ slightly, so scores near the threshold can flip).
+    owlv2_backend: Literal["torchvision", "pil"] = "torchvision"
     segmentation_timestep: int = Field(300, ge=0)
     # Fixed threshold on maps min-max normalised per noun (0.5 = half their range).
     segmentation_threshold: float = Field(0.5, ge=0, le=1)

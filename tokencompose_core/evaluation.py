@@ -59,9 +59,11 @@ def read_image(uri: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 
 @torch.no_grad()
 def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
-                 store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
+                 store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu",
+                 backend: str = "torchvision") -> str:
     """Run OWLv2 on every image of a sample index with its prompt's categories as queries;
-    writes ``out_uri/detections.parquet`` (one row per kept box) and returns its URI."""
+    writes ``out_uri/detections.parquet`` (one row per kept box) and returns its URI.
+    ``backend``: the image processor's (:func:`tokencompose_core.models.load_owlv2`)."""
     from tokencompose_core.models import load_owlv2
 
     index = storage.read_parquet(index_uri)
@@ -70,7 +72,7 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
     if missing:
         raise ValueError(f"index {index_uri} has prompt ids without a prompt: {missing[:5]}")
     torch_device = resolve_device(device)
-    model, processor = load_owlv2(models, device=torch_device)
+    model, processor = load_owlv2(models, device=torch_device, backend=backend)
     model.eval()
     rows: list[tuple] = []
     records = index.to_dict("records")

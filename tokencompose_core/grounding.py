@@ -17,6 +17,12 @@ Two ways from phrases to nouns (``masks.phrase_matching``):
   boxes with the same phrase are unioned; each phrase is matched by the
   reference's rules in word-list order (:func:`match_phrase_reference`), and a
   later phrase matched to the same noun replaces the earlier one's mask.
+
+Four more of the reference's deterministic choices are switches (``masks.*``):
+the detector's input size truncated as groundingdino's own transform does
+(:func:`detector_input_size`), one detector forward per image
+(:func:`detector_batches`), boxes passed to SAM unclipped, and images without a
+grounded noun left out (:func:`ground_shard`).
 """
 
 from __future__ import annotations
@@ -135,21 +141,56 @@ def noun_token_spans(caption: str, nouns: Sequence[str], tokenizer: Any, max_len
     return spans
 
 
-def _resize_for_detector(image: Image.Image, short_side: int) -> torch.Tensor:
-    """GroundingDINO's eval transform: short side to ``short_side`` (long side capped), normalise."""
-    width, height = image.size
-    max_size = short_side * _MAX_SIZE_RATIO
-    scale = min(short_side / min(width, height), max_size / max(width, height))
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    tensor = TF.to_tensor(image.resize((size[1], size[0]), Image.BILINEAR))
+DETECTOR_SIZE_ROUNDING = ("round", "truncate")
+DETECTOR_BATCHING = ("batched", "per_image")
+
+
+def detector_input_size(width: int, height: int, short_side: int, rounding: str = "round") -> tuple[int, int]:
+    """(height, width) GroundingDINO sees: short side to ``short_side``, long side at most
+    ``short_side`` * 1333/800.
+
+    "round": both sides from one scale, rounded (640x480 -> 1067x800). "truncate": as
+    groundingdino's own resize transform (the reference's), which rounds the capped short
+    side but truncates the other one (640x480 -> 1066x800).
+    """
+    if rounding == "round":
+        scale = min(short_side / min(width, height), short_side * _MAX_SIZE_RATIO / max(width, height))
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    if rounding != "truncate":
+        raise ValueError(f"unknown detector size rounding {rounding!r}; use one of {DETECTOR_SIZE_ROUNDING}")
+    short, long = min(width, height), max(width, height)
+    max_size = round(short_side * _MAX_SIZE_RATIO)
+    size = int(round(max_size * short / long)) if long / short * short_side > max_size else short_side
+    if short == size:
+        return height, width
+    return (int(size * height / width), size) if width < height else (size, int(size * width / height))
+
+
+def _resize_for_detector(image: Image.Image, short_side: int, rounding: str = "round") -> torch.Tensor:
+    """GroundingDINO's eval transform: resize (:func:`detector_input_size`), normalise."""
+    height, width = detector_input_size(*image.size, short_side, rounding)
+    tensor = TF.to_tensor(image.resize((width, height), Image.BILINEAR))
     return TF.normalize(tensor, _MEAN, _STD)
 
 
-def _cxcywh_to_pixels(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _cxcywh_to_pixels(boxes: torch.Tensor, height: int, width: int, clamp: bool = True) -> torch.Tensor:
+    """Normalised centre boxes -> x0, y0, x1, y1 pixels, clipped to the image when ``clamp``
+    (the reference passes them to SAM unclipped)."""
     cx, cy, w, h = boxes.unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
     scale = torch.tensor([width, height, width, height], dtype=xyxy.dtype)
-    return (xyxy * scale).clamp(min=torch.zeros(4), max=scale)
+    pixels = xyxy * scale
+    return pixels.clamp(min=torch.zeros(4), max=scale) if clamp else pixels
+
+
+def detector_batches(count: int, batching: str) -> list[range]:
+    """Which images share a GroundingDINO forward: all of a batch, or each alone ("per_image",
+    the reference, whose images are never padded to another's size)."""
+    if batching not in DETECTOR_BATCHING:
+        raise ValueError(f"unknown detector batching {batching!r}; use one of {DETECTOR_BATCHING}")
+    if batching == "per_image":
+        return [range(index, index + 1) for index in range(count)]
+    return [range(count)] if count else []
 
 
 def _union(detections: Sequence[Detection], masks: np.ndarray, indices: list[int]) -> Grounding:
@@ -195,6 +236,10 @@ class GroundedSam:
         max_boxes: int | None = None,
         sam_variant: str = "sam",
         phrase_matching: str = "noun_tokens",
+        detector_size_rounding: str = "round",
+        detector_batching: str = "batched",
+        clamp_boxes: bool = True,
+        keep_ungrounded_images: bool = True,
     ) -> None:
         from tokencompose_core.models import sam_package
 
@@ -209,6 +254,13 @@ class GroundedSam:
         self.device = device
         self.mixed_precision = mixed_precision
         self.max_boxes = max_boxes
+        detector_input_size(1, 1, 1, detector_size_rounding)  # an unknown value fails here, not mid-shard
+        detector_batches(0, detector_batching)
+        self.detector_size_rounding = detector_size_rounding
+        self.detector_batching = detector_batching
+        self.clamp_boxes = clamp_boxes
+        # Read by ground_shard: the grounder carries the masks settings to every worker.
+        self.keep_ungrounded_images = keep_ungrounded_images
         # The largest image side either model looks at: GroundingDINO caps the long side at
         # image_size * 1333/800, SAM resizes the long side to its encoder's input. Images are
         # decoded no larger (ground_shard), which bounds a batch's pixels whatever the input.
@@ -235,6 +287,10 @@ class GroundedSam:
             max_boxes=masks.max_boxes,
             sam_variant=models.sam.variant,
             phrase_matching=masks.phrase_matching,
+            detector_size_rounding=masks.detector_size_rounding,
+            detector_batching=masks.detector_batching,
+            clamp_boxes=masks.clamp_boxes,
+            keep_ungrounded_images=masks.keep_ungrounded_images,
         )
 
     @contextlib.contextmanager
@@ -246,16 +302,24 @@ class GroundedSam:
         else:
             yield
 
-    @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Detection]]:
-        """One GroundingDINO forward for the batch; kept boxes matched to each image's nouns."""
+        """Kept boxes matched to each image's nouns: one GroundingDINO forward for the batch,
+        or one per image (``detector_batching``)."""
+        found: list[list[Detection]] = []
+        for part in detector_batches(len(images), self.detector_batching):
+            found += self._detect([images[i] for i in part], [nouns[i] for i in part])
+        return found
+
+    @torch.no_grad()
+    def _detect(self, images: Sequence[Image.Image], nouns: Sequence[Sequence[str]]) -> list[list[Detection]]:
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
         captions = [detection_caption(image_nouns) for image_nouns in nouns]
         # Images of different sizes are padded to one batch; the padding mask keeps
         # each image's boxes relative to its own (unpadded) size.
         batch = nested_tensor_from_tensor_list(
-            [_resize_for_detector(image, self.image_size).to(self.device) for image in images]
+            [_resize_for_detector(image, self.image_size, self.detector_size_rounding).to(self.device)
+             for image in images]
         )
         with self._autocast():
             outputs = self.dino(batch, captions=captions)
@@ -283,7 +347,7 @@ class GroundedSam:
             wordy[list(span)] = True
         if self.phrase_matching == "reference":  # the reference decodes [CLS], [SEP] and " . " too
             wordy[:] = True
-        pixels = _cxcywh_to_pixels(boxes[kept], height=size[1], width=size[0])
+        pixels = _cxcywh_to_pixels(boxes[kept], height=size[1], width=size[0], clamp=self.clamp_boxes)
         detections = []
         for row, query in enumerate(kept.tolist()):
             above = (logits[query] > self.text_threshold) & wordy
@@ -388,8 +452,11 @@ def _to_file_size(grounding: Grounding, decoded: tuple[int, int], size: tuple[in
     return np.asarray(mask, dtype=bool), [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
 
 
+UNGROUNDED_REASON = "no grounded noun: left out (masks.keep_ungrounded_images=false)"
+
+
 def _ground_chunk(grounder: Callable, chunk: list[_ShardImage], fingerprint: str, rows: list[dict],
-                  rejects: list[dict]) -> None:
+                  rejects: list[dict], keep_ungrounded: bool = True) -> None:
     """Ground the images of ``chunk`` that have nouns (one batch) and add every image's rows."""
     batch = [item for item in chunk if item.image is not None]
     grounded: dict[str, list[Grounding]] = {}
@@ -413,8 +480,10 @@ def _ground_chunk(grounder: Callable, chunk: list[_ShardImage], fingerprint: str
                 continue
             mask, box = _to_file_size(found[noun], decoded, item.size)  # one full-size mask at a time
             rows.append(mask_cache.shard_row(*head, noun, item.positions[noun], mask, box, found[noun].score))
-        if not found:
+        if not found and keep_ungrounded:
             rows.append(mask_cache.shard_row(*head))
+        elif not found:
+            rejects.append(mask_cache.reject_row(item.image_id, item.image_uri, MASKS_STAGE, UNGROUNDED_REASON))
 
 
 def ground_shard(
@@ -429,7 +498,8 @@ def ground_shard(
     Unreadable or too large images, and images the models fail on, are rejected
     and skipped; a noun without a detection is rejected but its image stays (with
     its other nouns, or as the single noun-less row that still trains with the
-    denoising loss).
+    denoising loss, unless the grounder's ``keep_ungrounded_images`` is false: then
+    the image is rejected, as the reference's data leaves such images out).
 
     Memory: images are decoded batch by batch, each reduced to the grounder's
     ``decode_long_side`` (when it has one, as :class:`GroundedSam` does), so a
@@ -439,6 +509,7 @@ def ground_shard(
     from tokencompose_core.manifest import ImageError, decode_image
 
     long_side = getattr(grounder, "decode_long_side", None)
+    keep_ungrounded = getattr(grounder, "keep_ungrounded_images", True)
     rows: list[dict] = []
     rejects: list[dict] = []
     chunk: list[_ShardImage] = []
@@ -452,9 +523,9 @@ def ground_shard(
         item.image = decoded.image if item.nouns else None  # without nouns only the size is needed
         chunk.append(item)
         if sum(entry.image is not None for entry in chunk) == batch_size:
-            _ground_chunk(grounder, chunk, fingerprint, rows, rejects)
+            _ground_chunk(grounder, chunk, fingerprint, rows, rejects, keep_ungrounded)
             chunk = []  # releases the batch's images before the next is decoded
-    _ground_chunk(grounder, chunk, fingerprint, rows, rejects)
+    _ground_chunk(grounder, chunk, fingerprint, rows, rejects, keep_ungrounded)
     return mask_cache.rows_frame(rows), mask_cache.rejects_frame(rejects)
 
 

@@ -370,19 +370,23 @@ def load_sam(
 
 
 def load_owlv2(
-    models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False
+    models: ModelsConfig, device: str | torch.device = "cpu", random_weights: bool = False,
+    backend: str = "torchvision",
 ) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
-    """OWLv2 detector and its processor: tiny, hub id/local dir, or large-patch14-shaped random."""
+    """OWLv2 detector and its processor: tiny, hub id/local dir, or large-patch14-shaped random.
+
+    ``backend``: the image processor's, "torchvision" (transformers 5's default, the former
+    fast processor) or "pil" (the former slow one, ``score.owlv2_backend``)."""
     if models.owlv2 == TINY:
-        model, processor = _owlv2_from_arch(TINY, models.seed)
+        model, processor = _owlv2_from_arch(TINY, models.seed, backend)
     elif random_weights:
-        model, processor = _owlv2_from_arch(OWLV2_RANDOM_ARCH, models.seed)
+        model, processor = _owlv2_from_arch(OWLV2_RANDOM_ARCH, models.seed, backend)
     else:
         source = models.owlv2
         if not os.path.isdir(source):
             source = hub_snapshot(source, "OWLv2 model", "")
         model = Owlv2ForObjectDetection.from_pretrained(source, local_files_only=True)
-        processor = Owlv2Processor.from_pretrained(source, local_files_only=True)
+        processor = Owlv2Processor.from_pretrained(source, local_files_only=True, backend=backend)
     return model.to(device).eval(), processor
 
 

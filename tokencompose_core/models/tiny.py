@@ -29,6 +29,7 @@ from transformers import (
     Owlv2Config,
     Owlv2ForObjectDetection,
     Owlv2ImageProcessor,
+    Owlv2ImageProcessorPil,
     Owlv2Processor,
 )
 
@@ -180,14 +181,16 @@ def _build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleTyp
 # --------------------------------------------------------------------------- OWLv2
 
 
-def _owlv2_from_arch(name: str, seed: int) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+def _owlv2_from_arch(name: str, seed: int, backend: str = "torchvision") -> tuple[Owlv2ForObjectDetection,
+                                                                                   Owlv2Processor]:
     folder = arch_dir(name) / "owlv2" if name == TINY else arch_dir(name)
     config = Owlv2Config.from_dict(read_config_json(folder / "config.json"))
     with seeded_init(seed, "owlv2"):
         model = Owlv2ForObjectDetection(config)
     side = config.vision_config.image_size
+    image_processor = {"torchvision": Owlv2ImageProcessor, "pil": Owlv2ImageProcessorPil}[backend]
     processor = Owlv2Processor(
-        image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+        image_processor=image_processor(size={"height": side, "width": side}),
         tokenizer=owlv2_tokenizer(),
     )
     return model, processor

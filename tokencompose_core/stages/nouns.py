@@ -16,6 +16,7 @@ from tokencompose_core import mask_cache, outputs, storage
 from tokencompose_core.config import ModelsConfig, NounsConfig, PipelineConfig
 from tokencompose_core.identity import uri_identity
 from tokencompose_core.manifest import NOUNS_SCHEMA, NOUNS_STAGE, ImageError, ImagePaths, open_image, read_manifest
+from tokencompose_core.pinning import restrict_manifest
 from tokencompose_core.stages import stage_fingerprint
 from tokencompose_core.text import CaptionSelector, choose_caption, extract_nouns_batch, token_positions, unicode_problem
 
@@ -159,8 +160,10 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: NounsConfig, models: Mod
 
         selector = CaptionSelector.from_pretrained(models.clip_selector, device=resolve_device("auto"))
     manifest = read_manifest(manifest_uri, ImagePaths.from_config(nouns, allowed_roots or []))
+    manifest, outside = restrict_manifest(manifest, nouns.image_ids)  # rows of images not in nouns.image_ids
     tagger_model = nouns.flair_model if nouns.tagger == "flair" else nouns.spacy_model
     table, rejects = nouns_table(manifest, clip_tokenizer(), tagger_model, nouns.batch_size, selector,
                                  max_image_pixels, nouns.tagger)
+    rejects = mask_cache.rejects_frame(outside + rejects.to_dict("records"))
     uris = write_nouns(table, rejects, out_dir)
     return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}

@@ -277,7 +277,7 @@ def write_per_unit(table: pd.DataFrame, out_uri: str, name: str) -> str:
 def _detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
                   batch_size: int) -> str:
     return detect_owlv2(index_uri, prompts, models, out_uri, store_threshold=score.store_threshold,
-                        batch_size=batch_size, device=score.device)
+                        batch_size=batch_size, device=score.device, backend=score.owlv2_backend)
 
 
 def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig,
