@@ -1,0 +1,170 @@
+"""VISOR (Gokhale et al., 2022, "Benchmarking Spatial Relationships in Text-to-Image
+Generation"): its SR2D prompt set and its metrics, computed from stage 5's detections.
+
+SR2D pairs the 80 COCO categories two by two; each pair gives ten prompts, in this
+order of ids: for each of the four relations, "A <relation> B" then "B <relation> A",
+then "A and B" and "B and A". The benchmark then adds one single-object prompt per
+category. VISOR scores only the spatial prompts, so ``visor:sr2d`` is those 25,280,
+each under the id SR2D gives it; the set is rebuilt from that rule rather than shipped.
+
+Per image, an object counts as found when a detection of its category scores above
+the threshold (0.1 and OWL-ViT's ``a photo of a <category>`` queries in VISOR). OA is
+the percentage of images in which both objects are found; an image is correct when, in
+addition, some box of the first object and some box of the second have centroids in
+the named relation (image y grows downwards, strict inequalities). VISOR_uncond is the
+percentage of correct images, VISOR_cond the same among images with both objects, and
+VISOR_n the percentage of prompts with at least n correct images (n = 1..4: VISOR
+samples four images per prompt).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tokencompose_core import storage
+from tokencompose_core.intervals import PER_UNIT_COLUMNS
+from tokencompose_core.sampling import Prompt
+
+PREFIX = "visor:"
+SR2D = "sr2d"
+# The COCO category names in COCO's id order, as SR2D spells them.
+COCO_CATEGORIES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+IDS_PER_PAIR = 10  # 4 relations x 2 orders, then the two "and" prompts VISOR does not score
+VISOR_NS = (1, 2, 3, 4)
+# VISOR's detector; our ``score.detector=owlvit`` runs it from ``models.owlvit``.
+OWLVIT_WEIGHTS = "google/owlvit-base-patch32"
+# TokenCompose's Table 1 "Object Accuracy" is VISOR's OA on SR2D (SD 1.4's is VISOR's own number).
+PAPER_OA = {"SD 1.4": 29.86, "TokenCompose": 52.15}
+METRICS = ["OA", "OA_A", "OA_B", "VISOR_uncond", "VISOR_cond", *(f"VISOR_{n}" for n in VISOR_NS)]
+
+
+# ----------------------------------------------------------------------------- SR2D prompts
+
+
+def article(noun: str) -> str:
+    """The indefinite article SR2D puts before a COCO category (a vowel letter takes "an":
+    no COCO name starts with a silent h or a "you"/"one" sound)."""
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def sr2d_prompts() -> list[Prompt]:
+    """SR2D's spatial prompts under SR2D's ids, each with its two objects and relation."""
+    prompts = []
+    for pair, (a, b) in enumerate(itertools.combinations(COCO_CATEGORIES, 2)):
+        for r, relation in enumerate(RELATIONS):
+            for order, (first, second) in enumerate(((a, b), (b, a))):
+                text = f"{article(first)} {first} {relation} {article(second)} {second}"
+                prompts.append(Prompt(pair * IDS_PER_PAIR + 2 * r + order, text, (first, second), relation))
+    return prompts
+
+
+def load_visor_prompts(spec: str) -> list[Prompt]:
+    """The prompts of a ``visor:<set>`` source (only ``visor:sr2d`` exists)."""
+    name = spec[len(PREFIX):]
+    if name != SR2D:
+        raise ValueError(f"unknown VISOR prompt set {name!r}; known: {SR2D}")
+    return sr2d_prompts()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _spatial(prompts: list[Prompt]) -> dict[int, Prompt]:
+    return {p.prompt_id: p for p in prompts if p.relation in RELATIONS and len(set(p.categories)) == 2}
+
+
+def relation_holds(relation: str, first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether some centroid of ``first`` (n, 2) and some of ``second`` (m, 2) are in ``relation``."""
+    axis, sign = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
+    offsets = first[:, None, axis] - second[None, :, axis]
+    return bool((sign * offsets > 0).any())
+
+
+def _centroids(boxes: pd.Series) -> np.ndarray:
+    corners = np.asarray(boxes.tolist(), dtype=float).reshape(-1, 4)
+    return np.stack([(corners[:, 0] + corners[:, 2]) / 2, (corners[:, 1] + corners[:, 3]) / 2], axis=1)
+
+
+def image_outcomes(detections: pd.DataFrame, prompts: list[Prompt], threshold: float,
+                   images: pd.DataFrame) -> pd.DataFrame:
+    """Per image of a spatial prompt (``images``: prompt_id, image_index): whether each object
+    was found above ``threshold`` (``found_a``, ``found_b``) and whether the image is
+    correct (both found and the relation holds)."""
+    spatial = _spatial(prompts)
+    if not spatial:
+        raise ValueError("VISOR needs spatial two-object prompts (visor:sr2d); none were given")
+    images = images[images["prompt_id"].isin(spatial)][["prompt_id", "image_index"]].drop_duplicates()
+    kept = detections[(detections["score"] > threshold) & detections["prompt_id"].isin(spatial)]
+    kept = kept.assign(category=kept["category"].str.lower())
+    groups = {key: frame for key, frame in kept.groupby(["prompt_id", "image_index"])}
+    rows = []
+    for prompt_id, image_index in images.itertuples(index=False):
+        prompt = spatial[int(prompt_id)]
+        found = groups.get((prompt_id, image_index), kept.iloc[:0])
+        a, b = (found[found["category"] == c.lower()] for c in prompt.categories)
+        both = len(a) > 0 and len(b) > 0
+        correct = both and relation_holds(prompt.relation, _centroids(a["box"]), _centroids(b["box"]))
+        rows.append((int(prompt_id), int(image_index), len(a) > 0, len(b) > 0, both, correct))
+    return pd.DataFrame(rows, columns=["prompt_id", "image_index", "found_a", "found_b", "both", "correct"])
+
+
+def visor_scores(outcomes: pd.DataFrame) -> dict[str, Any]:
+    """OA, OA of each object alone, VISOR_uncond/cond and VISOR_1..4 (percent) from
+    :func:`image_outcomes`; VISOR_cond is None when no image has both objects."""
+    if outcomes.empty:
+        raise ValueError("VISOR: no images of spatial prompts to score")
+    correct_per_prompt = outcomes.groupby("prompt_id")["correct"].sum()
+    both = int(outcomes["both"].sum())
+    scores: dict[str, Any] = {
+        "OA": 100.0 * outcomes["both"].mean(),
+        "OA_A": 100.0 * outcomes["found_a"].mean(),
+        "OA_B": 100.0 * outcomes["found_b"].mean(),
+        "VISOR_uncond": 100.0 * outcomes["correct"].mean(),
+        "VISOR_cond": 100.0 * outcomes["correct"].sum() / both if both else None,
+        **{f"VISOR_{n}": 100.0 * float((correct_per_prompt >= n).mean()) for n in VISOR_NS},
+    }
+    return {key: None if value is None else float(value) for key, value in scores.items()}
+
+
+def per_prompt(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt: OA and VISOR_uncond over its images, as rows (unit, metric, value); their
+    mean over prompts is the run's when every prompt has as many images."""
+    means = outcomes.groupby("prompt_id")[["both", "correct"]].mean() * 100.0
+    frames = [pd.DataFrame({"unit": [f"prompt {i}" for i in means.index], "metric": metric,
+                            "value": means[column].to_numpy(dtype=float)})
+              for column, metric in (("both", "VISOR OA"), ("correct", "VISOR_uncond"))]
+    return pd.concat(frames, ignore_index=True)[PER_UNIT_COLUMNS]
+
+
+def is_visor_set(prompts: list[Prompt]) -> bool:
+    """Whether the prompts carry spatial relations, so VISOR's metrics apply."""
+    return bool(_spatial(prompts))
+
+
+def score_visor(detections: pd.DataFrame, images: pd.DataFrame, prompts: list[Prompt], prompt_set: str,
+                threshold: float, out_uri: str) -> str:
+    """VISOR's metrics of one samples folder -> visor.json URI (+ per-prompt values for intervals)."""
+    outcomes = image_outcomes(detections, prompts, threshold, images)
+    storage.atomic_write_parquet(per_prompt(outcomes), storage.join(out_uri, "per_unit_visor.parquet"))
+    images_per_prompt = outcomes.groupby("prompt_id").size()
+    record = {"prompt_set": prompt_set, "threshold": threshold, "scores": visor_scores(outcomes),
+              "images": int(len(outcomes)), "prompts": int(len(images_per_prompt)),
+              "images_per_prompt": int(images_per_prompt.min())}
+    uri = storage.join(out_uri, "visor.json")
+    storage.atomic_write_json(uri, record)
+    return uri
