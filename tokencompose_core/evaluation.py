@@ -1,4 +1,4 @@
-"""Stage 5: OWLv2 detection, MultiGen / object-accuracy scores, attention-map mIoU.
+"""Stage 5: OWLv2 detection, MultiGen / two-object accuracy scores, attention-map mIoU.
 
 Detections are stored once, with every box above ``store_threshold`` (0.01), in
 the schema (prompt_id, image_index, category, score, box); thresholds are applied
@@ -146,13 +146,14 @@ def multigen_scores(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
     return pd.DataFrame.from_dict(rows, orient="index")[["mean", "std"]]
 
 
-def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
-                    images: pd.DataFrame | None = None) -> dict[str, float]:
-    """VISOR-style object accuracy: percent of two-object prompts' images where both
-    objects are detected; mean and std across image indices."""
+def two_object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
+                        images: pd.DataFrame | None = None) -> dict[str, float]:
+    """Two-object accuracy: percent of any two-object prompts' images where both objects are
+    detected; mean and std across image indices. Not VISOR's OA, which is pooled over
+    SR2D's images and VISOR's detector (:mod:`tokencompose_core.visor`)."""
     pairs = [p for p in prompts if len(set(p.categories)) == 2]
     if not pairs:
-        raise ValueError("object accuracy needs two-object prompts; none were given")
+        raise ValueError("two-object accuracy needs two-object prompts; none were given")
     ids = {p.prompt_id for p in pairs}
     found = _categories_found(detections[detections["prompt_id"].isin(ids)], pairs, threshold,
                               None if images is None else images[images["prompt_id"].isin(ids)])
@@ -163,7 +164,7 @@ def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
 def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], threshold: float, images: pd.DataFrame,
                         prefix: str) -> pd.DataFrame:
     """Per prompt: MG_k (percent of its images with at least k of its categories) for
-    k = 1..5 and, for two-object prompts, object accuracy; rows (unit, metric, value)
+    k = 1..5 and, for two-object prompts, two-object accuracy; rows (unit, metric, value)
     with unit ``prompt <id>``. The mean over prompts is the run's MG_k when every
     prompt has the same number of images, so paired intervals bootstrap over these."""
     found = _categories_found(detections, prompts, threshold, images)
@@ -174,7 +175,7 @@ def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], thresho
         frames.append(pd.DataFrame({"prompt_id": hits.index, "metric": f"{prefix} MG{k}", "value": hits.to_numpy()}))
         if k == 2 and pairs:
             chosen = hits[hits.index.isin(pairs)]
-            frames.append(pd.DataFrame({"prompt_id": chosen.index, "metric": f"{prefix} obj. acc.",
+            frames.append(pd.DataFrame({"prompt_id": chosen.index, "metric": f"{prefix} two-object acc.",
                                         "value": chosen.to_numpy()}))
     table = pd.concat(frames, ignore_index=True)
     return pd.DataFrame({"unit": "prompt " + table["prompt_id"].astype(str), "metric": table["metric"],

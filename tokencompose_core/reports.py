@@ -31,7 +31,7 @@ class RunScores:
     """Everything the report shows about one run (one model)."""
 
     multigen: dict[str, pd.DataFrame] = field(default_factory=dict)  # prompt set -> MG1..MG5 x mean/std
-    object_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt set -> mean/std
+    two_object_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt set -> mean/std
     miou: dict[str, Any] | None = None  # evaluation.segmentation_miou result
     images_per_s: float | None = None
     samples: dict[str, str] = field(default_factory=dict)  # prompt set -> sample index.parquet URI
@@ -45,13 +45,13 @@ class RunScores:
 
 
 def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
-                    object_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
+                    two_object_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
     """The JSON the evaluate stage writes as scores/<tag>/multigen.json.
 
     Scores only: the sampling run's timings stay in its own ``stats.json`` (read by
     :func:`sampling_timing`), so a recomputed score file is byte-identical."""
     return {"model": model, "prompt_set": prompt_set, "scores": table.to_dict(orient="index"),
-            "index_uri": index_uri, "object_accuracy": object_accuracy}
+            "index_uri": index_uri, "two_object_accuracy": two_object_accuracy}
 
 
 def sampling_timing(index_uri: str) -> tuple[float | None, dict[str, Any] | None]:
@@ -89,8 +89,10 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
         for name, scores in (record.get("groups") or {prompt_set: record["scores"]}).items():
             run.multigen[name] = pd.DataFrame.from_dict(scores, orient="index")
         run.reported_ks.update(record.get("reported_ks", {}))
-        if record.get("object_accuracy"):
-            run.object_accuracy[prompt_set] = record["object_accuracy"]
+        # Scores written before the rename name it "object_accuracy".
+        accuracy = record.get("two_object_accuracy") or record.get("object_accuracy")
+        if accuracy:
+            run.two_object_accuracy[prompt_set] = accuracy
         if record.get("index_uri"):
             run.samples[prompt_set] = record["index_uri"]
             images_per_s, latency = sampling_timing(record["index_uri"])
@@ -114,10 +116,10 @@ def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:
 
 
 def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
-    """One row per run: MG2..MG5 (mean ± std) per prompt set, object accuracy, mIoU, images/s,
+    """One row per run: MG2..MG5 (mean ± std) per prompt set, two-object accuracy, mIoU, images/s,
     FID, CLIP score and seconds per image at the sampling steps and batch."""
     prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
-    accuracy_sets = sorted({s for run in runs.values() for s in run.object_accuracy})
+    accuracy_sets = sorted({s for run in runs.values() for s in run.two_object_accuracy})
     rows = []
     for name, run in runs.items():
         row: dict[str, str] = {"run": name}
@@ -126,7 +128,7 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
             for k in MG_ROWS:
                 row[f"{prompt_set} {k}"] = _mean_std(table.loc[k] if table is not None else None)
         for prompt_set in accuracy_sets:
-            row[f"{prompt_set} obj. acc."] = _mean_std(run.object_accuracy.get(prompt_set))
+            row[f"{prompt_set} two-object acc."] = _mean_std(run.two_object_accuracy.get(prompt_set))
         overall = (run.miou or {}).get("overall")
         row["mIoU best"] = f"{overall['miou_best']:.2f}" if overall else "–"
         row["mIoU fixed"] = f"{overall['miou_fixed']:.2f}" if overall else "–"

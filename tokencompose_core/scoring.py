@@ -21,9 +21,9 @@ from tokencompose_core.evaluation import (
     heldout_image_ids,
     multigen_per_prompt,
     multigen_scores,
-    object_accuracy,
     read_image,
     segmentation_miou,
+    two_object_accuracy,
 )
 from tokencompose_core.identity import folder_hash, uri_hash, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
@@ -252,7 +252,7 @@ def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, prompts: li
 
 def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], prompt_set: str, threshold: float,
                    out_uri: str, model: str, groups: dict[str, list[int]] | None = None) -> str:
-    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI.
+    """MG1..MG5 (and two-object accuracy for two-object prompts) -> multigen.json URI.
 
     ``groups`` (name -> prompt ids), when given, are scored apart as well (the demo's
     "3 objects", "unseen", ...), each with the MG_k worth reporting for it.
@@ -262,7 +262,7 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     images = index[["prompt_id", "image_index"]]
     table = multigen_scores(detections, prompts, threshold=threshold, images=images)
     two_object = any(len(set(p.categories)) == 2 for p in prompts)
-    accuracy = object_accuracy(detections, prompts, threshold, images) if two_object else None
+    accuracy = two_object_accuracy(detections, prompts, threshold, images) if two_object else None
     by_id = {p.prompt_id: p for p in prompts}
     # Per-prompt values under the names of the report's tables (the groups', when scored by group).
     named = groups or {prompt_set: sorted(by_id)}
