@@ -1,4 +1,4 @@
-"""Stage 5: OWLv2 detection, MultiGen / two-object accuracy scores, attention-map mIoU.
+"""Stage 5: OWLv2 (or OWL-ViT) detection, MultiGen / two-object accuracy scores, attention-map mIoU.
 
 Detections are stored once, with every box above ``store_threshold`` (0.01), in
 the schema (prompt_id, image_index, category, score, box); thresholds are applied
@@ -9,7 +9,7 @@ detector writes the same schema and uses the same scoring functions.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -57,21 +57,42 @@ def read_image(uri: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise ImageError(message if uri in message else f"{uri}: {message}") from error
 
 
-@torch.no_grad()
 def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
                  store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
     """Run OWLv2 on every image of a sample index with its prompt's categories as queries;
     writes ``out_uri/detections.parquet`` (one row per kept box) and returns its URI."""
     from tokencompose_core.models import load_owlv2
 
+    model, processor = load_owlv2(models, device=resolve_device(device))
+    # OWLv2 pads images to a square at the bottom/right: boxes are relative to the padded side.
+    return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (max(im.size), max(im.size)),
+                                  out_uri, store_threshold, batch_size)
+
+
+def detect_owlvit(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
+                  store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
+    """:func:`detect_owlv2` with OWL-ViT (``models.owlvit``), the detector VISOR scores with."""
+    from tokencompose_core.models import load_owlvit
+
+    model, processor = load_owlvit(models, device=resolve_device(device))
+    # OWL-ViT stretches images to its square input: boxes are relative to the image itself.
+    return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (im.height, im.width),
+                                  out_uri, store_threshold, batch_size)
+
+
+@torch.no_grad()
+def detect_open_vocabulary(index_uri: str, prompts: list[Prompt], model: Any, processor: Any,
+                           box_frame: Callable[[Image.Image], tuple[int, int]], out_uri: str,
+                           store_threshold: float, batch_size: int) -> str:
+    """An OWL-family ``model`` on every image of a sample index, its prompt's categories as
+    queries (one label per box: its best query); ``box_frame(image)`` is the (height, width)
+    the model's relative boxes are scaled to. -> ``out_uri/detections.parquet`` URI."""
     index = storage.read_parquet(index_uri)
     by_id = {p.prompt_id: p for p in prompts}
     missing = sorted(set(index["prompt_id"]) - set(by_id))
     if missing:
         raise ValueError(f"index {index_uri} has prompt ids without a prompt: {missing[:5]}")
-    torch_device = resolve_device(device)
-    model, processor = load_owlv2(models, device=torch_device)
-    model.eval()
+    torch_device = next(model.parameters()).device
     rows: list[tuple] = []
     records = index.to_dict("records")
     for start in range(0, len(records), batch_size):
@@ -80,10 +101,8 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
         queries = [[detection_query(c) for c in by_id[r["prompt_id"]].categories] for r in batch]
         inputs = processor(text=queries, images=images, return_tensors="pt").to(torch_device)
         outputs = model(**inputs)
-        # OWLv2 pads images to a square at the bottom/right: scale boxes to the padded side.
-        sides = [(max(im.size), max(im.size)) for im in images]
         results = processor.image_processor.post_process_object_detection(
-            outputs, threshold=store_threshold, target_sizes=sides)
+            outputs, threshold=store_threshold, target_sizes=[box_frame(im) for im in images])
         for record, query, result in zip(batch, queries, results):
             categories = by_id[record["prompt_id"]].categories
             for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),

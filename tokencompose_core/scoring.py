@@ -18,6 +18,7 @@ from tokencompose_core import image_metrics, outputs, storage
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
+    detect_owlvit,
     heldout_image_ids,
     multigen_per_prompt,
     multigen_scores,
@@ -209,6 +210,12 @@ def _detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, s
                         batch_size=batch_size, device=score.device)
 
 
+def _detect_owlvit(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
+                   batch_size: int) -> str:
+    return detect_owlvit(index_uri, prompts, models, out_uri, store_threshold=score.store_threshold,
+                         batch_size=batch_size, device=score.device)
+
+
 def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig,
                       out_uri: str, batch_size: int) -> str:
     from tokencompose_core import synthetic
@@ -223,7 +230,8 @@ def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfi
 
 
 # ``score.detector`` -> the function writing ``detections.parquet`` (one schema for all).
-DETECTORS: dict[str, Callable[..., str]] = {"owlv2": _detect_owlv2, "synthetic": _detect_synthetic}
+DETECTORS: dict[str, Callable[..., str]] = {"owlv2": _detect_owlv2, "owlvit": _detect_owlvit,
+                                            "synthetic": _detect_synthetic}
 
 
 def detect(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,

@@ -26,6 +26,8 @@ from transformers import (
     CLIPTokenizer,
     Owlv2ForObjectDetection,
     Owlv2Processor,
+    OwlViTForObjectDetection,
+    OwlViTProcessor,
     PreTrainedTokenizerBase,
 )
 
@@ -386,6 +388,18 @@ def load_owlv2(
     return model.to(device).eval(), processor
 
 
+def load_owlvit(models: ModelsConfig, device: str | torch.device = "cpu"
+                ) -> tuple[OwlViTForObjectDetection, OwlViTProcessor]:
+    """OWL-ViT detector and its processor from ``models.owlvit`` (hub id or local dir)."""
+    if models.owlvit is None:
+        raise MissingWeightsError("score.detector=owlvit needs OWL-ViT weights: set models.owlvit to a local copy "
+                                  "or cached hub id of google/owlvit-base-patch32 (VISOR's detector)")
+    source = models.owlvit if os.path.isdir(models.owlvit) else hub_snapshot(models.owlvit, "OWL-ViT model", "")
+    model = OwlViTForObjectDetection.from_pretrained(source, local_files_only=True)
+    processor = OwlViTProcessor.from_pretrained(source, local_files_only=True)
+    return model.to(device).eval(), processor
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 
@@ -421,8 +435,9 @@ def fingerprint(models: ModelsConfig) -> str:
     cached hub revision. ``cache_dir`` is excluded: where a model is cached does not
     change it.
     """
-    # models.vae counts only when set, so profiles from before the setting keep their fingerprints.
-    unset = {"vae"} if models.vae is None else set()
+    # models.vae and models.owlvit count only when set, so profiles from before those settings
+    # keep their fingerprints.
+    unset = {name for name in ("vae", "owlvit") if getattr(models, name) is None}
     parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir", *unset})}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
@@ -441,6 +456,8 @@ def fingerprint(models: ModelsConfig) -> str:
         parts["owlv2"] = source_identity(models.owlv2)
     if models.vae is not None:
         parts["vae"] = source_identity(models.vae)
+    if models.owlvit is not None:
+        parts["owlvit"] = source_identity(models.owlvit)
     if models.clip_selector:
         parts["clip_selector"] = source_identity(models.clip_selector)
     if tiny_dirs:
