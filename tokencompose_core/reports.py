@@ -22,6 +22,7 @@ from tokencompose_core.intervals import PER_UNIT_COLUMNS, paired_intervals
 
 _DIFFERENCES = "Paired differences (treated minus baseline, points)"
 _INTERVALS = "Paired differences with 95% bootstrap intervals (treated minus baseline)"
+_VISOR = "VISOR on SR2D (OA is the paper's Table 1 object accuracy)"
 MG_KS = (2, 3, 4, 5)  # MG1 says little: one object of five
 MG_ROWS = [f"MG{k}" for k in MG_KS]
 
@@ -40,6 +41,7 @@ class RunScores:
     fid: dict[str, Any] | None = None  # fid.json
     clip: dict[str, Any] | None = None  # clip.json
     latency: dict[str, Any] | None = None  # seconds per image at the sampling steps and batch
+    visor: dict[str, Any] | None = None  # visor.json: VISOR's metrics on SR2D
     # Per-prompt (per-noun for mIoU) values, what paired intervals resample.
     per_unit: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PER_UNIT_COLUMNS))
 
@@ -98,7 +100,7 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
             images_per_s, latency = sampling_timing(record["index_uri"])
             run.images_per_s = images_per_s if images_per_s is not None else run.images_per_s
             run.latency = latency or run.latency
-        for name in ("fid", "clip"):
+        for name in ("fid", "clip", "visor"):
             if storage.exists(storage.join(uri, f"{name}.json")):
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
         run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
@@ -140,6 +142,16 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
                           if latency else "–")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def visor_table(runs: dict[str, RunScores]) -> pd.DataFrame | None:
+    """VISOR's metrics of the runs scored on SR2D, beside the paper's OA; None when none was."""
+    scored = {name: run.visor for name, run in runs.items() if run.visor}
+    if not scored:
+        return None
+    from tokencompose_core.visor import report_table  # torch-backed module: only when needed
+
+    return report_table(scored)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -318,7 +330,8 @@ def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd
 
 def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
                runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int],
-               differences: pd.DataFrame | None, intervals: pd.DataFrame | None) -> str:
+               differences: pd.DataFrame | None, intervals: pd.DataFrame | None,
+               visor: pd.DataFrame | None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if intervals is not None:
@@ -326,6 +339,8 @@ def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plo
     if differences is not None:
         parts += [f"<h2>{_DIFFERENCES}</h2>", differences.to_html(index=False, escape=True)]
     parts += ["<h2>Comparison</h2>", f'<div class="wide">{table.to_html(index=False, escape=True)}</div>']
+    if visor is not None:
+        parts += [f"<h2>{_VISOR}</h2>", visor.to_html(index=False, escape=True)]
     if groups is not None:
         parts += ["<h3>mIoU per layer group (fixed / best threshold)</h3>", groups.to_html(index=False)]
     parts += [f'<p><img class="plot" src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
@@ -359,7 +374,7 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     differences = difference_table(paired_differences(loaded, pairs), list(pairs)) if pairs else None
     intervals = interval_rows(loaded, pairs, resamples, seed) if pairs else []
     table = comparison_table(loaded)
-    groups = _group_table(loaded)
+    groups, visor = _group_table(loaded), visor_table(loaded)
     uris: dict[str, str] = {}
     written = plot_intervals(intervals, storage.join(out_uri, "intervals.png"))
     if written:
@@ -374,6 +389,8 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     if differences is not None:
         markdown += [f"## {_DIFFERENCES}", "", markdown_table(differences), ""]
     markdown += [markdown_table(table), ""]
+    if visor is not None:
+        markdown += [f"## {_VISOR}", "", markdown_table(visor), ""]
     if groups is not None:
         markdown += ["## mIoU per layer group (fixed / best threshold)", "", markdown_table(groups), ""]
     markdown += [f"![{key}]({os.path.basename(uri)})" for key, uri in uris.items()]
@@ -382,7 +399,7 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     page = _html_page(title, table, groups,
                       [uris[k] for k in ("png_intervals", "png_multigen", "png_miou") if k in uris],
                       loaded, out_uri, (grid_prompts, grid_images), differences,
-                      interval_table(intervals) if intervals else None)
+                      interval_table(intervals) if intervals else None, visor)
     uris["html"] = storage.join(out_uri, "report.html")
     storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
     return uris

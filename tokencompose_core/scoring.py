@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import image_metrics, outputs, storage
+from tokencompose_core import image_metrics, outputs, storage, visor
 from tokencompose_core.config import ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
@@ -260,7 +260,8 @@ def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, prompts: li
 
 def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], prompt_set: str, threshold: float,
                    out_uri: str, model: str, groups: dict[str, list[int]] | None = None) -> str:
-    """MG1..MG5 (and two-object accuracy for two-object prompts) -> multigen.json URI.
+    """MG1..MG5 (and two-object accuracy for two-object prompts) -> multigen.json URI; for
+    VISOR's spatial prompts (visor:sr2d), VISOR's metrics -> visor.json beside it.
 
     ``groups`` (name -> prompt ids), when given, are scored apart as well (the demo's
     "3 objects", "unseen", ...), each with the MG_k worth reporting for it.
@@ -282,6 +283,8 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     if groups:
         record["groups"] = multigen_by_group(detections, images, prompts, groups, threshold)
         record["reported_ks"] = {group: reported_ks([by_id[i] for i in ids]) for group, ids in groups.items()}
+    if visor.is_visor_set(prompts):  # before multigen.json, whose presence marks this step done
+        visor.score_visor(detections, images, prompts, prompt_set, threshold, out_uri)
     uri = storage.join(out_uri, "multigen.json")
     storage.atomic_write_json(uri, record)
     return uri

@@ -168,3 +168,16 @@ def score_visor(detections: pd.DataFrame, images: pd.DataFrame, prompts: list[Pr
     uri = storage.join(out_uri, "visor.json")
     storage.atomic_write_json(uri, record)
     return uri
+
+
+def report_table(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """VISOR's metrics per run (``visor.json`` records), then the paper's OA for SD 1.4 and
+    TokenCompose on rows of their own: the one metric the paper reports from VISOR."""
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    rows = [{"run": name, **{metric: cell(record["scores"][metric]) for metric in METRICS},
+             "images": str(record["images"])} for name, record in records.items()]
+    rows += [{"run": f"paper: {model}", **{metric: "–" for metric in METRICS}, "OA": cell(oa), "images": "–"}
+             for model, oa in PAPER_OA.items()]
+    return pd.DataFrame(rows, columns=["run", *METRICS, "images"])
