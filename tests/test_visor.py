@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tokencompose_core import evaluation, scoring, storage, visor
+from tokencompose_core import evaluation, outputs, scoring, storage, visor
 from tokencompose_core.config import ModelsConfig, load_config
 from tokencompose_core.models import MissingWeightsError, load_owlvit
 from tokencompose_core.reports import write_report
@@ -95,11 +95,12 @@ def test_visor_metrics_hand_computed() -> None:
 
 
 def test_relation_needs_strict_order() -> None:
-    same = np.array([[5.0, 5.0]])
-    assert not any(visor.relation_holds(r, same, same) for r in visor.RELATIONS)
-    left, below = np.array([[1.0, 9.0]]), np.array([[3.0, 2.0]])
-    assert visor.relation_holds("to the left of", left, below) and visor.relation_holds("below", left, below)
-    assert not visor.relation_holds("to the right of", left, below) and not visor.relation_holds("above", left, below)
+    relations = pd.Series(visor.RELATIONS)
+    same = np.full((4, 2), 5.0)
+    assert not visor.relation_holds(relations, same, same).any()
+    # (1, 9) against (3, 2): left of, and below (y grows downwards).
+    first, second = np.tile([1.0, 9.0], (4, 1)), np.tile([3.0, 2.0], (4, 1))
+    assert visor.relation_holds(relations, first, second).tolist() == [True, False, False, True]
 
 
 def _samples(folder: Path, prompts: list[Prompt], images_per_prompt: int) -> str:
@@ -128,17 +129,21 @@ def test_stage5_scores_visor_and_reports_it(tmp_path: Path) -> None:
     record = storage.read_json(storage.join(out, "visor.json"))
     assert record["prompt_set"] == "sr2d" and record["images"] == 4 and record["prompts"] == 2
     assert set(record["scores"]) == set(visor.METRICS)
-    assert all(v is None or 0.0 <= v <= 100.0 for v in record["scores"].values())
+    assert all(0.0 <= record["scores"][k] <= 100.0 for k in ("OA", "VISOR_uncond", "VISOR_1", "VISOR_2"))
+    assert record["scores"]["VISOR_3"] is None and record["scores"]["VISOR_4"] is None  # 2 images per prompt
     multigen = storage.read_json(storage.join(out, "multigen.json"))
     assert "object_accuracy" not in multigen and 0.0 <= multigen["two_object_accuracy"]["mean"] <= 100.0
     units = storage.read_parquet(storage.join(out, "per_unit_visor.parquet"))
     assert set(units["metric"]) == {"VISOR OA", "VISOR_uncond"} and len(units) == 4
 
+    # Sealed as the flow seals it: the report names the detector the scores were made with.
+    outputs.seal(out, config, "score", "fp", {})
     markdown = Path(write_report({"base": [out]}, str(tmp_path / "report"))["md"]).read_text()
     assert "VISOR on SR2D" in markdown and "sr2d two-object acc." in markdown
     visor_section = markdown.split("VISOR on SR2D", 1)[1]
     assert "| paper: SD 1.4 | 29.86 |" in visor_section and "| paper: TokenCompose | 52.15 |" in visor_section
     assert "29.86" not in markdown.split("VISOR on SR2D", 1)[0]  # the paper's OA sits only beside VISOR's
+    assert "| owlv2 (tiny) |" in visor_section and "| owlvit (google/owlvit-base-patch32) |" in visor_section
 
 
 def test_no_visor_json_for_other_prompt_sets(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from tokencompose_core import storage
+from tokencompose_core import outputs, storage
 from tokencompose_core.intervals import PER_UNIT_COLUMNS, paired_intervals
 
 _DIFFERENCES = "Paired differences (treated minus baseline, points)"
@@ -103,12 +104,26 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
         for name in ("fid", "clip", "visor"):
             if storage.exists(storage.join(uri, f"{name}.json")):
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
+        if run.visor is not None:  # VISOR's OA compares with the paper's only under VISOR's detector
+            run.visor["detector"] = scored_with(uri)
         run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
         segmentation_uri = storage.join(uri, "segmentation.json")
         if storage.exists(segmentation_uri):
             run.miou = storage.read_json(segmentation_uri)
             run.overlays = run.miou.get("overlays", [])
     return run
+
+
+def scored_with(scores_uri: str) -> str | None:
+    """The detector (and its weights) a sealed scores folder was scored with, from the
+    ``config.yaml`` the stage leaves there; None for a folder without one."""
+    uri = storage.join(scores_uri, outputs.CONFIG)
+    if not storage.exists(uri):
+        return None
+    config = yaml.safe_load(storage.read_bytes(uri))
+    detector = config["score"]["detector"]
+    weights = config["models"].get(detector)  # models.owlv2 / models.owlvit; the synthetic one has none
+    return f"{detector} ({weights})" if weights else detector
 
 
 def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:

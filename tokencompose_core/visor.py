@@ -85,50 +85,72 @@ def load_visor_prompts(spec: str) -> list[Prompt]:
 
 
 def _spatial(prompts: list[Prompt]) -> dict[int, Prompt]:
+    """Prompts with a spatial relation between two distinct objects, by id."""
     return {p.prompt_id: p for p in prompts if p.relation in RELATIONS and len(set(p.categories)) == 2}
 
 
-def relation_holds(relation: str, first: np.ndarray, second: np.ndarray) -> bool:
-    """Whether some centroid of ``first`` (n, 2) and some of ``second`` (m, 2) are in ``relation``."""
-    axis, sign = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
-    offsets = first[:, None, axis] - second[None, :, axis]
-    return bool((sign * offsets > 0).any())
+# Relation -> (centroid axis, sign of first minus second): image y grows downwards.
+_RELATION_AXES = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+_KEY = ["prompt_id", "image_index"]
 
 
-def _centroids(boxes: pd.Series) -> np.ndarray:
-    corners = np.asarray(boxes.tolist(), dtype=float).reshape(-1, 4)
-    return np.stack([(corners[:, 0] + corners[:, 2]) / 2, (corners[:, 1] + corners[:, 3]) / 2], axis=1)
+def relation_holds(relations: pd.Series, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per row: whether centroid ``first`` (x, y) is in ``relations`` to centroid ``second``
+    (strictly: equal coordinates are in no relation)."""
+    axis, sign = (relations.map(lambda r: _RELATION_AXES[r][k]).to_numpy(dtype=int) for k in (0, 1))
+    rows = np.arange(len(relations))
+    return sign * (first[rows, axis] - second[rows, axis]) > 0
+
+
+def _objects(detections: pd.DataFrame, spatial: dict[int, Prompt], threshold: float) -> pd.DataFrame:
+    """Detections above ``threshold`` of a spatial prompt's own two objects: the object's
+    place in the prompt (``role`` 0 or 1) and the box centroid (``cx``, ``cy``)."""
+    roles = pd.DataFrame([(i, c.lower(), role) for i, p in spatial.items() for role, c in enumerate(p.categories)],
+                         columns=["prompt_id", "category", "role"])
+    kept = detections[detections["score"] > threshold]
+    kept = kept.assign(prompt_id=kept["prompt_id"].astype("int64"), category=kept["category"].str.lower())
+    # Inner join with the prompt's own objects drops detections of other categories.
+    kept = kept.merge(roles, on=["prompt_id", "category"])
+    corners = np.asarray(kept["box"].tolist(), dtype=float).reshape(-1, 4)
+    return kept.assign(image_index=kept["image_index"].astype("int64"), cx=(corners[:, 0] + corners[:, 2]) / 2,
+                       cy=(corners[:, 1] + corners[:, 3]) / 2)[[*_KEY, "role", "cx", "cy"]]
 
 
 def image_outcomes(detections: pd.DataFrame, prompts: list[Prompt], threshold: float,
                    images: pd.DataFrame) -> pd.DataFrame:
     """Per image of a spatial prompt (``images``: prompt_id, image_index): whether each object
     was found above ``threshold`` (``found_a``, ``found_b``) and whether the image is
-    correct (both found and the relation holds)."""
+    correct: both found, and some box of the first in the relation to some box of the second."""
     spatial = _spatial(prompts)
     if not spatial:
         raise ValueError("VISOR needs spatial two-object prompts (visor:sr2d); none were given")
-    images = images[images["prompt_id"].isin(spatial)][["prompt_id", "image_index"]].drop_duplicates()
-    kept = detections[(detections["score"] > threshold) & detections["prompt_id"].isin(spatial)]
-    kept = kept.assign(category=kept["category"].str.lower())
-    groups = {key: frame for key, frame in kept.groupby(["prompt_id", "image_index"])}
-    rows = []
-    for prompt_id, image_index in images.itertuples(index=False):
-        prompt = spatial[int(prompt_id)]
-        found = groups.get((prompt_id, image_index), kept.iloc[:0])
-        a, b = (found[found["category"] == c.lower()] for c in prompt.categories)
-        both = len(a) > 0 and len(b) > 0
-        correct = both and relation_holds(prompt.relation, _centroids(a["box"]), _centroids(b["box"]))
-        rows.append((int(prompt_id), int(image_index), len(a) > 0, len(b) > 0, both, correct))
-    return pd.DataFrame(rows, columns=["prompt_id", "image_index", "found_a", "found_b", "both", "correct"])
+    images = images[images["prompt_id"].isin(spatial)][_KEY].drop_duplicates().astype("int64")
+    objects = _objects(detections, spatial, threshold)
+    first, second = objects[objects["role"] == 0], objects[objects["role"] == 1]
+    pairs = first.merge(second, on=_KEY, suffixes=("_a", "_b"))  # every box pair of an image
+    relations = pairs["prompt_id"].map(lambda i: spatial[i].relation)
+    pairs["holds"] = relation_holds(relations, pairs[["cx_a", "cy_a"]].to_numpy(), pairs[["cx_b", "cy_b"]].to_numpy())
+    outcomes = images.assign(
+        found_a=_has(images, first), found_b=_has(images, second),
+        correct=_has(images, pairs[pairs["holds"]]))
+    return outcomes.assign(both=outcomes["found_a"] & outcomes["found_b"])[
+        [*_KEY, "found_a", "found_b", "both", "correct"]].reset_index(drop=True)
+
+
+def _has(images: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Per image of ``images``: whether ``rows`` has any row for it."""
+    present = rows[_KEY].drop_duplicates().assign(present=True)
+    return images.merge(present, on=_KEY, how="left")["present"].fillna(False).astype(bool).to_numpy()
 
 
 def visor_scores(outcomes: pd.DataFrame) -> dict[str, Any]:
     """OA, OA of each object alone, VISOR_uncond/cond and VISOR_1..4 (percent) from
-    :func:`image_outcomes`; VISOR_cond is None when no image has both objects."""
+    :func:`image_outcomes`; VISOR_cond is None when no image has both objects, and VISOR_n
+    when some prompt has fewer than n images (it could not reach n)."""
     if outcomes.empty:
         raise ValueError("VISOR: no images of spatial prompts to score")
     correct_per_prompt = outcomes.groupby("prompt_id")["correct"].sum()
+    fewest = int(outcomes.groupby("prompt_id").size().min())
     both = int(outcomes["both"].sum())
     scores: dict[str, Any] = {
         "OA": 100.0 * outcomes["both"].mean(),
@@ -136,7 +158,7 @@ def visor_scores(outcomes: pd.DataFrame) -> dict[str, Any]:
         "OA_B": 100.0 * outcomes["found_b"].mean(),
         "VISOR_uncond": 100.0 * outcomes["correct"].mean(),
         "VISOR_cond": 100.0 * outcomes["correct"].sum() / both if both else None,
-        **{f"VISOR_{n}": 100.0 * float((correct_per_prompt >= n).mean()) for n in VISOR_NS},
+        **{f"VISOR_{n}": 100.0 * float((correct_per_prompt >= n).mean()) if n <= fewest else None for n in VISOR_NS},
     }
     return {key: None if value is None else float(value) for key, value in scores.items()}
 
@@ -177,7 +199,8 @@ def report_table(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
         return "–" if value is None else f"{value:.2f}"
 
     rows = [{"run": name, **{metric: cell(record["scores"][metric]) for metric in METRICS},
-             "images": str(record["images"])} for name, record in records.items()]
-    rows += [{"run": f"paper: {model}", **{metric: "–" for metric in METRICS}, "OA": cell(oa), "images": "–"}
-             for model, oa in PAPER_OA.items()]
-    return pd.DataFrame(rows, columns=["run", *METRICS, "images"])
+             "images": str(record["images"]), "detector": record.get("detector") or "–"}
+            for name, record in records.items()]
+    rows += [{"run": f"paper: {model}", **{metric: "–" for metric in METRICS}, "OA": cell(oa), "images": "–",
+              "detector": f"owlvit ({OWLVIT_WEIGHTS})"} for model, oa in PAPER_OA.items()]
+    return pd.DataFrame(rows, columns=["run", *METRICS, "images", "detector"])
