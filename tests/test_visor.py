@@ -30,7 +30,7 @@ def test_sr2d_prompt_set() -> None:
     assert len(prompts) == 80 * 79 // 2 * 8 == 25_280  # pairs x relations x orders
     assert len({p.prompt_id for p in prompts}) == len(prompts)
     by_id = {p.prompt_id: p for p in prompts}
-    # Ids and texts as SR2D's own files give them (the upstream README's examples).
+    # Ids and texts as SR2D itself numbers and words them (two of its published examples).
     assert by_id[1103] == Prompt(1103, "a kite to the right of a bicycle", ("kite", "bicycle"), "to the right of")
     assert by_id[11036] == Prompt(11036, "a cat below a bottle", ("cat", "bottle"), "below")
     assert by_id[0].text == "a person to the left of a bicycle" and by_id[1].text == "a bicycle to the left of a person"
@@ -205,3 +205,21 @@ def test_owlvit_without_weights_names_them(tmp_path: Path) -> None:
     with pytest.raises(MissingWeightsError, match="google/owlvit-base-patch32"):
         scoring.detect(index_uri, [CAT_LEFT_OF_DOG], ModelsConfig(owlvit="google/owlvit-base-patch32"), score,
                        str(tmp_path / "scores"), 1)
+
+
+def test_sample_and_score_flows_on_sr2d(prefect_harness, tmp_path: Path) -> None:
+    """`sample.prompts=visor:sr2d` through the stage 4 and 5 flows: visor.json and the report's table."""
+    from flows.evaluate import evaluate_flow
+    from flows.sample import sample_flow
+
+    overrides = [f"storage.root={tmp_path}", "sample.prompts=visor:sr2d", "sample.max_prompts=2",
+                 "sample.images_per_prompt=2", "sample.num_inference_steps=2", "score.heldout_images=0",
+                 "score.fid=false", "score.store_threshold=0.0"]
+    sampled = sample_flow(profile="tiny", overrides=overrides)
+    assert Path(sampled["output_uri"]).name.startswith("base-sr2d-")
+    result = evaluate_flow(profile="tiny", overrides=overrides, input_uri=sampled["output_uri"])
+    (scores,) = result["scores"]
+    record = storage.read_json(storage.join(scores, "visor.json"))
+    assert record["images"] == 4 and record["prompts"] == 2 and record["threshold"] == 0.1
+    markdown = Path(result["report"]["md"]).read_text()
+    assert "| base |" in markdown.split("VISOR on SR2D", 1)[1] and "| paper: TokenCompose | 52.15 |" in markdown
