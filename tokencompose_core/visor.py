@@ -27,9 +27,8 @@ import pandas as pd
 
 from tokencompose_core import storage
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
-from tokencompose_core.sampling import Prompt
+from tokencompose_core.sampling import VISOR, Prompt
 
-PREFIX = "visor:"
 SR2D = "sr2d"
 # The COCO category names in COCO's id order, as SR2D spells them.
 COCO_CATEGORIES: tuple[str, ...] = (
@@ -75,7 +74,7 @@ def sr2d_prompts() -> list[Prompt]:
 
 def load_visor_prompts(spec: str) -> list[Prompt]:
     """The prompts of a ``visor:<set>`` source (only ``visor:sr2d`` exists)."""
-    name = spec[len(PREFIX):]
+    name = spec[len(VISOR):]
     if name != SR2D:
         raise ValueError(f"unknown VISOR prompt set {name!r}; known: {SR2D}")
     return sr2d_prompts()
