@@ -30,7 +30,7 @@ def detect(index_uri: str, samples_identity: str, prompts: str, max_prompts: int
 @stage_task
 def score_multigen(detections_uri: str, index_uri: str, prompts: str, max_prompts: int | None, threshold: float,
                    out_uri: str, model: str, fingerprint: str) -> str:
-    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI."""
+    """MG1..MG5 (two-object accuracy for two-object prompts, VISOR for SR2D) -> multigen.json URI."""
     return stage.score_multigen(detections_uri, index_uri, load_prompts(prompts, max_prompts),
                                 prompt_set_name(prompts), threshold, out_uri, model)
 

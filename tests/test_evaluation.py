@@ -1,4 +1,4 @@
-"""MultiGen scoring on hand-made detections, object accuracy, mIoU on constructed maps,
+"""MultiGen scoring on hand-made detections, two-object accuracy, mIoU on constructed maps,
 OWLv2 detection schema with the tiny detector."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from tokencompose_core.evaluation import (
     multigen_scores,
     noun_maps,
     normalise,
-    object_accuracy,
     summarise_ious,
+    two_object_accuracy,
 )
 from tokencompose_core.sampling import Prompt
 
@@ -71,17 +71,17 @@ def test_multigen_images_frame_sets_the_denominator() -> None:
     assert multigen_scores(detections, PROMPTS).loc["MG2", "mean"] == pytest.approx(50.0)
 
 
-def test_object_accuracy_two_object_prompts() -> None:
-    # The three-object prompt is left out of object accuracy.
+def test_two_object_accuracy_two_object_prompts() -> None:
+    # The three-object prompt is left out of two-object accuracy.
     prompts = [Prompt(0, "a cat and a dog", ("cat", "dog")), Prompt(1, "a cup and a car", ("cup", "car")),
                Prompt(2, "a cat, a cup and a car", ("cat", "cup", "car"))]
     detections = _detections([(0, 0, "cat", 0.9), (0, 0, "dog", 0.2), (1, 0, "cup", 0.9),
                               (0, 1, "cat", 0.9), (0, 1, "dog", 0.05), (1, 1, "cup", 0.5), (1, 1, "car", 0.5),
                               (2, 0, "cat", 0.9), (2, 0, "cup", 0.9)])
-    accuracy = object_accuracy(detections, prompts, threshold=0.1)
+    accuracy = two_object_accuracy(detections, prompts, threshold=0.1)
     assert accuracy["mean"] == pytest.approx(50.0)  # idx0: 1/2, idx1: 1/2
     with pytest.raises(ValueError, match="two-object"):
-        object_accuracy(detections, PROMPTS)
+        two_object_accuracy(detections, PROMPTS)
 
 
 def test_iou_and_best_threshold_on_constructed_maps() -> None:

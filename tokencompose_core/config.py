@@ -98,6 +98,8 @@ class ModelsConfig(_Section):
     grounding_dino: GroundingDinoConfig = Field(default_factory=GroundingDinoConfig)
     sam: SamConfig = Field(default_factory=SamConfig)
     owlv2: str = "tiny"  # hub id / local dir, or "tiny"
+    # OWL-ViT for score.detector=owlvit, VISOR's detector (google/owlvit-base-patch32): hub id / local dir.
+    owlvit: str | None = None
     clip_selector: str | None = None  # CLIP model for caption choice; None = first caption
     seed: int = 0  # seed for random-init tiny weights
     cache_dir: str = ".cache/tokencompose"  # where tiny models are materialised
@@ -248,8 +250,9 @@ class DetectorConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    # "owlv2" for real images; "synthetic": the synthetic world's colour detector (the demo).
-    detector: Literal["owlv2", "synthetic"] = "owlv2"
+    # "owlv2" for real images; "owlvit": VISOR's detector (models.owlvit); "synthetic": the
+    # synthetic world's colour detector (the demo).
+    detector: Literal["owlv2", "owlvit", "synthetic"] = "owlv2"
     synthetic_detector: DetectorConfig = Field(default_factory=DetectorConfig)
     detection_threshold: float = Field(0.1, ge=0, le=1)
     store_threshold: float = Field(0.01, ge=0, le=1)

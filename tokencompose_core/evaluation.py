@@ -1,4 +1,4 @@
-"""Stage 5: OWLv2 detection, MultiGen / object-accuracy scores, attention-map mIoU.
+"""Stage 5: OWLv2 (or OWL-ViT) detection, MultiGen / two-object accuracy scores, attention-map mIoU.
 
 Detections are stored once, with every box above ``store_threshold`` (0.01), in
 the schema (prompt_id, image_index, category, score, box); thresholds are applied
@@ -9,7 +9,7 @@ detector writes the same schema and uses the same scoring functions.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,6 @@ def read_image(uri: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise ImageError(message if uri in message else f"{uri}: {message}") from error
 
 
-@torch.no_grad()
 def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
                  store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu",
                  backend: str = "torchvision") -> str:
@@ -66,14 +65,36 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
     ``backend``: the image processor's (:func:`tokencompose_core.models.load_owlv2`)."""
     from tokencompose_core.models import load_owlv2
 
+    model, processor = load_owlv2(models, device=resolve_device(device), backend=backend)
+    # OWLv2 pads images to a square at the bottom/right: boxes are relative to the padded side.
+    return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (max(im.size), max(im.size)),
+                                  out_uri, store_threshold, batch_size)
+
+
+def detect_owlvit(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
+                  store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
+    """:func:`detect_owlv2` with OWL-ViT (``models.owlvit``), the detector VISOR scores with."""
+    from tokencompose_core.models import load_owlvit
+
+    model, processor = load_owlvit(models, device=resolve_device(device))
+    # OWL-ViT stretches images to its square input: boxes are relative to the image itself.
+    return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (im.height, im.width),
+                                  out_uri, store_threshold, batch_size)
+
+
+@torch.no_grad()
+def detect_open_vocabulary(index_uri: str, prompts: list[Prompt], model: Any, processor: Any,
+                           box_frame: Callable[[Image.Image], tuple[int, int]], out_uri: str,
+                           store_threshold: float, batch_size: int) -> str:
+    """An OWL-family ``model`` on every image of a sample index, its prompt's categories as
+    queries (one label per box: its best query); ``box_frame(image)`` is the (height, width)
+    the model's relative boxes are scaled to. -> ``out_uri/detections.parquet`` URI."""
     index = storage.read_parquet(index_uri)
     by_id = {p.prompt_id: p for p in prompts}
     missing = sorted(set(index["prompt_id"]) - set(by_id))
     if missing:
         raise ValueError(f"index {index_uri} has prompt ids without a prompt: {missing[:5]}")
-    torch_device = resolve_device(device)
-    model, processor = load_owlv2(models, device=torch_device, backend=backend)
-    model.eval()
+    torch_device = next(model.parameters()).device
     rows: list[tuple] = []
     records = index.to_dict("records")
     for start in range(0, len(records), batch_size):
@@ -82,10 +103,8 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
         queries = [[detection_query(c) for c in by_id[r["prompt_id"]].categories] for r in batch]
         inputs = processor(text=queries, images=images, return_tensors="pt").to(torch_device)
         outputs = model(**inputs)
-        # OWLv2 pads images to a square at the bottom/right: scale boxes to the padded side.
-        sides = [(max(im.size), max(im.size)) for im in images]
         results = processor.image_processor.post_process_object_detection(
-            outputs, threshold=store_threshold, target_sizes=sides)
+            outputs, threshold=store_threshold, target_sizes=[box_frame(im) for im in images])
         for record, query, result in zip(batch, queries, results):
             categories = by_id[record["prompt_id"]].categories
             for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
@@ -148,13 +167,14 @@ def multigen_scores(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
     return pd.DataFrame.from_dict(rows, orient="index")[["mean", "std"]]
 
 
-def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
-                    images: pd.DataFrame | None = None) -> dict[str, float]:
-    """VISOR-style object accuracy: percent of two-object prompts' images where both
-    objects are detected; mean and std across image indices."""
+def two_object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: float = 0.1,
+                        images: pd.DataFrame | None = None) -> dict[str, float]:
+    """Two-object accuracy: percent of any two-object prompts' images where both objects are
+    detected; mean and std across image indices. Not VISOR's OA, which is pooled over
+    SR2D's images and VISOR's detector (:mod:`tokencompose_core.visor`)."""
     pairs = [p for p in prompts if len(set(p.categories)) == 2]
     if not pairs:
-        raise ValueError("object accuracy needs two-object prompts; none were given")
+        raise ValueError("two-object accuracy needs two-object prompts; none were given")
     ids = {p.prompt_id for p in pairs}
     found = _categories_found(detections[detections["prompt_id"].isin(ids)], pairs, threshold,
                               None if images is None else images[images["prompt_id"].isin(ids)])
@@ -165,7 +185,7 @@ def object_accuracy(detections: pd.DataFrame, prompts: list[Prompt], threshold: 
 def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], threshold: float, images: pd.DataFrame,
                         prefix: str) -> pd.DataFrame:
     """Per prompt: MG_k (percent of its images with at least k of its categories) for
-    k = 1..5 and, for two-object prompts, object accuracy; rows (unit, metric, value)
+    k = 1..5 and, for two-object prompts, two-object accuracy; rows (unit, metric, value)
     with unit ``prompt <id>``. The mean over prompts is the run's MG_k when every
     prompt has the same number of images, so paired intervals bootstrap over these."""
     found = _categories_found(detections, prompts, threshold, images)
@@ -176,7 +196,7 @@ def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], thresho
         frames.append(pd.DataFrame({"prompt_id": hits.index, "metric": f"{prefix} MG{k}", "value": hits.to_numpy()}))
         if k == 2 and pairs:
             chosen = hits[hits.index.isin(pairs)]
-            frames.append(pd.DataFrame({"prompt_id": chosen.index, "metric": f"{prefix} obj. acc.",
+            frames.append(pd.DataFrame({"prompt_id": chosen.index, "metric": f"{prefix} two-object acc.",
                                         "value": chosen.to_numpy()}))
     table = pd.concat(frames, ignore_index=True)
     return pd.DataFrame({"unit": "prompt " + table["prompt_id"].astype(str), "metric": table["metric"],

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from tokencompose_core import storage
+from tokencompose_core import outputs, storage
 from tokencompose_core.intervals import PER_UNIT_COLUMNS, paired_intervals
 
 _DIFFERENCES = "Paired differences (treated minus baseline, points)"
 _INTERVALS = "Paired differences with 95% bootstrap intervals (treated minus baseline)"
+_VISOR = "VISOR on SR2D (OA is the paper's Table 1 object accuracy)"
 MG_KS = (2, 3, 4, 5)  # MG1 says little: one object of five
 MG_ROWS = [f"MG{k}" for k in MG_KS]
 
@@ -31,7 +33,7 @@ class RunScores:
     """Everything the report shows about one run (one model)."""
 
     multigen: dict[str, pd.DataFrame] = field(default_factory=dict)  # prompt set -> MG1..MG5 x mean/std
-    object_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt set -> mean/std
+    two_object_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt set -> mean/std
     miou: dict[str, Any] | None = None  # evaluation.segmentation_miou result
     images_per_s: float | None = None
     samples: dict[str, str] = field(default_factory=dict)  # prompt set -> sample index.parquet URI
@@ -40,18 +42,19 @@ class RunScores:
     fid: dict[str, Any] | None = None  # fid.json
     clip: dict[str, Any] | None = None  # clip.json
     latency: dict[str, Any] | None = None  # seconds per image at the sampling steps and batch
+    visor: dict[str, Any] | None = None  # visor.json: VISOR's metrics on SR2D
     # Per-prompt (per-noun for mIoU) values, what paired intervals resample.
     per_unit: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PER_UNIT_COLUMNS))
 
 
 def multigen_record(model: str, prompt_set: str, table: pd.DataFrame, index_uri: str | None = None,
-                    object_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
+                    two_object_accuracy: dict[str, float] | None = None) -> dict[str, Any]:
     """The JSON the evaluate stage writes as scores/<tag>/multigen.json.
 
     Scores only: the sampling run's timings stay in its own ``stats.json`` (read by
     :func:`sampling_timing`), so a recomputed score file is byte-identical."""
     return {"model": model, "prompt_set": prompt_set, "scores": table.to_dict(orient="index"),
-            "index_uri": index_uri, "object_accuracy": object_accuracy}
+            "index_uri": index_uri, "two_object_accuracy": two_object_accuracy}
 
 
 def sampling_timing(index_uri: str) -> tuple[float | None, dict[str, Any] | None]:
@@ -89,22 +92,38 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
         for name, scores in (record.get("groups") or {prompt_set: record["scores"]}).items():
             run.multigen[name] = pd.DataFrame.from_dict(scores, orient="index")
         run.reported_ks.update(record.get("reported_ks", {}))
-        if record.get("object_accuracy"):
-            run.object_accuracy[prompt_set] = record["object_accuracy"]
+        # Scores written before the rename name it "object_accuracy".
+        accuracy = record.get("two_object_accuracy") or record.get("object_accuracy")
+        if accuracy:
+            run.two_object_accuracy[prompt_set] = accuracy
         if record.get("index_uri"):
             run.samples[prompt_set] = record["index_uri"]
             images_per_s, latency = sampling_timing(record["index_uri"])
             run.images_per_s = images_per_s if images_per_s is not None else run.images_per_s
             run.latency = latency or run.latency
-        for name in ("fid", "clip"):
+        for name in ("fid", "clip", "visor"):
             if storage.exists(storage.join(uri, f"{name}.json")):
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
+        if run.visor is not None:  # VISOR's OA compares with the paper's only under VISOR's detector
+            run.visor["detector"] = scored_with(uri)
         run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
         segmentation_uri = storage.join(uri, "segmentation.json")
         if storage.exists(segmentation_uri):
             run.miou = storage.read_json(segmentation_uri)
             run.overlays = run.miou.get("overlays", [])
     return run
+
+
+def scored_with(scores_uri: str) -> str | None:
+    """The detector (and its weights) a sealed scores folder was scored with, from the
+    ``config.yaml`` the stage leaves there; None for a folder without one."""
+    uri = storage.join(scores_uri, outputs.CONFIG)
+    if not storage.exists(uri):
+        return None
+    config = yaml.safe_load(storage.read_bytes(uri))
+    detector = config["score"]["detector"]
+    weights = config["models"].get(detector)  # models.owlv2 / models.owlvit; the synthetic one has none
+    return f"{detector} ({weights})" if weights else detector
 
 
 def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:
@@ -114,10 +133,10 @@ def _mean_std(cell: dict[str, float] | pd.Series | None) -> str:
 
 
 def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
-    """One row per run: MG2..MG5 (mean ± std) per prompt set, object accuracy, mIoU, images/s,
+    """One row per run: MG2..MG5 (mean ± std) per prompt set, two-object accuracy, mIoU, images/s,
     FID, CLIP score and seconds per image at the sampling steps and batch."""
     prompt_sets = sorted({s for run in runs.values() for s in run.multigen})
-    accuracy_sets = sorted({s for run in runs.values() for s in run.object_accuracy})
+    accuracy_sets = sorted({s for run in runs.values() for s in run.two_object_accuracy})
     rows = []
     for name, run in runs.items():
         row: dict[str, str] = {"run": name}
@@ -126,7 +145,7 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
             for k in MG_ROWS:
                 row[f"{prompt_set} {k}"] = _mean_std(table.loc[k] if table is not None else None)
         for prompt_set in accuracy_sets:
-            row[f"{prompt_set} obj. acc."] = _mean_std(run.object_accuracy.get(prompt_set))
+            row[f"{prompt_set} two-object acc."] = _mean_std(run.two_object_accuracy.get(prompt_set))
         overall = (run.miou or {}).get("overall")
         row["mIoU best"] = f"{overall['miou_best']:.2f}" if overall else "–"
         row["mIoU fixed"] = f"{overall['miou_fixed']:.2f}" if overall else "–"
@@ -138,6 +157,16 @@ def comparison_table(runs: dict[str, RunScores]) -> pd.DataFrame:
                           if latency else "–")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def visor_table(runs: dict[str, RunScores]) -> pd.DataFrame | None:
+    """VISOR's metrics of the runs scored on SR2D, beside the paper's OA; None when none was."""
+    scored = {name: run.visor for name, run in runs.items() if run.visor}
+    if not scored:
+        return None
+    from tokencompose_core.visor import report_table  # torch-backed module: only when needed
+
+    return report_table(scored)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -316,7 +345,8 @@ def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd
 
 def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
                runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int],
-               differences: pd.DataFrame | None, intervals: pd.DataFrame | None) -> str:
+               differences: pd.DataFrame | None, intervals: pd.DataFrame | None,
+               visor: pd.DataFrame | None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if intervals is not None:
@@ -324,6 +354,8 @@ def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plo
     if differences is not None:
         parts += [f"<h2>{_DIFFERENCES}</h2>", differences.to_html(index=False, escape=True)]
     parts += ["<h2>Comparison</h2>", f'<div class="wide">{table.to_html(index=False, escape=True)}</div>']
+    if visor is not None:
+        parts += [f"<h2>{_VISOR}</h2>", visor.to_html(index=False, escape=True)]
     if groups is not None:
         parts += ["<h3>mIoU per layer group (fixed / best threshold)</h3>", groups.to_html(index=False)]
     parts += [f'<p><img class="plot" src="{html.escape(_link(p, report_dir))}" alt="plot"></p>' for p in plots]
@@ -357,7 +389,7 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     differences = difference_table(paired_differences(loaded, pairs), list(pairs)) if pairs else None
     intervals = interval_rows(loaded, pairs, resamples, seed) if pairs else []
     table = comparison_table(loaded)
-    groups = _group_table(loaded)
+    groups, visor = _group_table(loaded), visor_table(loaded)
     uris: dict[str, str] = {}
     written = plot_intervals(intervals, storage.join(out_uri, "intervals.png"))
     if written:
@@ -372,6 +404,8 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     if differences is not None:
         markdown += [f"## {_DIFFERENCES}", "", markdown_table(differences), ""]
     markdown += [markdown_table(table), ""]
+    if visor is not None:
+        markdown += [f"## {_VISOR}", "", markdown_table(visor), ""]
     if groups is not None:
         markdown += ["## mIoU per layer group (fixed / best threshold)", "", markdown_table(groups), ""]
     markdown += [f"![{key}]({os.path.basename(uri)})" for key, uri in uris.items()]
@@ -380,7 +414,7 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     page = _html_page(title, table, groups,
                       [uris[k] for k in ("png_intervals", "png_multigen", "png_miou") if k in uris],
                       loaded, out_uri, (grid_prompts, grid_images), differences,
-                      interval_table(intervals) if intervals else None)
+                      interval_table(intervals) if intervals else None, visor)
     uris["html"] = storage.join(out_uri, "report.html")
     storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
     return uris

@@ -36,6 +36,7 @@ MULTIGEN_SETS = {
 }
 _RESOURCES = Path(__file__).resolve().parent / "resources" / "multigen"
 GENEVAL = "geneval:"  # prompt source prefix: geneval:<path to evaluation_metadata.jsonl>
+VISOR = "visor:"  # VISOR's prompt sets, built in code: visor:sr2d
 INDEX_COLUMNS = ["prompt_id", "image_index", "seed", "prompt", "image_uri", "model_fingerprint"]
 # transformers/diffusers build models under process-global init patches (meta device):
 # two threads loading at once (shards on a thread-pool task runner) corrupt each other.
@@ -47,14 +48,16 @@ class Prompt:
     prompt_id: int
     text: str
     categories: tuple[str, ...] = ()
+    relation: str | None = None  # spatial prompts (VISOR's SR2D): how categories[0] sits relative to [1]
 
 
 # ----------------------------------------------------------------------------- prompts
 
 
 def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
-    """Prompts from ``multigen:coco``/``multigen:ade20k``, ``geneval:<evaluation_metadata.jsonl>``,
-    a .txt, a MultiGen .json, or a JSONL/Parquet manifest with a ``caption`` or ``text`` column."""
+    """Prompts from ``multigen:coco``/``multigen:ade20k``, ``visor:sr2d``,
+    ``geneval:<evaluation_metadata.jsonl>``, a .txt, a MultiGen .json, or a JSONL/Parquet
+    manifest with a ``caption`` or ``text`` column."""
     if spec.startswith("multigen:"):
         name = spec.split(":", 1)[1]
         if name not in MULTIGEN_SETS:
@@ -63,6 +66,10 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
     elif spec.startswith(GENEVAL):
         prompts = [Prompt(i, str(record["prompt"]), tuple(str(item["class"]) for item in record.get("include", [])))
                    for i, record in enumerate(geneval_metadata(spec[len(GENEVAL):]))]
+    elif spec.startswith(VISOR):
+        from tokencompose_core.visor import load_visor_prompts  # it builds on Prompt
+
+        prompts = load_visor_prompts(spec)
     else:
         prompts = _file_prompts(spec)
     if not prompts:
@@ -71,8 +78,8 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
 
 
 def prompt_file(spec: str) -> str | None:
-    """The file a prompt source reads (None for the bundled MultiGen sets)."""
-    if spec.startswith("multigen:"):
+    """The file a prompt source reads (None for the bundled MultiGen and VISOR sets)."""
+    if spec.startswith(("multigen:", VISOR)):
         return None
     return spec[len(GENEVAL):] if spec.startswith(GENEVAL) else spec
 
@@ -88,8 +95,9 @@ def geneval_metadata(uri: str) -> list[dict[str, Any]]:
 
 
 def prompt_set_name(spec: str) -> str:
-    """A short name for a prompt source: ``coco`` for multigen:coco, ``geneval``, else the file stem."""
-    if spec.startswith("multigen:"):
+    """A short name for a prompt source: ``coco`` for multigen:coco, ``sr2d`` for visor:sr2d,
+    ``geneval``, else the file stem."""
+    if spec.startswith(("multigen:", VISOR)):
         return spec.split(":", 1)[1]
     if spec.startswith(GENEVAL):
         return "geneval"

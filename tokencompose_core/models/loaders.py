@@ -26,6 +26,8 @@ from transformers import (
     CLIPTokenizer,
     Owlv2ForObjectDetection,
     Owlv2Processor,
+    OwlViTForObjectDetection,
+    OwlViTProcessor,
     PreTrainedTokenizerBase,
 )
 
@@ -390,6 +392,18 @@ def load_owlv2(
     return model.to(device).eval(), processor
 
 
+def load_owlvit(models: ModelsConfig, device: str | torch.device = "cpu"
+                ) -> tuple[OwlViTForObjectDetection, OwlViTProcessor]:
+    """OWL-ViT detector and its processor from ``models.owlvit`` (hub id or local dir)."""
+    if models.owlvit is None:
+        raise MissingWeightsError("score.detector=owlvit needs OWL-ViT weights: set models.owlvit to a local copy "
+                                  "or cached hub id of google/owlvit-base-patch32 (VISOR's detector)")
+    source = models.owlvit if os.path.isdir(models.owlvit) else hub_snapshot(models.owlvit, "OWL-ViT model", "")
+    model = OwlViTForObjectDetection.from_pretrained(source, local_files_only=True)
+    processor = OwlViTProcessor.from_pretrained(source, local_files_only=True)
+    return model.to(device).eval(), processor
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 
@@ -438,6 +452,8 @@ def fingerprint(models: ModelsConfig) -> str:
         parts["owlv2"] = source_identity(models.owlv2)
     if models.vae is not None:
         parts["vae"] = source_identity(models.vae)
+    if models.owlvit is not None:
+        parts["owlvit"] = source_identity(models.owlvit)
     if models.clip_selector:
         parts["clip_selector"] = source_identity(models.clip_selector)
     if tiny_dirs:

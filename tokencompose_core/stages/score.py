@@ -18,16 +18,17 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import image_metrics, outputs, storage
+from tokencompose_core import image_metrics, outputs, storage, visor
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
 from tokencompose_core.evaluation import (
     detect_owlv2,
+    detect_owlvit,
     heldout_image_ids,
     multigen_per_prompt,
     multigen_scores,
-    object_accuracy,
     read_image,
     segmentation_miou,
+    two_object_accuracy,
 )
 from tokencompose_core.identity import uri_identity, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
@@ -280,6 +281,12 @@ def _detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, s
                         batch_size=batch_size, device=score.device, backend=score.owlv2_backend)
 
 
+def _detect_owlvit(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
+                   batch_size: int) -> str:
+    return detect_owlvit(index_uri, prompts, models, out_uri, store_threshold=score.store_threshold,
+                         batch_size=batch_size, device=score.device)
+
+
 def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig,
                       out_uri: str, batch_size: int) -> str:
     from tokencompose_core import synthetic
@@ -294,7 +301,8 @@ def _detect_synthetic(index_uri: str, prompts: list[Prompt], models: ModelsConfi
 
 
 # ``score.detector`` -> the function writing ``detections.parquet`` (one schema for all).
-DETECTORS: dict[str, Callable[..., str]] = {"owlv2": _detect_owlv2, "synthetic": _detect_synthetic}
+DETECTORS: dict[str, Callable[..., str]] = {"owlv2": _detect_owlv2, "owlvit": _detect_owlvit,
+                                            "synthetic": _detect_synthetic}
 
 
 def detect(index_uri: str, prompts: list[Prompt], models: ModelsConfig, score: ScoreConfig, out_uri: str,
@@ -323,7 +331,8 @@ def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, prompts: li
 
 def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], prompt_set: str, threshold: float,
                    out_uri: str, model: str, groups: dict[str, list[int]] | None = None) -> str:
-    """MG1..MG5 (and object accuracy for two-object prompts) -> multigen.json URI.
+    """MG1..MG5 (and two-object accuracy for two-object prompts) -> multigen.json URI; for
+    VISOR's spatial prompts (visor:sr2d), VISOR's metrics -> visor.json beside it.
 
     ``groups`` (name -> prompt ids), when given, are scored apart as well (the demo's
     "3 objects", "unseen", ...), each with the MG_k worth reporting for it.
@@ -333,7 +342,7 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     images = index[["prompt_id", "image_index"]]
     table = multigen_scores(detections, prompts, threshold=threshold, images=images)
     two_object = any(len(set(p.categories)) == 2 for p in prompts)
-    accuracy = object_accuracy(detections, prompts, threshold, images) if two_object else None
+    accuracy = two_object_accuracy(detections, prompts, threshold, images) if two_object else None
     by_id = {p.prompt_id: p for p in prompts}
     # Per-prompt values under the names of the report's tables (the groups', when scored by group).
     named = groups or {prompt_set: sorted(by_id)}
@@ -345,6 +354,8 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     if groups:
         record["groups"] = multigen_by_group(detections, images, prompts, groups, threshold)
         record["reported_ks"] = {group: reported_ks([by_id[i] for i in ids]) for group, ids in groups.items()}
+    if visor.is_visor_set(prompts):  # before multigen.json, whose presence marks this step done
+        visor.score_visor(detections, images, prompts, prompt_set, threshold, out_uri)
     uri = storage.join(out_uri, "multigen.json")
     storage.atomic_write_json(uri, record)
     return uri
