@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tokencompose_core.config import ConfigError, load_config
-from tokencompose_core.manifest import build_nouns
+from tokencompose_core.stages.nouns import build_nouns
 from tokencompose_core.pinning import (
     SHIPPED_DIR,
     allowed_keys,
@@ -121,7 +121,7 @@ def test_paper_profiles_score_with_the_slow_owlv2_processor() -> None:
 
 
 def test_scoring_passes_the_backend_to_the_detector(monkeypatch) -> None:
-    from tokencompose_core import scoring
+    from tokencompose_core.stages import score as scoring
 
     seen = {}
     monkeypatch.setattr(scoring, "detect_owlv2", lambda *args, **kwargs: seen.update(kwargs) or "uri")
