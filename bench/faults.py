@@ -102,7 +102,7 @@ def prepare(work: Path) -> dict[str, str]:
     from tokencompose_core.synthetic import png_bytes, train_samples, world_fingerprint, write_split
 
     inputs = {"nouns": str(work / "inputs" / "nouns" / "nouns.parquet"),
-              "cache": str(work / "inputs" / "world" / "train-masks")}
+              "cache": str(work / "inputs" / "world" / "masks")}
     if not storage.exists(inputs["nouns"]):
         captions = ["a dog and a ball on the grass", "a red cup next to a laptop", "a cat under a chair"]
         rows = []
@@ -116,7 +116,7 @@ def prepare(work: Path) -> dict[str, str]:
         write_nouns(table, rejects, str(work / "inputs" / "nouns"))
     if not storage.exists(storage.join(inputs["cache"], "_completed.json")):
         world = WorldConfig(image_size=32, train_images=8, seed=3)
-        write_split(train_samples(world), str(work / "inputs" / "world"), "train", clip_tokenizer(),
+        write_split(train_samples(world), str(work / "inputs" / "world" / "nouns"), inputs["cache"], clip_tokenizer(),
                     world_fingerprint(world))
     inputs["model"] = resolve_diffusion_dir(stage_config("sample", work).models)
     return inputs

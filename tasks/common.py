@@ -210,6 +210,16 @@ def bookkeeping_task(fn: Callable) -> Task:
                 retry_condition_fn=retry_transient)
 
 
+# Names end with this mark: a task that only calls stage flows (their tasks are the cached ones).
+COMPOSES = "(composes)"
+
+
+def composing_task(fn: Callable) -> Task:
+    """A task that runs stage flows (one run of a recipe, e.g. the demo's): so it can run on a
+    task runner's worker beside others. Never cached; retries are left to the stages' tasks."""
+    return task(fn, name=f"{fn.__name__} {COMPOSES}", cache_policy=NO_CACHE, persist_result=False)
+
+
 def recompute_unless(stage_task_: Task, whole: bool) -> Task:
     """``stage_task_``, forced to run instead of read from the cache unless the output it
     fills is whole (:func:`tokencompose_core.outputs.is_whole`): a cache record alone

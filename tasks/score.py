@@ -130,8 +130,8 @@ def _reference_statistics(config: PipelineConfig, plan: ScoreStagePlan) -> str |
 
 
 def _score_folder(config: PipelineConfig, plan: ScoreStagePlan, folder: ScorePlan, stats: str | None) -> None:
-    """Detect + MultiGen + CLIP score (+ FID with a reference set, attention mIoU with a
-    mask cache) for one samples folder."""
+    """Detect + MultiGen (+ CLIP score when ``score.clip``, FID with a reference set, attention
+    mIoU with a mask cache) for one samples folder."""
     whole, fingerprint, score = plan.whole[folder.out_uri], plan.fingerprint, config.score
     detections = recompute_unless(detect, whole)(
         folder.index_uri, folder.samples_identity, folder.sample.prompts, folder.sample.max_prompts, score,
@@ -139,8 +139,9 @@ def _score_folder(config: PipelineConfig, plan: ScoreStagePlan, folder: ScorePla
     recompute_unless(score_multigen, whole)(
         detections, folder.index_uri, folder.sample.prompts, folder.sample.max_prompts, score.detection_threshold,
         folder.out_uri, folder.model, fingerprint)
-    recompute_unless(score_clip, whole)(folder.index_uri, folder.samples_identity, folder.sample.prompts, score,
-                                        config.models.seed, folder.out_uri, fingerprint)
+    if score.clip:
+        recompute_unless(score_clip, whole)(folder.index_uri, folder.samples_identity, folder.sample.prompts, score,
+                                            config.models.seed, folder.out_uri, fingerprint)
     if stats is not None:
         recompute_unless(score_fid, whole)(folder.index_uri, folder.samples_identity, stats, plan.reference.identity,
                                            score, config.models.seed, folder.out_uri, fingerprint)

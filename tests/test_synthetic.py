@@ -98,7 +98,8 @@ def test_written_split_is_a_normal_manifest_nouns_table_and_mask_cache(tmp_path)
     config = WorldConfig(train_images=40, seed=5)
     samples = list(synthetic.train_samples(config))
     tokenizer = clip_tokenizer()
-    out = synthetic.write_split(samples, str(tmp_path), "train", tokenizer, "fp-test", shard_size=16)
+    out = synthetic.write_split(samples, str(tmp_path / "nouns"), str(tmp_path / "masks"), tokenizer, "fp-test",
+                                shard_size=16)
     assert out["images"] == 40 and out["nouns"] == sum(len(s.scene.objects) for s in samples)
     rows = manifest.read_manifest(out["manifest_uri"])
     assert list(rows["id"]) == [s.image_id for s in samples]
@@ -178,7 +179,8 @@ def test_grounded_sam_runs_over_the_written_world(prefect_harness, tmp_path) -> 
     from tokencompose_core.models import clip_tokenizer
 
     samples = list(synthetic.train_samples(WorldConfig(train_images=6, seed=3)))
-    world = synthetic.write_split(samples, str(tmp_path / "world"), "train", clip_tokenizer(), "fp-test")
+    world = synthetic.write_split(samples, str(tmp_path / "world" / "nouns"), str(tmp_path / "world" / "masks"),
+                                  clip_tokenizer(), "fp-test")
     result = masks_flow("tiny", [f"storage.root={tmp_path / 'run'}", "masks.shard_size=4"], world["nouns_uri"])
 
     exact, grounded = MaskCache(world["cache_uri"]), MaskCache(result["cache_uri"])

@@ -78,13 +78,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, cache_uri, monkey
 def test_pixel_space_plain_fine_tune_from_init_unet(tmp_path, cache_uri):
     overrides = ("models.diffusion=tiny-pixel", "train.resolution=16", "train.token_loss_weight=0",
                  "train.pixel_loss_weight=0", "train.max_steps=2", "train.cache_samples=true")
-    base = train_run(train_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
+    train_run(train_config(tmp_path, *overrides), cache_uri, str(tmp_path / "base"))
     records = (tmp_path / "base" / "metrics.jsonl").read_text()
     assert "token/" not in records and "denoise" in records
     grounded = train_run(
         train_config(tmp_path, "models.diffusion=tiny-pixel", "train.resolution=16", "train.max_steps=2",
-                "train.grounding.layers=[up]", "train.grounding.group_weights={up_8: 0.0}"),
-        cache_uri, str(tmp_path / "grounded"), init_unet=base.unet_uri,
+                     "train.grounding.layers=[up]", "train.grounding.group_weights={up_8: 0.0}",
+                     f"train.init_unet={tmp_path / 'base'}"),
+        cache_uri, str(tmp_path / "grounded"),
     )
     assert {key.split("/")[1] for key in grounded.final_losses if "/" in key} == {"up_16"}
 

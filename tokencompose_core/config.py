@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import re
 
@@ -178,8 +178,16 @@ class LoraAdapterConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+# torch threads of a stage's work (None: torch's default). The thread count decides the order
+# of float reductions, so pinning it makes results independent of the machine's core count.
+TorchThreads = Annotated[int, Field(gt=0)] | None
+
+
 class TrainConfig(_Section):
     init_model: str | None = None  # model dir; None = the profile's diffusion model
+    # A trained run folder (or its unet/) to fine-tune on from; counts in the key by content.
+    init_unet: str | None = None
+    torch_threads: TorchThreads = None
     resolution: int = Field(512, gt=0)
     max_steps: int = Field(24_000, gt=0)
     batch_size: int = Field(1, gt=0)
@@ -239,6 +247,7 @@ class SampleConfig(_Section):
     safety_checker: bool | Literal["model"] = False
     num_shards: int = Field(1, gt=0)  # parallel sample tasks (GPUs / Prefect workers)
     tag: str | None = None  # samples/<tag>; None = "<model>-<prompt set>"
+    torch_threads: TorchThreads = None
 
 
 class DetectorConfig(_Section):
@@ -274,6 +283,8 @@ class ScoreConfig(_Section):
     fid_reference: str | None = None
     fid_reference_images: int | None = Field(None, gt=0)  # the first N usable images (10k for COCO val)
     fid: bool = True
+    clip: bool = True  # CLIP score (score.clip_model)
+    torch_threads: TorchThreads = None  # of attention mIoU, the step that runs the U-Net
     # "tiny": seeded random init; else the FID Inception weights file (pt_inception-2015-12-05).
     inception_weights: str = "tiny"
     # Inception layer FID compares: 2048 (pool3) is standard FID; 64/192/768 are the

@@ -1,54 +1,51 @@
-"""The embedded demo's library steps: does token-level grounding help composition?
+"""The embedded demo, a recipe over the five stages: does token-level grounding help composition?
 
-The experiment (flows/demo.py runs each step as a cached Prefect task):
-
-1. :func:`build_world` writes the synthetic world (tokencompose_core.synthetic) as a
-   manifest, nouns table and exact-mask cache, a held-out test split with masks,
-   and MultiGen-style test prompts.
-2. :func:`train_model` pre-trains the base model (denoising only) with the real
-   stage-3 code, then fine-tunes it per seed twice for the same steps, data order
-   and noise: ``plain`` (denoising only) and ``grounded`` (+ token and pixel losses).
-3. :func:`sample_model` samples every model with the real stage-4 code from the
-   same initial noise (paired), :func:`score_model` runs stage 5's steps
-   (tokencompose_core.scoring) with the world's detector as the detector plug-in:
-   MG2..MG5 per prompt group and attention-map mIoU.
-4. :func:`write_results` writes stage 5's report with its paired-difference section
-   (grounded minus plain per seed), the verdict, image grids, attention overlays and
-   loss curves as Markdown/HTML/PNG.
-
-Every step writes under ``config.storage.root`` and returns small JSON-able dicts.
+1. The synthetic world (tokencompose_core.synthetic) stands in for stages 1-2: :func:`build_world`
+   writes each split (``train``, ``test``, and ``pretrain`` when the base model sees fewer
+   objects) as the standard stage outputs, ``<root>/nouns/world-<split>-<key>/`` (images,
+   ``manifest.jsonl``, ``nouns.parquet``) and ``<root>/masks/world-<split>-<key>/`` (the exact
+   masks as a mask cache), sealed like any stage output, and the test prompts as a prompt
+   table beside the test split.
+2. The recipe: :func:`model_names` lists the training runs (``base``, then ``plain-s<seed>``
+   and ``grounded-s<seed>`` per fine-tune seed) and :func:`run_overrides` says what each is:
+   the demo profile plus overrides (steps, learning rate, seed, grounding weights, the U-Net
+   it starts from). Each run goes through the stage flows train -> sample -> score
+   (flows/demo.py); a plain and a grounded fine-tune of one seed share data order, noise
+   and steps, and differ only in the loss.
+3. :func:`write_results`: stage 5's report writer on the runs' scores, its answer first
+   (:class:`tokencompose_core.reports.Claim`: grounded minus plain per seed, each metric's
+   95% paired interval, the conclusion the seeds allow together), plus grids, loss curves,
+   ``results.json`` and ``results.md``.
 """
 
 from __future__ import annotations
 
-import html
 import json
-import posixpath
-from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tokencompose_core import reports, storage, synthetic
-from tokencompose_core.stages import score as scoring
-from tokencompose_core.config import GroundingLayersConfig, PipelineConfig, TrainConfig, WorldConfig, load_config
-from tokencompose_core.identity import value_hash
+from tokencompose_core import outputs, reports, storage, synthetic
+from tokencompose_core.config import PipelineConfig, WorldConfig, load_config
 from tokencompose_core.evaluation import read_image
-from tokencompose_core.reports import RunScores, markdown_table, pyplot, save_figure
-from tokencompose_core.sampling import Prompt, sample
+from tokencompose_core.identity import uri_identity, value_hash
+from tokencompose_core.reports import Claim, RunScores, load_run_scores, markdown_table, pyplot, save_figure
 
 PROFILES = {False: "demo", True: "demo-quick"}
-TEST_PROMPTS = "test prompts"  # the prompt set's name in the scores and the report
 INTERVAL_RESAMPLES = 10_000
+PROMPTS_FILE = "test-prompts.jsonl"
+
+
+def demo_overrides(out: str | None = None, overrides: list[str] | None = None) -> list[str]:
+    """``overrides`` (``section.field=value``) of the demo profile, rooted at ``out`` when given."""
+    return [*(overrides or []), *([f"storage.root={json.dumps(out)}"] if out else [])]
 
 
 def load_demo_config(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """The demo profile (``configs/demo.yaml`` or ``demo-quick.yaml``) with ``overrides``, rooted at ``out``."""
-    config = load_config(PROFILES[quick], overrides)
-    if out:
-        config.storage.root = out
-    return config
+    return load_config(PROFILES[quick], demo_overrides(out, overrides))
 
 
 def model_names(config: PipelineConfig) -> list[str]:
@@ -59,19 +56,65 @@ def model_names(config: PipelineConfig) -> list[str]:
     return names
 
 
-def _root(config: PipelineConfig, *parts: str) -> str:
-    return storage.join(config.storage.root, *parts)
+# ----------------------------------------------------------------------------- the recipe
 
 
-def _digest(value: Any) -> str:
-    return value_hash(value, 10)
+def run_overrides(config: PipelineConfig, model: str, base_run: str | None = None) -> list[str]:
+    """The training run ``model`` as overrides of the demo profile: its phase's steps, learning
+    rate and batch; ``base`` pre-trains from the random-init model without grounding, a
+    fine-tune starts from ``base_run`` with its seed, ``plain`` without grounding.
 
-
-def world_path(config: PipelineConfig) -> str:
+    Without grounding the grounding settings are the defaults: they have no effect then,
+    so a grounding ablation keeps the base and plain runs (and their caches).
+    """
     demo = config.demo
-    spec = [demo.world.model_dump(mode="json"), demo.test_images, demo.prompt_object_counts, demo.prompts_per_count,
-            demo.base.max_objects]
-    return _root(config, f"world-{_digest(spec)}")
+    phase = demo.base if model == "base" else demo.finetune
+    settings: dict[str, Any] = {
+        "train.max_steps": phase.steps, "train.learning_rate": phase.learning_rate,
+        "train.batch_size": phase.batch_size or config.train.batch_size,
+        # The demo scores attention on its own test split, so no training image is held out.
+        "train.exclude_heldout": False,
+        "train.torch_threads": demo.base_threads if model == "base" else demo.task_threads,
+        "sample.torch_threads": demo.task_threads,
+    }
+    if model == "base":
+        settings |= {"train.seed": 0, **_WITHOUT_GROUNDING}
+    else:
+        kind, seed = model.split("-s")
+        # Same seed => same data order, timesteps and noise: the two fine-tunes differ only in the loss.
+        settings |= {"train.seed": int(seed), "train.init_unet": base_run}
+        if kind == "plain":
+            settings |= _WITHOUT_GROUNDING
+    return [f"{name}={json.dumps(value)}" for name, value in settings.items()]
+
+
+_WITHOUT_GROUNDING = {"train.token_loss_weight": 0.0, "train.pixel_loss_weight": 0.0, "train.grounding": {}}
+
+
+def score_overrides(config: PipelineConfig, world: "World") -> list[str]:
+    """How every run's samples are scored: attention mIoU on the world's test split."""
+    return [f"score.mask_cache={json.dumps(world.masks['test'])}",
+            f"score.torch_threads={config.demo.task_threads}"]
+
+
+def sample_overrides(world: "World") -> list[str]:
+    return [f"sample.prompts={json.dumps(world.prompts_uri)}"]
+
+
+# ----------------------------------------------------------------------------- 1. the world
+
+
+@dataclass(frozen=True)
+class World:
+    key: list[Any]  # what makes the world: its settings
+    nouns: dict[str, str]  # split -> its stage-1 folder (images, manifest, nouns table)
+    masks: dict[str, str]  # split -> its mask cache
+    prompts_uri: str
+    whole: bool  # every folder matches its record
+
+    def pretrain_split(self) -> str:
+        """The split the base model pre-trains on."""
+        return "pretrain" if "pretrain" in self.masks else "train"
 
 
 def pretrain_world(config: PipelineConfig) -> WorldConfig | None:
@@ -83,194 +126,123 @@ def pretrain_world(config: PipelineConfig) -> WorldConfig | None:
     return world.model_copy(update={"max_objects": limit, "min_objects": min(world.min_objects, limit)})
 
 
-@contextmanager
-def pinned_threads(threads: int) -> Iterator[None]:
-    """Run with exactly ``threads`` torch threads: the thread count decides the order of
-    float reductions, so pinning it makes a step's result independent of the machine's cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def plan_world(config: PipelineConfig) -> World:
+    """The world's folders, and whether they are whole (else their damaged files are removed)."""
+    demo = config.demo
+    key = [demo.world.model_dump(mode="json"), demo.test_images, demo.prompt_object_counts, demo.prompts_per_count,
+           demo.base.max_objects]
+    splits = ["train", "test"] + (["pretrain"] if pretrain_world(config) else [])
+    nouns = {split: outputs.output_folder(config, "nouns", f"world-{split}", key) for split in splits}
+    masks = {split: outputs.output_folder(config, "masks", f"world-{split}", key) for split in splits}
+    whole = all([outputs.keep_if_whole(folder) for folder in [*nouns.values(), *masks.values()]])
+    return World(key, nouns, masks, storage.join(nouns["test"], PROMPTS_FILE), whole)
 
 
-def model_digest(config: PipelineConfig, model: str) -> str:
-    """What determines a model's weights: its train settings, the model profile, the
-    world, and for a fine-tune the base model's digest."""
-    phase = config.demo.base if model == "base" else config.demo.finetune
-    payload = {"train": phase_config(config, model).train.model_dump(mode="json"),
-               "phase": phase.model_dump(mode="json"),
-               "models": config.models.model_dump(mode="json", exclude={"cache_dir"}),
-               "world": config.demo.world.model_dump(mode="json"),
-               "init": model_digest(config, "base") if model != "base" else None}
-    return _digest(payload)
-
-
-def model_paths(config: PipelineConfig, model: str) -> dict[str, str]:
-    """Where a model's run (and its final ``unet``), samples and scores go. Folder names
-    carry digests of what made them, so a changed setting never resumes or reuses a
-    stale folder. Known before training, so later steps can be queued at once."""
-    run = f"{model}-{model_digest(config, model)}"
-    sampled = [config.sample.model_dump(mode="json"), world_path(config)]
-    # Attention mIoU reads the maps of the supervised layer groups (train.grounding).
-    scored = sampled + [config.score.model_dump(mode="json"), config.train.grounding.model_dump(mode="json")]
-    train = _root(config, "train", run)
-    return {"train": train, "unet": storage.join(train, "unet"), "samples": _root(config, "samples", f"{run}-{_digest(sampled)}"),
-            "scores": _root(config, "scores", f"{run}-{_digest(scored)}")}
-
-
-# ----------------------------------------------------------------------------- 1. the world
-
-
-def build_world(config: PipelineConfig) -> dict[str, Any]:
-    """Write the training split, the test split (attention mIoU) and the test prompts."""
+def build_world(config: PipelineConfig, nouns: dict[str, str], masks: dict[str, str],
+                prompts_uri: str) -> dict[str, Any]:
+    """Write every split (into the folders :func:`plan_world` named) and the test prompts."""
     from tokencompose_core.models import clip_tokenizer
 
-    demo = config.demo
-    world_uri = world_path(config)
-    fingerprint = synthetic.world_fingerprint(demo.world)
-    tokenizer = clip_tokenizer()
-    train = synthetic.write_split(synthetic.train_samples(demo.world), world_uri, "train", tokenizer, fingerprint)
-    test = synthetic.write_split(synthetic.test_samples(demo.world, demo.test_images), world_uri, "test",
-                                 tokenizer, fingerprint)
+    demo, tokenizer = config.demo, clip_tokenizer()
+    samples = {"train": (demo.world, synthetic.train_samples(demo.world)),
+               "test": (demo.world, synthetic.test_samples(demo.world, demo.test_images))}
     limited = pretrain_world(config)
-    pretrain = None if limited is None else synthetic.write_split(
-        synthetic.train_samples(limited), world_uri, "pretrain", tokenizer, synthetic.world_fingerprint(limited))
+    if limited is not None:
+        samples["pretrain"] = (limited, synthetic.train_samples(limited))
+    written = {split: synthetic.write_split(split_samples, nouns[split], masks[split], tokenizer,
+                                            synthetic.world_fingerprint(split_world))
+               for split, (split_world, split_samples) in samples.items()}
     prompts = synthetic.test_prompts(demo.world, demo.prompt_object_counts, demo.prompts_per_count)
-    prompts_uri = storage.join(world_uri, "prompts.json")
-    storage.atomic_write_json(prompts_uri, [
-        {"prompt_id": p.prompt_id, "text": p.text, "categories": list(p.categories), "heldout": p.heldout}
-        for p in prompts])
-    return {"train": train, "test": test, "pretrain": pretrain or train, "prompts_uri": prompts_uri,
-            "heldout_combinations": [list(c) for c in synthetic.heldout_combinations(demo.world)]}
+    table = [{"prompt_id": p.prompt_id, "text": p.text, "categories": list(p.categories),
+              "groups": [f"{len(p.categories)} objects"] + (["unseen"] if p.heldout else [])} for p in prompts]
+    storage.atomic_write_bytes(prompts_uri, "".join(json.dumps(row) + "\n" for row in table).encode("utf-8"))
+    return {split: {"images": info["images"], "nouns": info["nouns"]} for split, info in written.items()}
 
 
-def read_prompts(prompts_uri: str) -> list[dict[str, Any]]:
-    return storage.read_json(prompts_uri)
+def seal_world(config: PipelineConfig, world: World) -> None:
+    """Each split's folders get their stage record, made by the world's settings."""
+    fingerprint = synthetic.world_fingerprint(config.demo.world)
+    for split, folder in world.nouns.items():
+        outputs.seal(folder, config, "nouns", fingerprint, {"world": world.key, "split": split})
+    for split, folder in world.masks.items():
+        outputs.seal(folder, config, "masks", fingerprint,
+                     {"nouns": storage.join(world.nouns[split], "nouns.parquet"), "split": split})
 
 
-def _sampling_prompts(records: list[dict[str, Any]]) -> list[Prompt]:
-    return [Prompt(r["prompt_id"], r["text"], tuple(r["categories"])) for r in records]
+# ----------------------------------------------------------------------------- 3. results
 
 
-# ----------------------------------------------------------------------------- 2. training
+def score_record(scores_uri: str) -> dict[str, Any]:
+    """One run's scores as ``results.json`` lists them: MultiGen per prompt group, the MG_k
+    reported per group, attention mIoU, and where the samples and detections are."""
+    multigen = storage.read_json(storage.join(scores_uri, "multigen.json"))
+    return {"index_uri": multigen["index_uri"], "detections_uri": storage.join(scores_uri, "detections.parquet"),
+            "multigen": multigen["groups"], "reported_ks": multigen["reported_ks"],
+            "segmentation": storage.read_json(storage.join(scores_uri, "segmentation.json"))}
 
 
-def phase_config(config: PipelineConfig, model: str) -> PipelineConfig:
-    """The train settings of one model: base pre-training or a fine-tune of one seed."""
-    demo = config.demo
-    cfg = config.model_copy(deep=True)
-    train = cfg.train
-    # The demo scores attention on its own test split, so no training image is held out.
-    train.exclude_heldout = False
-    phase = demo.base if model == "base" else demo.finetune
-    train.max_steps, train.learning_rate = phase.steps, phase.learning_rate
-    train.batch_size = phase.batch_size or train.batch_size
-    if model == "base":
-        _without_grounding(train)
-        train.seed = 0
-        return cfg
-    kind, seed = model.split("-s")
-    # Same seed => same data order, timesteps and noise: the two fine-tunes differ only in the loss.
-    train.seed = int(seed)
-    if kind == "plain":
-        _without_grounding(train)
-    return cfg
+@dataclass(frozen=True)
+class ResultsPlan:
+    out_uri: str
+    identity: str  # the settings and the scores it reports
+    whole: bool
 
 
-def _without_grounding(train: TrainConfig) -> None:
-    """No grounding loss, and the grounding settings at their defaults: they have no effect
-    then, so a grounding ablation keeps the base and plain models' folders (and caches)."""
-    train.token_loss_weight = train.pixel_loss_weight = 0.0
-    train.grounding = GroundingLayersConfig()
+def plan_results(config: PipelineConfig, scores: dict[str, str]) -> ResultsPlan:
+    """``<root>/reports/demo-<key>``, named after the settings and the scores it reports."""
+    identity = value_hash([settings_digest(config), {model: uri_identity(uri) for model, uri in scores.items()}])
+    out_uri = outputs.output_folder(config, "reports", "demo", identity)
+    return ResultsPlan(out_uri, identity, outputs.keep_if_whole(out_uri))
 
 
-def train_model(config: PipelineConfig, model: str, cache_uri: str, init_unet: str | None) -> dict[str, Any]:
-    """Train ``model`` (see :func:`phase_config`) into ``<root>/train/<model>``."""
-    from tokencompose_core.models import resolve_diffusion_dir
-    from tokencompose_core.train import train
-
-    cfg = phase_config(config, model)
-    threads = config.demo.base_threads if model == "base" else config.demo.task_threads
-    with pinned_threads(threads):
-        result = train(cfg.train, cfg.models, cache_uri, model_paths(config, model)["train"], init_unet=init_unet,
-                       model_dir=resolve_diffusion_dir(config.models))
-    return {"model": model, "output_uri": result.output_uri, "unet_uri": result.unet_uri,
-            "global_step": result.global_step, "final_losses": result.final_losses}
+def seal_results(config: PipelineConfig, plan: ResultsPlan, scores: dict[str, str]) -> None:
+    outputs.seal(plan.out_uri, config, "demo", plan.identity, {"scores": scores})
 
 
-# ----------------------------------------------------------------------------- 3. sampling and scoring
+def settings_digest(config: PipelineConfig) -> str:
+    return value_hash(config.model_dump(mode="json"))
 
 
-def sample_model(config: PipelineConfig, model: str, unet_uri: str, prompts_uri: str) -> str:
-    """Sample every test prompt; the per-image seeds depend only on (prompt, index),
-    so all models start from the same noise. Returns the sample index URI."""
-    from tokencompose_core.models import resolve_diffusion_dir
-
-    prompts = _sampling_prompts(read_prompts(prompts_uri))
-    with pinned_threads(config.demo.task_threads):
-        return sample(config.sample, config.models, resolve_diffusion_dir(config.models),
-                      model_paths(config, model)["samples"], prompts, unet_dir=unet_uri)
-
-
-def prompt_groups(records: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """Prompt ids per reported group: ``<k> objects`` for each size, and ``unseen``
-    (combinations never seen whole in training)."""
-    groups: dict[str, list[int]] = {}
-    for record in records:
-        groups.setdefault(f"{len(record['categories'])} objects", []).append(record["prompt_id"])
-    unseen = [r["prompt_id"] for r in records if r["heldout"]]
-    if unseen:
-        groups["unseen"] = unseen
-    return groups
-
-
-def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, records: list[dict[str, Any]],
-                      threshold: float) -> dict[str, dict[str, dict[str, float]]]:
-    """MG1..MG5 (mean/std over image indices) per prompt group, by stage 5's scorer."""
-    return scoring.multigen_by_group(detections, index, _sampling_prompts(records), prompt_groups(records), threshold)
-
-
-def reported_ks(records: list[dict[str, Any]]) -> dict[str, list[int]]:
-    """MG_k reported per group: MG_k above the group's largest prompt is 0 by construction."""
-    prompts = {p.prompt_id: p for p in _sampling_prompts(records)}
-    return {group: scoring.reported_ks([prompts[i] for i in ids]) for group, ids in prompt_groups(records).items()}
-
-
-def score_model(config: PipelineConfig, model: str, index_uri: str, unet_uri: str, test_cache_uri: str,
-                prompts_uri: str) -> str:
-    """Stage 5's steps on one model (the world's detector, MultiGen per prompt group,
-    attention mIoU on the test split) -> ``<scores>/scores.json``, the demo's summary."""
-    from tokencompose_core.models import resolve_diffusion_dir
-
-    out_uri, score = model_paths(config, model)["scores"], config.score
-    records = read_prompts(prompts_uri)
-    prompts = _sampling_prompts(records)
-    detections_uri = scoring.detect(index_uri, prompts, config.models, score, out_uri, score.detector_batch_size)
-    multigen = storage.read_json(scoring.score_multigen(
-        detections_uri, index_uri, prompts, TEST_PROMPTS, score.detection_threshold, out_uri, model,
-        prompt_groups(records)))
-    with pinned_threads(config.demo.task_threads):
-        segmentation = storage.read_json(scoring.score_segmentation(
-            config.score, config.sample, config.train.grounding, config.models, resolve_diffusion_dir(config.models),
-            unet_uri, test_cache_uri, out_uri))
-    scores_uri = storage.join(out_uri, "scores.json")
-    storage.atomic_write_json(scores_uri, {"model": model, "index_uri": index_uri, "detections_uri": detections_uri,
-                                           "multigen": multigen["groups"], "reported_ks": multigen["reported_ks"],
-                                           "segmentation": segmentation})
-    return scores_uri
+def write_results(config: PipelineConfig, scores: dict[str, str], train_runs: dict[str, str],
+                  out_uri: str) -> dict[str, Any]:
+    """The report (stage 5's writer, the answer first), loss curves, grids, ``results.md`` and
+    ``results.json`` (every run's scores, the per-seed intervals and their conclusions)."""
+    records = {model: {"model": model, **score_record(uri)} for model, uri in scores.items()}
+    runs = {model: load_run_scores([uri]) for model, uri in scores.items()}
+    seeds = list(config.demo.finetune_seeds)
+    found = conclusions(interval_rows(runs, seeds), seeds)
+    table, claims = results_table(records), conclusion_table(found, seeds)
+    sentence = verdict(found, seeds)
+    uris = {"png_loss_curves": plot_loss_curves(train_runs, storage.join(out_uri, "loss_curves.png"))}
+    uris |= reports.write_report(runs, out_uri, title="TokenCompose demo: synthetic world", grid_prompts=6,
+                                 grid_images=8, pairs=_pairs(seeds), resamples=INTERVAL_RESAMPLES,
+                                 claim=Claim("Did grounding help?", sentence, claims, (uris["png_loss_curves"],)))
+    for model, record in records.items():
+        uris[f"png_grid_{model}"] = grid_image(record["index_uri"], storage.join(out_uri, f"grid_{model}.png"),
+                                               prompts=8, images=config.sample.images_per_prompt)
+    markdown = "\n".join([
+        "# Does token-level grounding help? (synthetic world)", "",
+        f"Profile `{config.name}`; {config.sample.images_per_prompt} images per prompt, the same initial "
+        f"noise for every model; fine-tune seeds {seeds}.", "",
+        "## Scores (MG_k: % of images with >= k prompt objects detected, mean ± std over image indices)", "",
+        markdown_table(table), "",
+        "## Grounded minus plain fine-tune per seed: difference [95% paired bootstrap interval over prompts]", "",
+        markdown_table(claims), "", f"**{sentence}**", "",
+        "![loss curves](loss_curves.png)", "",
+    ])
+    uris["results_md"] = storage.join(out_uri, "results.md")
+    storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
+    uris["results_json"] = storage.join(out_uri, "results.json")
+    storage.atomic_write_json(uris["results_json"], {
+        "settings": settings_digest(config), "scores": records, "conclusions": found, "verdict": sentence,
+        "table": table.to_dict(orient="records")})
+    return {"uris": uris, "verdict": sentence, "table_markdown": markdown_table(table),
+            "conclusions_markdown": markdown_table(claims)}
 
 
-# ----------------------------------------------------------------------------- 4. results
-
-
-def interval_rows(scores: dict[str, dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
+def interval_rows(runs: dict[str, RunScores], seeds: list[int]) -> list[dict[str, Any]]:
     """Grounded minus plain per seed: every reported metric's mean paired difference over
     prompts (test-scene nouns for attention mIoU) with its 95% bootstrap interval."""
-    runs = {model: _run_scores(record) for model, record in scores.items()}
     reported = [row["metric"] for row in reports.paired_differences(runs, _pairs(seeds))]
     rows = reports.interval_rows(runs, _pairs(seeds), resamples=INTERVAL_RESAMPLES, seed=0)
     return sorted((row for row in rows if row["metric"] in reported), key=lambda row: reported.index(row["metric"]))
@@ -357,77 +329,6 @@ def plot_loss_curves(runs: dict[str, str], uri: str) -> str:
         axis.set_xlabel("step")
         axis.legend(fontsize=6)
     return save_figure(figure, uri)
-
-
-def _run_scores(record: dict[str, Any]) -> RunScores:
-    return RunScores(
-        multigen={group: pd.DataFrame.from_dict(table, orient="index") for group, table in record["multigen"].items()},
-        miou=record["segmentation"], samples={TEST_PROMPTS: record["index_uri"]} if "index_uri" in record else {},
-        overlays=record["segmentation"].get("overlays", []), reported_ks=record["reported_ks"],
-        # Per-prompt values beside the detections: the report's paired intervals resample them.
-        **({"per_unit": reports.read_per_unit(posixpath.dirname(record["detections_uri"]))}
-           if "detections_uri" in record else {}))
-
-
-def _add_verdict_to_html(html_uri: str, sentence: str) -> None:
-    """Put the answer first on the shared report page (the paired differences follow it)."""
-    page = storage.read_bytes(html_uri).decode("utf-8")
-    section = (f"<h2>Did grounding help?</h2><p><b>{html.escape(sentence)}</b></p>"
-               '<p><img src="loss_curves.png" alt="loss curves"></p>')
-    head, sep, rest = page.partition("</h1>")
-    storage.atomic_write_bytes(html_uri, (head + sep + section + rest).encode("utf-8"))
-
-
-def write_results(config: PipelineConfig, scores_uris: dict[str, str], train_uris: dict[str, str]) -> dict[str, Any]:
-    """The comparison: report.md/html with grids and overlays (shared report code),
-    the per-seed intervals and their conclusion, loss curves, and ``results.json`` /
-    ``results.md`` (which record the settings they answer for: :func:`results_current`)."""
-    out_uri = _root(config, "reports")
-    scores = {model: storage.read_json(uri) for model, uri in scores_uris.items()}
-    seeds = list(config.demo.finetune_seeds)
-    uris = reports.write_report({m: _run_scores(r) for m, r in scores.items()}, out_uri,
-                                title="TokenCompose demo: synthetic world", grid_prompts=6, grid_images=8,
-                                pairs=_pairs(seeds), resamples=INTERVAL_RESAMPLES)
-    uris["png_loss_curves"] = plot_loss_curves(train_uris, storage.join(out_uri, "loss_curves.png"))
-    for model, record in scores.items():
-        uris[f"png_grid_{model}"] = grid_image(record["index_uri"], storage.join(out_uri, f"grid_{model}.png"),
-                                               prompts=8, images=config.sample.images_per_prompt)
-    found = conclusions(interval_rows(scores, seeds), seeds)
-    table, claims = results_table(scores), conclusion_table(found, seeds)
-    sentence = verdict(found, seeds)
-    markdown = "\n".join([
-        "# Does token-level grounding help? (synthetic world)", "",
-        f"Profile `{config.name}`; {config.sample.images_per_prompt} images per prompt, the same initial "
-        f"noise for every model; fine-tune seeds {seeds}.", "",
-        "## Scores (MG_k: % of images with >= k prompt objects detected, mean ± std over image indices)", "",
-        markdown_table(table), "",
-        "## Grounded minus plain fine-tune per seed: difference [95% paired bootstrap interval over prompts]", "",
-        markdown_table(claims), "", f"**{sentence}**", "",
-        "![loss curves](loss_curves.png)", "",
-    ])
-    _add_verdict_to_html(uris["html"], sentence)
-    uris["results_md"] = storage.join(out_uri, "results.md")
-    storage.atomic_write_bytes(uris["results_md"], markdown.encode("utf-8"))
-    uris["results_json"] = storage.join(out_uri, "results.json")
-    storage.atomic_write_json(uris["results_json"], {
-        "settings": settings_digest(config), "scores": scores, "conclusions": found, "verdict": sentence,
-        "table": table.to_dict(orient="records")})
-    return {"uris": uris, "verdict": sentence, "table_markdown": markdown_table(table),
-            "conclusions_markdown": markdown_table(claims)}
-
-
-def settings_digest(config: PipelineConfig) -> str:
-    return _digest(config.model_dump(mode="json"))
-
-
-def results_current(config: PipelineConfig) -> bool:
-    """Whether ``reports/`` answers for exactly these settings: one reports folder serves
-    a root, so after a run with other settings it holds theirs."""
-    uri = _root(config, "reports", "results.json")
-    try:
-        return storage.exists(uri) and storage.read_json(uri).get("settings") == settings_digest(config)
-    except (ValueError, UnicodeDecodeError):
-        return False
 
 
 def grid_image(index_uri: str, out_uri: str, prompts: int, images: int, scale: int = 4) -> str:

@@ -28,6 +28,17 @@ MG_KS = (2, 3, 4, 5)  # MG1 says little: one object of five
 MG_ROWS = [f"MG{k}" for k in MG_KS]
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a report answers, shown first: a heading, the answer in one sentence, the table it
+    rests on and images (files beside the report, e.g. loss curves)."""
+
+    title: str
+    sentence: str
+    table: pd.DataFrame | None = None
+    images: tuple[str, ...] = ()
+
+
 @dataclass
 class RunScores:
     """Everything the report shows about one run (one model)."""
@@ -346,9 +357,15 @@ def difference_table(differences: list[dict[str, Any]], labels: list[str]) -> pd
 def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plots: list[str],
                runs: dict[str, RunScores], report_dir: str, grid: tuple[int, int],
                differences: pd.DataFrame | None, intervals: pd.DataFrame | None,
-               visor: pd.DataFrame | None) -> str:
+               visor: pd.DataFrame | None, claim: Claim | None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if claim is not None:
+        parts += [f"<h2>{html.escape(claim.title)}</h2>", f"<p><b>{html.escape(claim.sentence)}</b></p>"]
+        if claim.table is not None:
+            parts.append(claim.table.to_html(index=False, escape=True))
+        parts += [f'<p><img class="plot" src="{html.escape(_link(uri, report_dir))}" alt="{html.escape(claim.title)}">'
+                  "</p>" for uri in claim.images]
     if intervals is not None:
         parts += [f"<h2>{_INTERVALS}</h2>", intervals.to_html(index=False, escape=True)]
     if differences is not None:
@@ -374,7 +391,7 @@ def _html_page(title: str, table: pd.DataFrame, groups: pd.DataFrame | None, plo
 def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, title: str = "TokenCompose report",
                  grid_prompts: int = 4, grid_images: int = 4,
                  pairs: dict[str, tuple[str, str]] | None = None, resamples: int = 2000,
-                 seed: int = 0) -> dict[str, str]:
+                 seed: int = 0, claim: Claim | None = None) -> dict[str, str]:
     """Write report.md, report.html and PNG plots under ``out_uri``; returns their URIs
     (keys ``md``, ``html``, ``png_multigen``, ``png_miou`` when there is mIoU,
     ``png_intervals`` when there are paired intervals).
@@ -382,7 +399,8 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     ``runs`` maps a run name to its :class:`RunScores` or to scores folder URI(s).
     ``pairs`` (label -> (baseline run, treated run)) adds, first, every metric's paired
     difference with its 95% bootstrap interval (``resamples``, ``seed``) where both runs
-    have per-unit values, and the differences of each pair side by side.
+    have per-unit values, and the differences of each pair side by side. ``claim``, the
+    answer the report gives, comes before everything else.
     """
     loaded = {name: run if isinstance(run, RunScores) else load_run_scores([run] if isinstance(run, str) else run)
               for name, run in runs.items()}
@@ -399,6 +417,11 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
         if written:
             uris[key] = written
     markdown = [f"# {title}", ""]
+    if claim is not None:
+        markdown += [f"## {claim.title}", "", f"**{claim.sentence}**", ""]
+        if claim.table is not None:
+            markdown += [markdown_table(claim.table), ""]
+        markdown += [f"![{claim.title}]({os.path.basename(uri)})" for uri in claim.images] + [""]
     if intervals:
         markdown += [f"## {_INTERVALS}", "", markdown_table(interval_table(intervals)), ""]
     if differences is not None:
@@ -414,7 +437,7 @@ def write_report(runs: dict[str, RunScores | str | list[str]], out_uri: str, tit
     page = _html_page(title, table, groups,
                       [uris[k] for k in ("png_intervals", "png_multigen", "png_miou") if k in uris],
                       loaded, out_uri, (grid_prompts, grid_images), differences,
-                      interval_table(intervals) if intervals else None, visor)
+                      interval_table(intervals) if intervals else None, visor, claim)
     uris["html"] = storage.join(out_uri, "report.html")
     storage.atomic_write_bytes(uris["html"], page.encode("utf-8"))
     return uris

@@ -29,6 +29,7 @@ from tokencompose_core import lora, storage
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, SampleConfig
 from tokencompose_core.identity import seed_from, uri_identity, value_hash
+from tokencompose_core.threads import pinned_threads
 
 MULTIGEN_SETS = {
     "coco": "coco_obj_comp_5_1k.json",
@@ -49,6 +50,7 @@ class Prompt:
     text: str
     categories: tuple[str, ...] = ()
     relation: str | None = None  # spatial prompts (VISOR's SR2D): how categories[0] sits relative to [1]
+    groups: tuple[str, ...] = ()  # named groups stage 5 also scores apart ("3 objects", "unseen")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -57,6 +59,7 @@ class Prompt:
 def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
     """Prompts from ``multigen:coco``/``multigen:ade20k``, ``visor:sr2d``,
     ``geneval:<evaluation_metadata.jsonl>``, a .txt, a MultiGen .json, or a JSONL/Parquet
+    prompt table (``prompt_id``, ``text``, ``categories``, ``groups`` columns) or
     manifest with a ``caption`` or ``text`` column."""
     if spec.startswith("multigen:"):
         name = spec.split(":", 1)[1]
@@ -153,7 +156,19 @@ def _manifest_prompts(raw: bytes, uri: str, suffix: str) -> list[Prompt]:
         raise ValueError(f"{uri} has no caption/text/captions/prompt column (columns: {list(frame.columns)})")
     # A manifest row may hold several captions; the first one is the prompt.
     texts = [v[0] if isinstance(v, (list, tuple, np.ndarray)) and len(v) else v for v in frame[column]]
-    return [Prompt(i, str(t)) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    # A prompt table may name each prompt's id, objects and groups (the demo's test prompts).
+    ids = frame["prompt_id"].astype(int).tolist() if "prompt_id" in frame.columns else range(len(frame))
+    categories = _tuples(frame, "categories")
+    groups = _tuples(frame, "groups")
+    return [Prompt(i, str(t), c, groups=g) for i, t, c, g in zip(ids, texts, categories, groups)
+            if isinstance(t, str) and t.strip()]
+
+
+def _tuples(frame: pd.DataFrame, column: str) -> list[tuple[str, ...]]:
+    if column not in frame.columns:
+        return [()] * len(frame)
+    return [tuple(str(v) for v in value) if isinstance(value, (list, tuple, np.ndarray)) else ()
+            for value in frame[column]]
 
 
 # ----------------------------------------------------------------------------- seeds & schedulers
@@ -439,10 +454,11 @@ def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri
         dtype = resolve_dtype(cfg.mixed_precision, device)
         from tokencompose_core.models import resolve_vae_dir
 
-        parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(models))
-        wanted = wants_safety_checker(cfg.safety_checker, model_dir)
-        checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if wanted else None
-        seconds = generate_images(parts, cfg, todo, device, checker)
+        with pinned_threads(cfg.torch_threads):
+            parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(models))
+            wanted = wants_safety_checker(cfg.safety_checker, model_dir)
+            checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if wanted else None
+            seconds = generate_images(parts, cfg, todo, device, checker)
     index = pd.DataFrame([(it.prompt.prompt_id, it.image_index, it.seed, it.prompt.text, it.image_uri, fp)
                           for it in items], columns=INDEX_COLUMNS)
     index_uri = shard_index_uri(out_uri, shard)

@@ -379,13 +379,12 @@ def _chunks(items: Iterable[WorldSample], size: int) -> Iterable[list[WorldSampl
         yield chunk
 
 
-def write_split(samples: Iterable[WorldSample], out_uri: str, split: str, tokenizer: Any,
+def write_split(samples: Iterable[WorldSample], nouns_uri: str, cache_uri: str, tokenizer: Any,
                 fingerprint: str, shard_size: int = 4096) -> dict[str, Any]:
-    """Write one split as a pipeline would have: images, ``manifest.jsonl``
-    (first caption = the grounded one), ``nouns/nouns.parquet`` and the exact masks
-    as a mask cache under ``<split>-masks``. Returns the URIs and counts."""
-    image_dir = storage.join(out_uri, "images", split)
-    cache_uri = storage.join(out_uri, f"{split}-masks")
+    """Write one split as stages 1-2 would have: under ``nouns_uri`` the images, ``manifest.jsonl``
+    (first caption = the grounded one) and ``nouns.parquet``; the exact masks as the mask
+    cache ``cache_uri``. Returns the URIs and counts."""
+    image_dir = storage.join(nouns_uri, "images")
     spans = _SpanCache(tokenizer)
     manifest, nouns, shards = [], [], 0
     # Thousands of tiny files: each atomic write waits on fsync, so many wait at once.
@@ -398,17 +397,17 @@ def write_split(samples: Iterable[WorldSample], out_uri: str, split: str, tokeni
                 # The other caption form is kept as a second caption, as real datasets have several.
                 alternate = multigen_caption(sample.scene.names)
                 captions = [sample.caption] + ([alternate] if alternate != sample.caption else [])
-                manifest.append({"id": sample.image_id, "image": f"images/{split}/{sample.image_id}.png",
+                manifest.append({"id": sample.image_id, "image": f"images/{sample.image_id}.png",
                                  "captions": captions})
                 shard_rows += _grounded_rows(sample, uri, spans, fingerprint)
             list(written)  # every image is published before its shard is committed
             nouns += [{k: row[k] for k in NOUNS_SCHEMA.names} for row in shard_rows]
             mask_cache.commit_shard(cache_uri, f"shard-{shards:05d}", mask_cache.rows_frame(shard_rows))
             shards += 1
-    manifest_uri = storage.join(out_uri, f"{split}-manifest.jsonl")
+    manifest_uri = storage.join(nouns_uri, "manifest.jsonl")
     storage.atomic_write_bytes(manifest_uri, "".join(json.dumps(row) + "\n" for row in manifest).encode())
-    nouns_uri = storage.join(out_uri, f"{split}-nouns", "nouns.parquet")
+    table_uri = storage.join(nouns_uri, "nouns.parquet")
     mask_cache.write_table(mask_cache.to_table(pd.DataFrame(nouns, columns=NOUNS_SCHEMA.names), NOUNS_SCHEMA),
-                           nouns_uri)
-    return {"manifest_uri": manifest_uri, "nouns_uri": nouns_uri, "cache_uri": cache_uri,
+                           table_uri)
+    return {"manifest_uri": manifest_uri, "nouns_uri": table_uri, "cache_uri": cache_uri,
             "images": len(manifest), "nouns": len(nouns)}

@@ -75,6 +75,7 @@ from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
 from tokencompose_core.metrics import MetricsLog, plot_loss_curve, tensorboard_writer
 from tokencompose_core.models import load_diffusion, resolve_diffusion_dir, resolve_vae_dir, vae_dtype
+from tokencompose_core.threads import pinned_threads
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +206,23 @@ def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
 
 
-def _init_unet_dir(cfg: TrainConfig, resume: Checkpoint | None, init_unet: str | None) -> str | None:
-    """The U-Net to load: the checkpoint's when resuming a full fine-tune; a LoRA run
-    always starts from the base U-Net, which its saved adapter applies to."""
+def _init_unet_dir(cfg: TrainConfig, resume: Checkpoint | None) -> str | None:
+    """The U-Net to load: the checkpoint's when resuming a full fine-tune, else ``train.init_unet``'s;
+    a LoRA run always starts from the base U-Net, which its saved adapter applies to."""
     if not lora.enabled(cfg.lora):
-        return os.path.join(resume.path, "unet") if resume else init_unet
-    if init_unet:
+        return os.path.join(resume.path, "unet") if resume else init_unet_dir(cfg.init_unet)
+    if cfg.init_unet:
         raise ValueError("train.lora.rank > 0 trains an adapter of the base model the sample stage loads; "
                          "to start from a trained U-Net, make it the model (train.init_model)")
     return None
+
+
+def init_unet_dir(init_unet: str | None) -> str | None:
+    """The ``unet/`` folder ``train.init_unet`` names: a trained run folder's, or the folder itself."""
+    if not init_unet:
+        return None
+    inside = os.path.join(local_path(init_unet), "unet")
+    return inside if os.path.isdir(inside) else local_path(init_unet)
 
 
 def _published(output_dir: str, settings: LoraAdapterConfig) -> bool:
@@ -227,23 +236,20 @@ def _config_digest(cfg: TrainConfig) -> dict:
             "seed": cfg.seed, "resolution": cfg.resolution}
 
 
-def train(
-    cfg: TrainConfig,
-    models: ModelsConfig,
-    cache_uri: str,
-    output_uri: str,
-    heldout_images: int = 0,
-    init_unet: str | None = None,
-    model_dir: str | None = None,
-) -> TrainResult:
+def train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: str,
+          heldout_images: int = 0) -> TrainResult:
     """Fine-tune the U-Net on the mask cache at ``cache_uri``; write the run to ``output_uri``.
 
     ``heldout_images``: how many cache images stage 5 scores attention mIoU on, left out
-    of training when ``train.exclude_heldout``. ``model_dir``: diffusers model folder
-    (default: ``train.init_model`` or the profile's model); ``init_unet``: a trained
-    ``unet/`` folder to start from. Resumes from the newest checkpoint in ``output_uri``
-    when ``train.resume``.
+    of training when ``train.exclude_heldout``. The model is ``train.init_model`` or the
+    profile's, its U-Net ``train.init_unet`` when set. Resumes from the newest checkpoint
+    in ``output_uri`` when ``train.resume``. Runs with ``train.torch_threads`` threads.
     """
+    with pinned_threads(cfg.torch_threads):
+        return _train(cfg, models, cache_uri, output_uri, heldout_images)
+
+
+def _train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: str, heldout_images: int) -> TrainResult:
     output_dir = local_path(output_uri)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
@@ -257,8 +263,8 @@ def train(
     if accelerator.is_main_process:
         remove_partial_checkpoints(output_dir)
     resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
-    model_dir = model_dir or cfg.init_model or resolve_diffusion_dir(models)
-    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(cfg, resume, init_unet), device=device,
+    model_dir = cfg.init_model or resolve_diffusion_dir(models)
+    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(cfg, resume), device=device,
                            dtype=torch.float32, vae_dir=resolve_vae_dir(models))
     unet = parts.unet
     unet.train().requires_grad_(True)
@@ -409,14 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--profile", default="tiny")
     parser.add_argument("--cache", required=True, help="mask cache URI")
     parser.add_argument("--output", required=True, help="run folder (local or mounted path)")
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--init-unet", default=None)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.profile, args.overrides)
-    result = train(config.train, config.models, args.cache, args.output, config.score.heldout_images,
-                   init_unet=args.init_unet, model_dir=args.model_dir)
+    result = train(config.train, config.models, args.cache, args.output, config.score.heldout_images)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.__dict__, indent=2))
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tokencompose_core.config import PipelineConfig
-from tokencompose_core.identity import KEY_SCHEMA, value_hash
+from tokencompose_core.identity import KEY_SCHEMA, uri_identity, value_hash
 from tokencompose_core.pinning import allowlist_identity
 
 
@@ -89,7 +89,8 @@ def section_settings(stage: str, section: BaseModel) -> dict[str, Any]:
 def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """The settings ``stage``'s outputs depend on: its own and upstream sections' result fields.
 
-    The allowlist ``nouns.image_ids`` counts by content. Three cross-section reads: stage 1 reads image paths only under
+    The allowlist ``nouns.image_ids`` and the U-Net ``train.init_unet`` count by content.
+    Three cross-section reads: stage 1 reads image paths only under
     ``storage.allowed_roots``, so those roots decide its rejects; training leaves out
     the images stage 5 scores attention mIoU on (``train.exclude_heldout``), so their
     count is one of its settings; and stage 5's scoring networks count by content
@@ -99,6 +100,9 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
     sections["nouns"]["image_roots"] = config.storage.allowed_roots
     # The image allowlist counts by its ids, however it is given (a shipped list's name, a file).
     sections["nouns"]["image_ids"] = allowlist_identity(config.nouns.image_ids)
+    if "train" in sections and config.train.init_unet:
+        # The U-Net a fine-tune starts from counts by its content, wherever it lies.
+        sections["train"]["init_unet"] = uri_identity(config.train.init_unet)
     if "train" in sections and config.train.exclude_heldout:
         sections["train"]["heldout_images"] = config.score.heldout_images
     if "score" in sections:

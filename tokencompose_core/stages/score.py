@@ -38,6 +38,7 @@ from tokencompose_core.reports import MG_KS, multigen_record
 from tokencompose_core.sampling import Prompt, model_fingerprint
 from tokencompose_core.stages import stage_fingerprint
 from tokencompose_core.stages.sample import model_name, samples_folder
+from tokencompose_core.threads import pinned_threads
 
 
 @dataclass(frozen=True)
@@ -330,13 +331,14 @@ def multigen_by_group(detections: pd.DataFrame, index: pd.DataFrame, prompts: li
 
 
 def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], prompt_set: str, threshold: float,
-                   out_uri: str, model: str, groups: dict[str, list[int]] | None = None) -> str:
+                   out_uri: str, model: str) -> str:
     """MG1..MG5 (and two-object accuracy for two-object prompts) -> multigen.json URI; for
     VISOR's spatial prompts (visor:sr2d), VISOR's metrics -> visor.json beside it.
 
-    ``groups`` (name -> prompt ids), when given, are scored apart as well (the demo's
-    "3 objects", "unseen", ...), each with the MG_k worth reporting for it.
+    The prompts' groups (:func:`prompt_groups`), when they name some, are scored apart as
+    well, each with the MG_k worth reporting for it.
     """
+    groups = prompt_groups(prompts)
     detections = storage.read_parquet(detections_uri)
     index = storage.read_parquet(index_uri)
     images = index[["prompt_id", "image_index"]]
@@ -361,13 +363,24 @@ def score_multigen(detections_uri: str, index_uri: str, prompts: list[Prompt], p
     return uri
 
 
+def prompt_groups(prompts: list[Prompt]) -> dict[str, list[int]]:
+    """Prompt ids per group the prompts name (the demo's "3 objects", "unseen"), groups by name."""
+    groups: dict[str, list[int]] = {}
+    for prompt in prompts:
+        for group in prompt.groups:
+            groups.setdefault(group, []).append(prompt.prompt_id)
+    return dict(sorted(groups.items()))
+
+
 def score_segmentation(score: ScoreConfig, sample: SampleConfig, grounding: GroundingLayersConfig,
                        models: ModelsConfig, model_dir: str, unet_dir: str | None, cache_uri: str,
                        out_uri: str) -> str:
     """Attention-map mIoU on the held-out mask-cache images -> segmentation.json URI."""
     image_ids = heldout_image_ids(MaskCache(cache_uri).image_ids(), score.heldout_images)
-    result = segmentation_miou(score, sample, grounding, models, model_dir, cache_uri, image_ids, unet_dir=unet_dir,
-                               overlays_uri=storage.join(out_uri, "overlays"), max_overlays=score.report_overlays)
+    with pinned_threads(score.torch_threads):
+        result = segmentation_miou(score, sample, grounding, models, model_dir, cache_uri, image_ids,
+                                   unet_dir=unet_dir, overlays_uri=storage.join(out_uri, "overlays"),
+                                   max_overlays=score.report_overlays)
     write_per_unit(pd.DataFrame([(f"image {image} noun {i}", "attention mIoU", value)
                                  for image, values in result["per_image"].items() for i, value in enumerate(values)],
                                 columns=PER_UNIT_COLUMNS), out_uri, "miou")

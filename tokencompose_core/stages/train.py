@@ -39,8 +39,9 @@ class TrainPlan:
 def plan(config: PipelineConfig, input_uri: str | None) -> TrainPlan:
     """``input_uri``: the mask cache (default: stage 2's output for these settings)."""
     cache_uri = storage.check_input(input_uri or outputs.current(config, "masks"), config.storage)
-    if config.train.init_model:
-        storage.check_input(config.train.init_model, config.storage)
+    for uri in (config.train.init_model, config.train.init_unet):
+        if uri:
+            storage.check_input(uri, config.storage)
     identity, fingerprint = uri_identity(require_committed(cache_uri)), stage_fingerprint(config, "train")
     out_uri = outputs.output_folder(config, "train", config.train.run_name or "run",
                                     None if config.train.run_name else [fingerprint, identity])
