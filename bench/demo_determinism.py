@@ -44,11 +44,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def train_once(out: str, steps: int, threads: int) -> str:
     """Build the demo world (once per folder) and train the base model ``steps`` steps; its U-Net folder."""
     from tokencompose_core import demo
+    from tokencompose_core.config import load_config
+    from tokencompose_core.stages import train
 
-    config = demo.load_demo_config(False, out, [f"demo.base.steps={steps}", f"demo.base_threads={threads}",
-                                                "demo.world.train_images=2000"])
-    world = demo.build_world(config)
-    return demo.train_model(config, "base", world["pretrain"]["cache_uri"], None)["unet_uri"]
+    overrides = demo.demo_overrides(out, [f"demo.base.steps={steps}", f"demo.base_threads={threads}",
+                                          "demo.world.train_images=2000"])
+    config = load_config(demo.PROFILES[False], overrides)
+    world = demo.plan_world(config)
+    demo.build_world(config, world.nouns, world.masks, world.prompts_uri)
+    base = load_config(demo.PROFILES[False], [*overrides, *demo.run_overrides(config, "base")])
+    plan = train.plan(base, world.masks[world.pretrain_split()])
+    return train.train(base.train, base.models, plan.cache_uri, plan.out_uri).unet_uri
 
 
 def _busy() -> None:

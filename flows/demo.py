@@ -13,14 +13,48 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow
+from typing import Any
+
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.evaluate import evaluate_flow
+from flows.sample import sample_flow
+from flows.train import train_flow
 from tasks import demo as tasks
-from tasks.common import configured, recompute_unless
+from tasks.common import composing_task, configured, recompute_unless
 from tokencompose_core import demo
 from tokencompose_core.config import load_config
-from tokencompose_core.identity import value_hash
+
+
+def chain(profile: str, overrides: list[str], model: str, world: demo.World, base_run: str | None,
+          steps: tuple[str, ...] = ("train", "sample", "score")) -> dict[str, str]:
+    """One run of the recipe, ``model``, through the stage flows (train -> sample -> score, or the
+    ``steps`` named) as subflows whose tasks run on this process's threads; the URIs of its
+    run folder, samples and scores. :data:`run_chain` runs it as a task, so that runs go on
+    beside each other on the demo's Dask workers; it composes and is never cached itself (the
+    stage flows' tasks are)."""
+    config = load_config(profile, overrides)
+    here = ["orchestration.task_runner=default"]  # this process runs the stages' tasks
+    trained = [*overrides, *here, *demo.run_overrides(config, model, base_run)]
+    sampled = [*trained, *demo.sample_overrides(world)]
+    done = {"train": base_run} if model == "base" and base_run else {}
+    if "train" in steps:
+        split = world.pretrain_split() if model == "base" else "train"
+        done["train"] = _stage(train_flow, profile, trained, world.masks[split])["output_uri"]
+    if "sample" in steps:
+        done["samples"] = _stage(sample_flow, profile, sampled, done["train"])["output_uri"]
+    if "score" in steps:
+        scored = [*sampled, *demo.score_overrides(config, world)]
+        done["scores"] = _stage(evaluate_flow, profile, scored, done["samples"])["scores"][0]
+    return done
+
+
+def _stage(flow: Flow, profile: str, overrides: list[str], input_uri: str) -> dict[str, Any]:
+    return configured(flow, load_config(profile, overrides))(profile=profile, overrides=overrides, input_uri=input_uri)
+
+
+run_chain = composing_task(chain)
 
 
 @flow(name="demo-experiment", log_prints=True)
@@ -30,12 +64,12 @@ def experiment_flow(profile: str, overrides: list[str]) -> dict:
     started = time.perf_counter()
     world = tasks.plan_world(config)
     built = recompute_unless(tasks.build_world, world.whole)(config, world.nouns, world.masks, world.prompts_uri,
-                                                              value_hash(world.key))
+                                                              world.identity)
     tasks.seal_world(config, world)
     print(f"world: {built}")
-    base = tasks.chain(profile, overrides, "base", world, None, steps=("train",))["train"]
-    chains = {model: tasks.run_chain.submit(profile, overrides, model, world, base,
-                                            **({"steps": ("sample", "score")} if model == "base" else {}))
+    base = chain(profile, overrides, "base", world, None, steps=("train",))["train"]
+    chains = {model: run_chain.submit(profile, overrides, model, world, base,
+                                      **({"steps": ("sample", "score")} if model == "base" else {}))
               for model in demo.model_names(config)}
     runs = {model: future.result() for model, future in chains.items()}
     scores = {model: run["scores"] for model, run in runs.items()}
@@ -46,7 +80,7 @@ def experiment_flow(profile: str, overrides: list[str]) -> dict:
     summary = "\n\n".join([results["table_markdown"], results["conclusions_markdown"], results["verdict"]])
     create_markdown_artifact(key="demo-results", markdown=summary, description=f"demo {config.name}")
     print(summary)
-    return {"profile": config.name, "output_uri": plan.out_uri, "reports": results["uris"],
+    return {"profile": config.name, "output_uri": plan.out_uri, "reports": results["uris"], "runs": runs,
             "verdict": results["verdict"], "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -389,15 +389,15 @@ def configured(flow: Flow, config: PipelineConfig) -> Flow:
 # ---------------------------------------------------------------------------
 
 
-def _plan(stage: str, config: PipelineConfig, input_uri: str | None) -> Any:
+def plan(stage: str, config: PipelineConfig, input_uri: str | None) -> Any:
     """The stage's plan: its inputs' identities, its output folder, its units and which are done."""
     return STAGES[stage].module.plan(config, input_uri)
 
 
-def _seal(stage: str, config: PipelineConfig, plan: Any, results: Any) -> None:
+def seal(stage: str, config: PipelineConfig, stage_plan: Any, results: Any) -> None:
     """Write the stage record of every folder the stage filled (after its units)."""
-    STAGES[stage].module.seal(config, plan, results)
+    STAGES[stage].module.seal(config, stage_plan, results)
 
 
-plan_stage = bookkeeping_task(_plan)
-seal_stage = bookkeeping_task(_seal)
+plan_stage = bookkeeping_task(plan)
+seal_stage = bookkeeping_task(seal)

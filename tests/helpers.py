@@ -54,11 +54,30 @@ def photo_manifest(folder: Path) -> str:
 
 
 def _stage_task_runs(runs: list) -> list:
-    """The stage tasks' runs: bookkeeping tasks (plan, seal) look at the disk on every run, so
-    they are never cached and say nothing about what the cache served."""
-    from tasks.common import BOOKKEEPING
+    """The stage tasks' runs: bookkeeping tasks (plan, seal) look at the disk on every run and
+    composing tasks only call stage flows, so neither is ever cached nor says anything about
+    what the cache served."""
+    from tasks.common import BOOKKEEPING, COMPOSES
 
-    return [run for run in runs if BOOKKEEPING not in run.name]
+    return [run for run in runs if BOOKKEEPING not in run.name and COMPOSES not in run.name]
+
+
+def flow_tree_task_runs(flow_run_id: UUID) -> list:
+    """The stage task runs of a flow run and of every flow run below it (its subflows, and flows
+    its tasks ran), however deep."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    found, pending = [], [flow_run_id]
+    with get_client(sync_client=True) as client:
+        while pending:
+            current = pending.pop()
+            found += client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(
+                any_=[current])))
+            pending += [child.id for child in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[current])))]
+    return _stage_task_runs(found)
 
 
 def subflow_task_states(parent_run_id: UUID) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tokencompose_core import demo, storage
-from tokencompose_core.config import load_config
+from tokencompose_core.config import PipelineConfig, load_config
 
 
 def test_profiles_load_and_differ_only_in_size() -> None:
@@ -21,29 +21,46 @@ def test_profiles_load_and_differ_only_in_size() -> None:
     assert demo.load_demo_config(True, "/tmp/elsewhere").storage.root == "/tmp/elsewhere"
 
 
-def test_fine_tunes_differ_only_in_the_grounding_weights() -> None:
+def _run(config_overrides: list[str], model: str, base_run: str | None = "/runs/base") -> "PipelineConfig":
+    """The demo profile as the recipe trains ``model``."""
+    config = load_config("demo", config_overrides)
+    return load_config("demo", [*config_overrides, *demo.run_overrides(config, model, base_run)])
+
+
+def test_fine_tunes_differ_only_in_the_grounding_weights(tmp_path) -> None:
+    from tokencompose_core.stages import stage_fingerprint
+
     config = load_config("demo")
-    base = demo.phase_config(config, "base").train
-    assert base.token_loss_weight == base.pixel_loss_weight == 0
-    assert base.max_steps == config.demo.base.steps
+    base = _run([], "base", None).train
+    assert base.token_loss_weight == base.pixel_loss_weight == 0 and base.init_unet is None
+    assert base.max_steps == config.demo.base.steps and base.torch_threads == config.demo.base_threads
     assert base.batch_size == config.train.batch_size  # the base phase sets no batch size of its own
-    plain, grounded = (demo.phase_config(config, f"{kind}-s2").train for kind in ("plain", "grounded"))
+    plain, grounded = (_run([], f"{kind}-s2").train for kind in ("plain", "grounded"))
     assert plain.seed == grounded.seed == 2 and plain.max_steps == config.demo.finetune.steps
+    assert plain.init_unet == grounded.init_unet == "/runs/base"
     assert plain.batch_size == grounded.batch_size == config.demo.finetune.batch_size != config.train.batch_size
     assert plain.model_dump(exclude={"token_loss_weight", "pixel_loss_weight"}) == grounded.model_dump(
         exclude={"token_loss_weight", "pixel_loss_weight"})
     assert plain.token_loss_weight == 0 and grounded.token_loss_weight == config.train.token_loss_weight
-    # Folder names follow the settings: a changed fine-tune never reuses a stale run.
-    changed = load_config("demo", ["demo.finetune.steps=7"])
-    assert demo.model_paths(changed, "plain-s1")["train"] != demo.model_paths(config, "plain-s1")["train"]
-    assert demo.model_paths(changed, "base") == demo.model_paths(config, "base")
-    # A grounding ablation retrains only the grounded models; attention mIoU reads the groups, so it is rescored.
-    groups = load_config("demo", ["train.grounding.layers=[mid]"])
+    # Runs are keyed by their settings: a changed fine-tune never reuses a stale run.
+    base_run = tmp_path / "base"
+    base_run.mkdir()
+    (base_run / "weights").write_bytes(b"the base model")
+    run = lambda overrides, model: _run(overrides, model, str(base_run))  # noqa: E731
+    changed = ["demo.finetune.steps=7"]
+    assert stage_fingerprint(run(changed, "plain-s1"), "train") != stage_fingerprint(run([], "plain-s1"), "train")
+    assert stage_fingerprint(run(changed, "base"), "train") == stage_fingerprint(run([], "base"), "train")
+    # The U-Net a fine-tune starts from counts by its content.
+    before = stage_fingerprint(run([], "plain-s1"), "train")
+    (base_run / "weights").write_bytes(b"another base model")
+    assert stage_fingerprint(run([], "plain-s1"), "train") != before
+    # A grounding ablation retrains only the grounded runs; attention mIoU reads the groups, so it is rescored.
+    groups = ["train.grounding.layers=[mid]"]
     for model in ("base", "plain-s3"):
-        before, after = demo.model_paths(config, model), demo.model_paths(groups, model)
-        assert after["train"] == before["train"] and after["samples"] == before["samples"]
-        assert after["scores"] != before["scores"]
-    assert demo.model_paths(groups, "grounded-s3")["train"] != demo.model_paths(config, "grounded-s3")["train"]
+        for stage in ("train", "sample"):
+            assert stage_fingerprint(run(groups, model), stage) == stage_fingerprint(run([], model), stage)
+    assert stage_fingerprint(load_config("demo", groups), "score") != stage_fingerprint(config, "score")
+    assert stage_fingerprint(run(groups, "grounded-s3"), "train") != stage_fingerprint(run([], "grounded-s3"), "train")
 
 
 def _scores(mg3: float, miou: float) -> dict:
@@ -81,40 +98,57 @@ def test_results_table_reports_the_groups_ks() -> None:
     assert table.iloc[2]["3 objects MG3"] == "30.0 ± 1.0"
 
 
-def test_multigen_groups_use_the_shared_scorer() -> None:
-    records = [{"prompt_id": 0, "text": "", "categories": ["circle", "square", "cross"], "heldout": True},
-               {"prompt_id": 1, "text": "", "categories": ["circle", "square", "cross", "bowtie"], "heldout": False}]
-    index = pd.DataFrame({"prompt_id": [0, 0, 1, 1], "image_index": [0, 1, 0, 1]})
-    detections = pd.DataFrame({"prompt_id": [0, 0, 0, 1, 1], "image_index": [0, 0, 1, 0, 0],
+def test_the_test_prompts_groups_are_scored_by_stage_five(tmp_path) -> None:
+    from tokencompose_core.sampling import load_prompts
+    from tokencompose_core.stages import score
+
+    table = tmp_path / "test-prompts.jsonl"
+    table.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt_id": 7, "text": "a", "categories": ["circle", "square", "cross"], "groups": ["3 objects", "unseen"]},
+        {"prompt_id": 9, "text": "b", "categories": ["circle", "square", "cross", "bowtie"], "groups": ["4 objects"]}]))
+    prompts = load_prompts(str(table))
+    assert [(p.prompt_id, p.groups) for p in prompts] == [(7, ("3 objects", "unseen")), (9, ("4 objects",))]
+    groups = score.prompt_groups(prompts)
+    assert groups == {"3 objects": [7], "4 objects": [9], "unseen": [7]}
+    index = pd.DataFrame({"prompt_id": [7, 7, 9, 9], "image_index": [0, 1, 0, 1]})
+    detections = pd.DataFrame({"prompt_id": [7, 7, 7, 9, 9], "image_index": [0, 0, 1, 0, 0],
                                "category": ["circle", "square", "cross", "bowtie", "ring"],
                                "score": [0.9, 0.9, 0.05, 0.9, 0.9], "box": [[0, 0, 1, 1]] * 5})
-    groups = demo.multigen_by_group(detections, index, records, threshold=0.1)
-    assert set(groups) == {"3 objects", "4 objects", "unseen"}
-    assert groups["3 objects"]["MG2"]["mean"] == 50.0  # image 0 has 2 objects, image 1 none above 0.1
-    assert groups["4 objects"]["MG1"]["mean"] == 50.0  # "ring" is not a prompt category
-    assert demo.reported_ks(records) == {"3 objects": [2, 3], "4 objects": [2, 3, 4], "unseen": [2, 3]}
+    by_group = score.multigen_by_group(detections, index, prompts, groups, threshold=0.1)
+    assert set(by_group) == {"3 objects", "4 objects", "unseen"}
+    assert by_group["3 objects"]["MG2"]["mean"] == 50.0  # image 0 has 2 objects, image 1 none above 0.1
+    assert by_group["4 objects"]["MG1"]["mean"] == 50.0  # "ring" is not a prompt category
+    by_id = {p.prompt_id: p for p in prompts}
+    assert {g: score.reported_ks([by_id[i] for i in ids]) for g, ids in groups.items()} == {
+        "3 objects": [2, 3], "4 objects": [2, 3, 4], "unseen": [2, 3]}
 
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> None:
-    """The CI smoke test: every artefact exists, scores are in range, a rerun is all cache hits,
-    and through the CLI a changed grounding weight reruns only the grounded models, going back none.
+    """The CI smoke test: every artefact exists, every folder is a sealed stage output, scores
+    are in range, a rerun is all cache hits, and through the CLI a changed grounding weight
+    reruns only the grounded runs, going back none.
 
     (Its duration is measured in docs/RESULTS.md, not asserted: a loaded machine is slower.)"""
     from flows.demo import demo_flow
+    from tokencompose_core import outputs
 
     out = tmp_path / "demo"
     summary = demo_flow(quick=True, out=str(out))
     config = demo.load_demo_config(True, str(out))
-    reports = summary["reports"]
+    reports, runs = summary["reports"], summary["runs"]
     for key in ("md", "html", "png_multigen", "png_miou", "png_loss_curves", "results_md", "results_json"):
         assert Path(reports[key]).is_file() and Path(reports[key]).stat().st_size > 0, key
     results = json.loads(Path(reports["results_json"]).read_text())
-    assert set(results["scores"]) == set(demo.model_names(config))
+    assert set(results["scores"]) == set(runs) == set(demo.model_names(config))
+    sealed = [summary["output_uri"], *(folder for run in runs.values() for folder in run.values())]
+    sealed += [str(folder) for folder in (out / "nouns").iterdir()] + [str(f) for f in (out / "masks").iterdir()]
+    assert all(outputs.is_whole(folder) for folder in sealed), [outputs.problems(f) for f in sealed]
+    assert {Path(folder).parent.name for folder in sealed} == {"nouns", "masks", "train", "samples", "scores",
+                                                               "reports"}
     for model, record in results["scores"].items():
-        paths = demo.model_paths(config, model)
-        assert (Path(paths["train"]) / "unet" / "config.json").is_file()
-        assert (Path(paths["train"]) / "loss_curve.png").is_file()
+        train_run = Path(runs[model]["train"])
+        assert (train_run / "unet" / "config.json").is_file() and (train_run / "loss_curve.png").is_file()
         assert Path(reports[f"png_grid_{model}"]).is_file()
         index = storage.read_parquet(record["index_uri"])
         assert len(index) == 6 * config.sample.images_per_prompt
@@ -128,13 +162,15 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
     assert results["verdict"].startswith("Fine-tune seeds 1, 2, grounded minus plain")
     assert {c["metric"] for c in results["conclusions"]} >= {"3 objects MG3", "attention mIoU"}
     html = Path(reports["html"]).read_text()
-    assert "grounded-s1" in html and "<img" in html
+    # The answer comes first, from the report writer itself.
+    assert html.index("Did grounding help?") < html.index("Comparison") and results["verdict"] in html
+    assert "grounded-s1" in html and "loss_curves.png" in html
     # Cached tasks do not run: nothing they write is rewritten.
     written = [Path(reports["results_json"]), *(Path(r["index_uri"]) for r in results["scores"].values()),
-               *(Path(demo.model_paths(config, m)["train"]) / "metrics.jsonl" for m in results["scores"])]
+               *(Path(run["train"]) / "metrics.jsonl" for run in runs.values())]
     stamps = [path.stat().st_mtime_ns for path in written]
     again = demo_flow(quick=True, out=str(out))
-    assert again["verdict"] == summary["verdict"]
+    assert again["verdict"] == summary["verdict"] and again["runs"] == runs
     assert [path.stat().st_mtime_ns for path in written] == stamps
 
     # Through the command a user types: change the grounding weight, then go back.
@@ -147,27 +183,28 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
     report = Path(reports["results_md"]).read_bytes()
     states = cli("train.token_loss_weight=0.3")
     # Only the two grounded fine-tunes train again, and only they are sampled and scored again.
-    assert states["train_model"] == ["Cached"] * 3 + ["Completed"] * 2
-    assert states["sample_model"] == states["score_model"] == ["Cached"] * 3 + ["Completed"] * 2
+    assert states["train_task"] == ["Cached"] * 3 + ["Completed"] * 2
+    for task in ("sample_shard", "merge_sample_shards", "detect", "score_multigen", "score_segmentation", "report"):
+        assert states[task] == ["Cached"] * 3 + ["Completed"] * 2, (task, states[task])
     assert states["build_world"] == ["Cached"] and states["write_results"] == ["Completed"]
-    assert Path(reports["results_md"]).read_bytes() != report
     states = cli()
-    # Back to the shipped settings: every model is a cache hit; the shared report is rewritten as it was.
-    assert all(names == ["Cached"] * len(names) for task, names in states.items() if task != "write_results")
+    # Back to the shipped settings: every task is a cache hit, the results folder is the first one.
+    assert all(names == ["Cached"] * len(names) for names in states.values()), states
     assert Path(reports["results_md"]).read_bytes() == report
 
 
 def _demo_task_states() -> dict[str, list[str]]:
-    """State names per task of the latest demo experiment run, sorted."""
+    """State names per stage task of the latest demo experiment run and its stage subflows, sorted."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
+
+    from helpers import flow_tree_task_runs
 
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["demo-experiment"])),
                                           sort=FlowRunSort.START_TIME_DESC, limit=1)
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[latest.id])))
     states: dict[str, list[str]] = {}
-    for run in runs:
+    for run in flow_tree_task_runs(latest.id):
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return {task: sorted(names) for task, names in states.items()}

@@ -92,8 +92,11 @@ _WITHOUT_GROUNDING = {"train.token_loss_weight": 0.0, "train.pixel_loss_weight":
 
 
 def score_overrides(config: PipelineConfig, world: "World") -> list[str]:
-    """How every run's samples are scored: attention mIoU on the world's test split."""
-    return [f"score.mask_cache={json.dumps(world.masks['test'])}",
+    """How every run's samples are scored: attention mIoU on the world's test split, on the
+    profile's grounding layer groups (a plain run's own are the defaults), so every run's
+    maps are compared on the same groups."""
+    return [f"train.grounding={json.dumps(config.train.grounding.model_dump(mode='json'))}",
+            f"score.mask_cache={json.dumps(world.masks['test'])}",
             f"score.torch_threads={config.demo.task_threads}"]
 
 
@@ -107,6 +110,7 @@ def sample_overrides(world: "World") -> list[str]:
 @dataclass(frozen=True)
 class World:
     key: list[Any]  # what makes the world: its settings
+    identity: str  # the key's
     nouns: dict[str, str]  # split -> its stage-1 folder (images, manifest, nouns table)
     masks: dict[str, str]  # split -> its mask cache
     prompts_uri: str
@@ -135,7 +139,7 @@ def plan_world(config: PipelineConfig) -> World:
     nouns = {split: outputs.output_folder(config, "nouns", f"world-{split}", key) for split in splits}
     masks = {split: outputs.output_folder(config, "masks", f"world-{split}", key) for split in splits}
     whole = all([outputs.keep_if_whole(folder) for folder in [*nouns.values(), *masks.values()]])
-    return World(key, nouns, masks, storage.join(nouns["test"], PROMPTS_FILE), whole)
+    return World(key, value_hash(key), nouns, masks, storage.join(nouns["test"], PROMPTS_FILE), whole)
 
 
 def build_world(config: PipelineConfig, nouns: dict[str, str], masks: dict[str, str],

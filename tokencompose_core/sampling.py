@@ -29,7 +29,9 @@ from tokencompose_core import lora, storage
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, SampleConfig
 from tokencompose_core.identity import seed_from, uri_identity, value_hash
+from tokencompose_core.prompts import VISOR, Prompt
 from tokencompose_core.threads import pinned_threads
+from tokencompose_core.visor import load_visor_prompts
 
 MULTIGEN_SETS = {
     "coco": "coco_obj_comp_5_1k.json",
@@ -37,20 +39,10 @@ MULTIGEN_SETS = {
 }
 _RESOURCES = Path(__file__).resolve().parent / "resources" / "multigen"
 GENEVAL = "geneval:"  # prompt source prefix: geneval:<path to evaluation_metadata.jsonl>
-VISOR = "visor:"  # VISOR's prompt sets, built in code: visor:sr2d
 INDEX_COLUMNS = ["prompt_id", "image_index", "seed", "prompt", "image_uri", "model_fingerprint"]
 # transformers/diffusers build models under process-global init patches (meta device):
 # two threads loading at once (shards on a thread-pool task runner) corrupt each other.
 _LOAD_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prompt_id: int
-    text: str
-    categories: tuple[str, ...] = ()
-    relation: str | None = None  # spatial prompts (VISOR's SR2D): how categories[0] sits relative to [1]
-    groups: tuple[str, ...] = ()  # named groups stage 5 also scores apart ("3 objects", "unseen")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -70,8 +62,6 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[Prompt]:
         prompts = [Prompt(i, str(record["prompt"]), tuple(str(item["class"]) for item in record.get("include", [])))
                    for i, record in enumerate(geneval_metadata(spec[len(GENEVAL):]))]
     elif spec.startswith(VISOR):
-        from tokencompose_core.visor import load_visor_prompts  # it builds on Prompt
-
         prompts = load_visor_prompts(spec)
     else:
         prompts = _file_prompts(spec)

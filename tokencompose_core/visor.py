@@ -27,7 +27,7 @@ import pandas as pd
 
 from tokencompose_core import storage
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
-from tokencompose_core.sampling import VISOR, Prompt
+from tokencompose_core.prompts import VISOR, Prompt
 
 SR2D = "sr2d"
 # The COCO category names in COCO's id order, as SR2D spells them.

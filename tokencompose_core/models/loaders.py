@@ -36,11 +36,11 @@ from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
 from tokencompose_core.models.tiny import (
-    _build_tiny_sam,
-    _diffusion_parts,
+    build_tiny_sam,
+    diffusion_parts,
     library_versions,
-    _materialise_tiny_diffusion,
-    _owlv2_from_arch,
+    materialise_tiny_diffusion,
+    owlv2_from_arch,
     seeded_init,
 )
 from tokencompose_core.models.tokenizers import local_bert_tokenizer
@@ -102,7 +102,7 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     ``pretrained``: a local diffusers directory or a hub id already in the cache.
     """
     if models.kind == TINY:
-        return _materialise_tiny_diffusion(models)
+        return materialise_tiny_diffusion(models)
     if os.path.isdir(models.diffusion):
         model_dir = models.diffusion
     else:
@@ -345,7 +345,7 @@ def load_sam(
     package = sam_package(spec.variant)
     if spec.model_type == TINY:
         with seeded_init(models.seed, "sam"):
-            model = _build_tiny_sam(read_config_json(arch_dir(TINY) / "sam" / "config.json"), spec.variant, package)
+            model = build_tiny_sam(read_config_json(arch_dir(TINY) / "sam" / "config.json"), spec.variant, package)
         return model.to(device).eval()
     urls = SAM_HQ_CHECKPOINT_URLS if spec.variant == "sam_hq" else SAM_CHECKPOINT_URLS
     if spec.model_type not in urls:
@@ -380,9 +380,9 @@ def load_owlv2(
     ``backend``: the image processor's, "torchvision" (transformers 5's default, the former
     fast processor) or "pil" (the former slow one, ``score.owlv2_backend``)."""
     if models.owlv2 == TINY:
-        model, processor = _owlv2_from_arch(TINY, models.seed, backend)
+        model, processor = owlv2_from_arch(TINY, models.seed, backend)
     elif random_weights:
-        model, processor = _owlv2_from_arch(OWLV2_RANDOM_ARCH, models.seed, backend)
+        model, processor = owlv2_from_arch(OWLV2_RANDOM_ARCH, models.seed, backend)
     else:
         source = models.owlv2
         if not os.path.isdir(source):
@@ -437,7 +437,7 @@ def fingerprint(models: ModelsConfig) -> str:
     parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir"})}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
-        tiny_dirs += _diffusion_parts(arch_dir(models.diffusion))
+        tiny_dirs += diffusion_parts(arch_dir(models.diffusion))
     else:
         parts["diffusion"] = source_identity(models.diffusion)
     if models.grounding_dino.config == TINY or models.sam.model_type == TINY or models.owlv2 == TINY:

@@ -65,9 +65,9 @@ def library_versions() -> str:
 # --------------------------------------------------------------------------- diffusion
 
 
-def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
+def materialise_tiny_diffusion(models: ModelsConfig) -> str:
     arch = arch_dir(models.diffusion)
-    identity = f"{folders_identity(_diffusion_parts(arch))};seed={models.seed};{library_versions()}"
+    identity = f"{folders_identity(diffusion_parts(arch))};seed={models.seed};{library_versions()}"
     cache = Path(models.cache_dir).resolve()
     target = cache / f"{models.diffusion}-{bytes_hash(identity.encode())}"
     if (target / "model_index.json").is_file():
@@ -86,7 +86,7 @@ def _materialise_tiny_diffusion(models: ModelsConfig) -> str:
     return str(target)
 
 
-def _diffusion_parts(arch: Path) -> list[Path]:
+def diffusion_parts(arch: Path) -> list[Path]:
     """The sub-folders of an architecture folder that make up the diffusion model."""
     parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
     return [arch / part for part in parts if (arch / part).is_dir()]
@@ -127,7 +127,7 @@ def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
 # --------------------------------------------------------------------------- SAM
 
 
-def _build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleType) -> nn.Module:
+def build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleType) -> nn.Module:
     # ``package`` is ``sam_package(variant)``; the caller passes it so that this module
     # does not import the loaders, which import it.
     modeling = importlib.import_module(f"{package.__name__}.modeling")
@@ -181,7 +181,7 @@ def _build_tiny_sam(spec: dict[str, Any], variant: str, package: types.ModuleTyp
 # --------------------------------------------------------------------------- OWLv2
 
 
-def _owlv2_from_arch(name: str, seed: int, backend: str = "torchvision") -> tuple[Owlv2ForObjectDetection,
+def owlv2_from_arch(name: str, seed: int, backend: str = "torchvision") -> tuple[Owlv2ForObjectDetection,
                                                                                    Owlv2Processor]:
     folder = arch_dir(name) / "owlv2" if name == TINY else arch_dir(name)
     config = Owlv2Config.from_dict(read_config_json(folder / "config.json"))
