@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tokencompose_core import evaluation, storage
+from tokencompose_core import evaluation, mask_cache, storage
 from tokencompose_core.evaluation import (
     iou_at_thresholds,
     multigen_scores,
@@ -159,9 +159,9 @@ def test_segmentation_miou_perfect_maps_give_full_score(monkeypatch: pytest.Monk
 
 def test_heldout_ids_are_stable_and_nested() -> None:
     ids = [f"img{i}" for i in range(50)]
-    five = evaluation.heldout_image_ids(ids, 5)
-    assert five == evaluation.heldout_image_ids(list(reversed(ids)), 5)
-    assert set(five) <= set(evaluation.heldout_image_ids(ids, 10))
+    five = mask_cache.heldout_image_ids(ids, 5)
+    assert five == mask_cache.heldout_image_ids(list(reversed(ids)), 5)
+    assert set(five) <= set(mask_cache.heldout_image_ids(ids, 10))
 
 
 def test_detect_owlv2_tiny_writes_schema(tmp_path: Path) -> None:

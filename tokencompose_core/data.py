@@ -34,8 +34,7 @@ from PIL import Image
 
 from tokencompose_core import storage
 from tokencompose_core.conditioning import time_ids
-from tokencompose_core.evaluation import heldout_image_ids
-from tokencompose_core.mask_cache import MaskCache, resize_masks
+from tokencompose_core.mask_cache import MaskCache, heldout_image_ids, resize_masks
 
 
 def load_image(uri: str) -> Image.Image:

@@ -20,7 +20,7 @@ from PIL import Image
 from tokencompose_core import storage
 from tokencompose_core.conditioning import square_time_ids, unet_kwargs
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, SampleConfig, ScoreConfig
-from tokencompose_core.identity import seed_from, stable_order_key
+from tokencompose_core.identity import seed_from
 from tokencompose_core.manifest import ImageError, decode_image
 from tokencompose_core.sampling import (
     Prompt,
@@ -204,12 +204,6 @@ def multigen_per_prompt(detections: pd.DataFrame, prompts: list[Prompt], thresho
 
 
 # ----------------------------------------------------------------------------- segmentation transfer
-
-
-def heldout_image_ids(image_ids: list[str], count: int) -> list[str]:
-    """A stable held-out subset: the ``count`` ids with the smallest SHA-1, so it does not
-    depend on cache order and grows by inclusion as ``count`` grows."""
-    return sorted(image_ids, key=stable_order_key)[:count]
 
 
 def noun_maps(group_maps: list[torch.Tensor], token_positions: list[list[int]], size: tuple[int, int]

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokencompose_core import rle, storage
+from tokencompose_core.identity import stable_order_key
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -160,6 +161,13 @@ def shard_is_whole(cache_uri: str, shard_name: str, record: dict[str, Any]) -> b
     deleted shard is not trusted; markers from before sizes were recorded check existence)."""
     size = _size(storage.join(cache_uri, "shards", f"{shard_name}.parquet"))
     return size is not None and record.get("bytes", size) == size
+
+
+def heldout_image_ids(image_ids: list[str], count: int) -> list[str]:
+    """The cache images stage 5 measures attention mIoU on (and training leaves out): the
+    ``count`` ids with the smallest SHA-1, so the subset does not depend on cache order and
+    grows by inclusion as ``count`` grows."""
+    return sorted(image_ids, key=stable_order_key)[:count]
 
 
 def require_committed(cache_uri: str) -> str:

@@ -23,7 +23,6 @@ from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, Pipeli
 from tokencompose_core.evaluation import (
     detect_owlv2,
     detect_owlvit,
-    heldout_image_ids,
     multigen_per_prompt,
     multigen_scores,
     read_image,
@@ -33,7 +32,7 @@ from tokencompose_core.evaluation import (
 from tokencompose_core.identity import uri_identity, value_hash
 from tokencompose_core.intervals import PER_UNIT_COLUMNS
 from tokencompose_core.manifest import ImagePaths
-from tokencompose_core.mask_cache import COMPLETED, MaskCache
+from tokencompose_core.mask_cache import COMPLETED, MaskCache, heldout_image_ids
 from tokencompose_core.reports import MG_KS, multigen_record
 from tokencompose_core.sampling import Prompt, model_fingerprint
 from tokencompose_core.stages import stage_fingerprint
