@@ -23,6 +23,7 @@ from tasks.common import configured, result_storage_uri
 from tokencompose_core.config import load_config
 from tokencompose_core.stages import STAGES
 
+
 def stage_flow(stage: str) -> Flow:
     """The flow object of ``stage`` (imported on demand: stages pull heavy libraries)."""
     module, function = STAGES[stage].flow.split(":")

@@ -50,6 +50,19 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(prefect_harness, tmp_path_factory) -> dict:
+    """`tokencompose run -p tiny` once per test session on the three-photo manifest, for the
+    tests that only read what it made: its summary, stage states, manifest and settings."""
+    from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    manifest = photo_manifest(folder)
+    settings = [f"storage.root={folder / 'root'}", *PIPELINE_SETTINGS]
+    summary, states = run_pipeline(manifest, settings)
+    return {"summary": summary, "states": states, "manifest": manifest, "settings": settings, "root": folder / "root"}
+
+
 @pytest.fixture(scope="module")
 def cache_uri(tmp_path_factory) -> str:
     """A mask cache of coloured boxes with exact masks (``helpers.make_cache``), one per module."""

@@ -5,6 +5,8 @@ Fixtures shared by several modules live in ``conftest.py``; plain functions and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 from pathlib import Path
@@ -20,8 +22,8 @@ from tokencompose_core import checkpoints, rle
 from tokencompose_core.config import PipelineConfig, load_config
 from tokencompose_core.mask_cache import commit_shard
 from tokencompose_core.models import clip_tokenizer
-from tokencompose_core.text import token_positions
 from tokencompose_core.sampling import sample
+from tokencompose_core.text import token_positions
 from tokencompose_core.train import train
 
 # Settings that make the real five stages demo-sized: tiny models, a few steps, one prompt.
@@ -107,17 +109,19 @@ def flow_task_states(flow_run_id: UUID) -> list[str]:
     return [run.state.name for run in _stage_task_runs(runs)]
 
 
-def run_pipeline(capsys: pytest.CaptureFixture[str], manifest: str,
-                 overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
-    """`tokencompose run -p tiny` through the CLI: its summary, and the task states of each stage."""
+def run_pipeline(manifest: str, overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
+    """`tokencompose run -p tiny` through the CLI: its summary (what it prints), and the task
+    states of each stage."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
     from flows.cli import main
 
-    assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
+    summary = json.loads(printed.getvalue())
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
                                           sort=FlowRunSort.START_TIME_DESC, limit=1)

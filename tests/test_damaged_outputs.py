@@ -47,7 +47,7 @@ def _append_space(path: Path) -> None:
 def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(prefect_harness, tmp_path, capsys):
     manifest = photo_manifest(tmp_path)
     argv = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
-    first, _ = run_pipeline(capsys, manifest, argv)
+    first, _ = run_pipeline(manifest, argv)
     folders = stage_folders(first)
     png = _one(folders["sample"], "images/*/*.png")
     unet = _one(folders["train"], "unet/*.safetensors")
@@ -71,7 +71,7 @@ def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(prefect
     for damage, path, stage, folder in damages:
         damage()
         assert not outputs.is_whole(folders_of[folder])
-        summary, states = run_pipeline(capsys, manifest, argv)
+        summary, states = run_pipeline(manifest, argv)
         assert path.read_bytes() == originals[path], f"{path} was not restored as it was"
         assert stage_folders(summary) == folders
         assert "Completed" in states[stage], (stage, states)

@@ -131,7 +131,7 @@ def test_lora_run_resumes_exactly_and_loads_into_a_stock_pipeline(tmp_path, cach
 
 @pytest.mark.slow
 def test_cli_run_with_lora_end_to_end(prefect_harness, tmp_path, capsys):
-    summary, states = run_pipeline(capsys, photo_manifest(tmp_path),
+    summary, states = run_pipeline(photo_manifest(tmp_path),
                                    [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS, "train.lora.rank=4"])
     assert all("Completed" in names for names in states.values()), states
     folders = stage_folders(summary)

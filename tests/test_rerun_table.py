@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline, stage_folders
+from helpers import run_pipeline, stage_folders
 from tokencompose_core import outputs, storage
 from tokencompose_core.stages import STAGES
 
@@ -29,18 +29,16 @@ CHANGES = [
 
 
 @pytest.mark.slow
-def test_change_one_setting_reruns_its_stage_and_downstream_then_going_back_is_all_hits(
-        prefect_harness, tmp_path, capsys):
-    manifest = photo_manifest(tmp_path)
-    base = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
-    first, states = run_pipeline(capsys, manifest, base)
+def test_change_one_setting_reruns_its_stage_and_downstream_then_going_back_is_all_hits(tiny_pipeline):
+    manifest, base = tiny_pipeline["manifest"], tiny_pipeline["settings"]
+    first, states = tiny_pipeline["summary"], tiny_pipeline["states"]
     assert all("Completed" in names for names in states.values()), states
     original = stage_folders(first)
     report = Path(original["score"], "report.md").read_bytes()
 
     stages = list(STAGES)
     for override, first_rerun in CHANGES:
-        summary, states = run_pipeline(capsys, manifest, [*base, override])
+        summary, states = run_pipeline(manifest, [*base, override])
         reruns = stages[stages.index(first_rerun):] if first_rerun else []
         for stage in stages:
             expected = "Completed" if stage in reruns else "Cached"
@@ -49,7 +47,7 @@ def test_change_one_setting_reruns_its_stage_and_downstream_then_going_back_is_a
             # A rerun writes a folder of its own; a hit hands on the very same folder.
             assert (stage_folders(summary)[stage] != original[stage]) == (stage in reruns), (override, stage)
 
-    again, states = run_pipeline(capsys, manifest, base)
+    again, states = run_pipeline(manifest, base)
     assert states == {stage: {"Cached"} for stage in stages}, states
     assert stage_folders(again) == original
     assert Path(original["score"], "report.md").read_bytes() == report
@@ -57,12 +55,10 @@ def test_change_one_setting_reruns_its_stage_and_downstream_then_going_back_is_a
         assert outputs.is_whole(folder), (stage, outputs.problems(folder))
 
 
-def test_every_stage_output_records_its_config_and_versions(prefect_harness, tmp_path, capsys):
-    manifest = photo_manifest(tmp_path)
-    summary, _ = run_pipeline(capsys, manifest, [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS, "train.max_steps=1"])
-    for stage, folder in stage_folders(summary).items():
+def test_every_stage_output_records_its_config_and_versions(tiny_pipeline):
+    for stage, folder in stage_folders(tiny_pipeline["summary"]).items():
         record = outputs.read_record(folder)
         assert record["stage"] == stage and record["versions"]["torch"], record
         assert outputs.problems(folder) == []
         config = yaml.safe_load(storage.read_bytes(storage.join(folder, outputs.CONFIG)))
-        assert config["train"]["max_steps"] == 1 and config["storage"]["root"] == str(tmp_path / "root")
+        assert config["train"]["max_steps"] == 2 and config["storage"]["root"] == str(tiny_pipeline["root"])
