@@ -13,12 +13,13 @@ Where tasks run and where their results persist are chosen by the profile's
 
 from __future__ import annotations
 
+import ast
 import errno
 import importlib
+import importlib.util
 import inspect
 import json
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -126,7 +127,7 @@ class LibrarySource(CachePolicy):
 
     ``TASK_SOURCE`` sees only the thin task body; the work happens in the library,
     so a change there must invalidate the cache too. The modules are those the
-    task's module refers to, followed transitively.
+    task's module imports, followed transitively.
     """
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any] | None,
@@ -138,22 +139,49 @@ class LibrarySource(CachePolicy):
 
 @lru_cache(maxsize=None)
 def _library_digest(module_name: str) -> str:
-    return value_hash({name: bytes_hash(Path(inspect.getfile(sys.modules[name])).read_bytes(), None)
+    return value_hash({name: bytes_hash(Path(_source(name)).read_bytes(), None)
                        for name in _library_modules(module_name)}, None)
 
 
 def _library_modules(module_name: str) -> set[str]:
-    """The library modules reachable from ``module_name``'s globals."""
+    """The library modules ``module_name`` imports, followed transitively, as their source
+    says (lazy imports included): what this process happened to import before must not
+    change a cache key, or two workers would key the same task apart."""
     seen: set[str] = set()
-    pending = [importlib.import_module(module_name)]
+    pending = [module_name]
     while pending:
-        module = pending.pop()
-        for value in vars(module).values():
-            name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
-            if isinstance(name, str) and name.split(".")[0] == _LIBRARY and name not in seen:
+        for name in _imported_modules(pending.pop()):
+            if name.split(".")[0] == _LIBRARY and name not in seen:
                 seen.add(name)
-                pending.append(importlib.import_module(name))
+                pending.append(name)
     return seen
+
+
+def _imported_modules(module_name: str) -> set[str]:
+    """Modules named by the import statements of ``module_name`` (and their parent packages)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(Path(_source(module_name)).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if _is_module(f"{node.module}.{alias.name}")}
+    return {".".join(name.split(".")[:end]) for name in names for end in range(1, name.count(".") + 2)}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a name inside a plain module, not a submodule
+        return False
+
+
+def _source(module_name: str) -> str:
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.origin:
+        raise ImportError(f"no source for module {module_name}")
+    return spec.origin
 
 
 def _section_parameters(fn: Callable) -> list[str]:

@@ -71,15 +71,17 @@ def flow_tree_task_runs(flow_run_id: UUID) -> list:
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
                                                 TaskRunFilterFlowRunId)
 
-    found, pending = [], [flow_run_id]
+    found, calls, pending = [], set(), [flow_run_id]
     with get_client(sync_client=True) as client:
         while pending:
             current = pending.pop()
             found += client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(
                 any_=[current])))
-            pending += [child.id for child in client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[current])))]
-    return _stage_task_runs(found)
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[current])))
+            calls |= {child.parent_task_run_id for child in children}  # the task run standing for a subflow call
+            pending += [child.id for child in children]
+    return _stage_task_runs([run for run in found if run.id not in calls])
 
 
 def subflow_task_states(parent_run_id: UUID) -> dict[str, list[str]]:
