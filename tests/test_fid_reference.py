@@ -8,34 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from flows.cli import main
+from helpers import coco_stand_in, stand_in_images
 from tokencompose_core import storage
 from tokencompose_core.fid_sets import build_fid_set, flickr30k_captions
-
-COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-
-
-def _images(folder: Path, names: list[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, colour in zip(names, COLOURS):
-        pixels = np.random.default_rng(len(name)).integers(0, 60, (48, 64, 3), dtype=np.uint8) + np.uint8(colour) // 2
-        Image.fromarray(pixels).save(folder / name)
-
-
-def coco_stand_in(folder: Path) -> tuple[str, str]:
-    """A captions_val2017.json of four JPEG images with three captions each, and its images folder."""
-    names = [f"{image_id:012d}.jpg" for image_id in (139, 285, 632, 724)]
-    _images(folder / "val2017", names)
-    images = [{"id": int(name[:-4]), "file_name": name, "height": 48, "width": 64} for name in names]
-    notes = [{"id": 1000 + 10 * i + k, "image_id": image["id"], "caption": f"A photo of thing {i} seen {k} times.\n"}
-             for i, image in enumerate(images) for k in range(3)]
-    captions = folder / "annotations" / "captions_val2017.json"
-    captions.parent.mkdir()
-    captions.write_text(json.dumps({"images": images, "annotations": notes}))
-    return str(captions), str(folder / "val2017")
-
 
 def test_coco_set_is_a_seeded_draw_of_captions_and_their_images(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,7 +45,7 @@ def test_flickr30k_token_and_karpathy_files(tmp_path: Path) -> None:
         for name, split in zip(names, ["train", "test"])]}))
     assert len(flickr30k_captions(str(token))) == 10
     assert {c.file_name for c in flickr30k_captions(str(karpathy), "test")} == {"10002456.jpg"}
-    _images(tmp_path / "flickr30k-images", names)
+    stand_in_images(tmp_path / "flickr30k-images", names)
     result = build_fid_set("flickr30k", str(karpathy), str(tmp_path / "flickr30k-images"), str(tmp_path / "out"),
                            count=3, split="test")
     assert Path(result["manifest"]).name == "flickr30k-test-3.jsonl" and result["images"] == 1
