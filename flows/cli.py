@@ -1,4 +1,4 @@
-"""The ``tokencompose`` command: one subcommand per stage, plus ``run`` and ``demo``.
+"""The ``tokencompose`` command: one subcommand per stage, plus ``run``, ``demo`` and ``fid-reference``.
 
 Each subcommand calls the stage's Prefect flow in-process. With no Prefect API
 configured, the flows report to one local Prefect server that the first command
@@ -62,10 +62,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     demo.add_argument("overrides", nargs="*", metavar="section.field=value",
                       help="overrides of the demo profile, e.g. demo.finetune_seeds=[1,2] train.token_loss_weight=0.3")
+    _fid_reference_parser(commands, common)
     server = commands.add_parser("server", help="the local Prefect server the commands share (start, status, stop)",
                                  parents=[common])
     server.add_argument("action", choices=["start", "status", "stop"])
     return parser
+
+
+def _fid_reference_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    help_text = ("write an FID reference manifest and its prompts: N random captions of COCO or Flickr30k "
+                 "(docs/EVALUATION.md)")
+    sub = commands.add_parser("fid-reference", help=help_text, description=help_text, parents=[common])
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--coco-captions", metavar="FILE", help="COCO's captions_val2017.json")
+    source.add_argument("--flickr30k-captions", metavar="FILE",
+                        help="Flickr30k's results_20130124.token or Karpathy's dataset_flickr30k.json")
+    sub.add_argument("--images", required=True, metavar="DIR", help="the folder of the captions file's images")
+    sub.add_argument("--out", required=True, metavar="DIR", help="where <name>.jsonl and <name>.txt are written")
+    sub.add_argument("--count", type=int, default=None, help="captions drawn (default 10000, the paper's)")
+    sub.add_argument("--seed", type=int, default=None, help="seed of the draw (default 0)")
+    sub.add_argument("--split", default=None, help="dataset_flickr30k.json only: train, val or test (default all)")
+    sub.add_argument("--name", default=None, help="file stem (default e.g. coco-val2017-10000)")
+
+
+def _fid_reference(args: argparse.Namespace) -> dict[str, Any]:
+    from tokencompose_core.fid_sets import build_fid_set
+
+    dataset, captions = ("coco", args.coco_captions) if args.coco_captions else ("flickr30k", args.flickr30k_captions)
+    # Unset options keep build_fid_set's defaults, the one place they are defined.
+    options = {key: value for key in ("count", "seed") if (value := getattr(args, key)) is not None}
+    return build_fid_set(dataset, captions, args.images, args.out, split=args.split, name=args.name, **options)
 
 
 def _load_flow(target: str) -> Any:
@@ -148,6 +174,8 @@ def _server(action: str) -> Any:
 def _run(args: argparse.Namespace) -> Any:
     if args.command == "server":
         return _server(args.action)
+    if args.command == "fid-reference":  # no flow: it only reads a captions file and writes two files
+        return _fid_reference(args)
     if args.command == "demo":
         from tokencompose_core.demo import load_demo_config
 

@@ -200,3 +200,56 @@ def resume_after_kill(monkeypatch: pytest.MonkeyPatch, config: PipelineConfig, c
         train_run(config, cache_uri, output_uri)
     monkeypatch.setattr(checkpoints.TrainingState, "save", save)
     return train_run(config, cache_uri, output_uri)
+
+
+def tiny_owlvit(folder: Path) -> str:
+    """A random-init OWL-ViT saved as a local model folder (no weights can be downloaded here)."""
+    import torch
+    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    from tokencompose_core.models.tokenizers import owlv2_tokenizer
+
+    text = {"vocab_size": 49408, "max_position_embeddings": 16, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 0}
+    vision = {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=32)
+                             ).save_pretrained(folder)
+    OwlViTProcessor(image_processor=OwlViTImageProcessor(size={"height": 32, "width": 32},
+                                                         crop_size={"height": 32, "width": 32}),
+                    tokenizer=owlv2_tokenizer()).save_pretrained(folder)
+    return str(folder)
+
+
+STAND_IN_COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def stand_in_images(folder: Path, names: list[str]) -> None:
+    """Small noisy JPEGs (or PNGs, by name) of distinct colours, for image sets of a few files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, colour in zip(names, STAND_IN_COLOURS):
+        pixels = np.random.default_rng(len(name)).integers(0, 60, (48, 64, 3), dtype=np.uint8) + np.uint8(colour) // 2
+        Image.fromarray(pixels).save(folder / name)
+
+
+def coco_stand_in(folder: Path) -> tuple[str, str]:
+    """A captions_val2017.json of four JPEG images with three captions each, and its images folder."""
+    names = [f"{image_id:012d}.jpg" for image_id in (139, 285, 632, 724)]
+    stand_in_images(folder / "val2017", names)
+    images = [{"id": int(name[:-4]), "file_name": name, "height": 48, "width": 64} for name in names]
+    notes = [{"id": 1000 + 10 * i + k, "image_id": image["id"], "caption": f"A photo of thing {i} seen {k} times.\n"}
+             for i, image in enumerate(images) for k in range(3)]
+    captions = folder / "annotations" / "captions_val2017.json"
+    captions.parent.mkdir(parents=True, exist_ok=True)
+    captions.write_text(json.dumps({"images": images, "annotations": notes}))
+    return str(captions), str(folder / "val2017")
+
+
+def flickr30k_stand_in(folder: Path) -> None:
+    """Flickr30k's download in miniature: results_20130124.token (five captions per image) and flickr30k-images/."""
+    names = ["1000092795.jpg", "10002456.jpg"]
+    stand_in_images(folder / "flickr30k-images", names)
+    (folder / "results_20130124.token").write_text(
+        "".join(f"{name}#{k}\tSomeone {k} in picture {name[:-4]}.\n" for name in names for k in range(5)))

@@ -18,7 +18,7 @@ def test_help_lists_every_stage() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for verb in ["nouns", "masks", "train", "sample", "score", "run", "demo"]:
+    for verb in ["nouns", "masks", "train", "sample", "score", "run", "demo", "fid-reference"]:
         assert verb in result.stdout
 
 

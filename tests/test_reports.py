@@ -71,3 +71,25 @@ def test_report_from_plain_data_and_from_scores_folders(tmp_path: Path) -> None:
     for src in sources:  # every referenced file exists relative to the report
         assert (Path(out) / src).resolve().is_file(), src
     assert "a cat — cat" in page and "overlays/img_cat.png" in page
+
+
+def test_a_runs_miou_units_count_once_across_its_scores_folders(tmp_path: Path) -> None:
+    """Two prompt sets scored with the same mask cache hold the same mIoU units; paired
+    intervals need each (unit, metric) once per run."""
+    from tokencompose_core.intervals import paired_intervals
+
+    runs = {}
+    for model, shift in (("base", 0.0), ("tuned", 5.0)):
+        folders = []
+        for prompt_set in ("coco", "ade20k"):
+            folder = str(tmp_path / f"{model}-{prompt_set}")
+            storage.atomic_write_json(storage.join(folder, "multigen.json"),
+                                      multigen_record(model, prompt_set, _mg_table(shift)))
+            units = pd.DataFrame({"unit": ["image 1 noun 0", "image 2 noun 0"], "metric": ["mIoU"] * 2,
+                                  "value": [40.0 + shift, 50.0 + shift]})
+            storage.atomic_write_parquet(units, storage.join(folder, "per_unit_segmentation.parquet"))
+            folders.append(folder)
+        runs[model] = load_run_scores(folders)
+    assert len(runs["tuned"].per_unit) == 2
+    (miou,) = paired_intervals(runs["base"].per_unit, runs["tuned"].per_unit, 1000, 0)
+    assert miou["difference"] == 5.0 and miou["units"] == 2

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import tiny_owlvit
 from tokencompose_core import evaluation, outputs, storage, visor
 from tokencompose_core.config import ModelsConfig, load_config
 from tokencompose_core.models import MissingWeightsError, load_owlvit
@@ -158,31 +159,11 @@ def test_no_visor_json_for_other_prompt_sets(tmp_path: Path) -> None:
     assert storage.read_json(storage.join(out, "multigen.json"))["two_object_accuracy"]["mean"] == 100.0
 
 
-def _tiny_owlvit(folder: Path) -> str:
-    """A random-init OWL-ViT saved as a local model folder (no weights can be downloaded here)."""
-    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
-
-    from tokencompose_core.models.tokenizers import owlv2_tokenizer
-
-    text = {"vocab_size": 49408, "max_position_embeddings": 16, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "bos_token_id": 49406, "eos_token_id": 49407,
-            "pad_token_id": 0}
-    vision = {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 1, "num_attention_heads": 2}
-    torch.manual_seed(0)
-    OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=32)
-                             ).save_pretrained(folder)
-    OwlViTProcessor(image_processor=OwlViTImageProcessor(size={"height": 32, "width": 32},
-                                                         crop_size={"height": 32, "width": 32}),
-                    tokenizer=owlv2_tokenizer()).save_pretrained(folder)
-    return str(folder)
-
-
 def test_owlvit_detector_plugin(tmp_path: Path) -> None:
     prompts = [CAT_LEFT_OF_DOG, CUP_ABOVE_CAR]
     index_uri = _samples(tmp_path / "samples", prompts, images_per_prompt=1)
     config = load_config("tiny", ["score.detector=owlvit", "score.store_threshold=0.0",
-                                  f"models.owlvit={_tiny_owlvit(tmp_path / 'owlvit')}"])
+                                  f"models.owlvit={tiny_owlvit(tmp_path / 'owlvit')}"])
     uri = scoring.detect(index_uri, prompts, config.models, config.score, str(tmp_path / "scores"), batch_size=2)
     detections = storage.read_parquet(uri)
     assert list(detections.columns) == evaluation.DETECTION_COLUMNS and len(detections) > 0

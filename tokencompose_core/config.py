@@ -277,11 +277,12 @@ class ScoreConfig(_Section):
     mask_cache: str | None = None  # None = <storage.root>/masks
     report_overlays: int = Field(8, ge=0)  # per-noun attention heat maps in the HTML report
     device: str = "auto"
-    # FID reference images: a manifest URI (COCO 2017 val captions' images, Flickr30k);
+    # FID reference images: a manifest URI (the paper's: `tokencompose fid-reference` draws it);
     # None = the manifest stage 1 read for these settings (the tiny profile's input), the rows
     # it accepted. Images that cannot be read are skipped and named in fid.json.
     fid_reference: str | None = None
-    fid_reference_images: int | None = Field(None, gt=0)  # the first N usable images (10k for COCO val)
+    # The first N usable images; None = all (a fid-reference manifest holds just the drawn images).
+    fid_reference_images: int | None = Field(None, gt=0)
     fid: bool = True
     clip: bool = True  # CLIP score (score.clip_model)
     torch_threads: TorchThreads = None  # of attention mIoU, the step that runs the U-Net

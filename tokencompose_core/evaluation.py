@@ -96,7 +96,9 @@ def detect_open_vocabulary(index_uri: str, prompts: list[Prompt], model: Any, pr
         raise ValueError(f"index {index_uri} has prompt ids without a prompt: {missing[:5]}")
     torch_device = next(model.parameters()).device
     rows: list[tuple] = []
-    records = index.to_dict("records")
+    # A prompt without categories (a caption file, e.g. FID's prompts) gives the detector nothing to
+    # look for: its images have no detections, and its set reports no MG_k (reported_ks).
+    records = [r for r in index.to_dict("records") if by_id[r["prompt_id"]].categories]
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         images = [read_image(r["image_uri"]) for r in batch]

@@ -117,7 +117,10 @@ def load_run_scores(scores_uris: list[str]) -> RunScores:
                 setattr(run, name, storage.read_json(storage.join(uri, f"{name}.json")))
         if run.visor is not None:  # VISOR's OA compares with the paper's only under VISOR's detector
             run.visor["detector"] = scored_with(uri)
-        run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True)
+        # Attention mIoU is the model's on the mask cache, whatever the prompts: each scores folder
+        # of the run holds the same mIoU units, which count once (as run.miou, the last one read).
+        run.per_unit = pd.concat([run.per_unit, read_per_unit(uri)], ignore_index=True).drop_duplicates(
+            ["unit", "metric"], keep="last", ignore_index=True)
         segmentation_uri = storage.join(uri, "segmentation.json")
         if storage.exists(segmentation_uri):
             run.miou = storage.read_json(segmentation_uri)

@@ -4,7 +4,8 @@ Output: ``<root>/masks/masks-<key>/`` (key: the mask settings and everything
 upstream); the cache is filled shard by shard (the units), so a larger nouns table
 extends it and a killed run resumes at the first uncommitted shard. Given the
 reference's ``metadata.jsonl`` instead of a nouns table, the one unit imports the
-released masks into ``<root>/masks/reference-<key>/``.
+released masks into ``<root>/masks/reference-<key>/``. Stage 3's default input
+(:func:`current_cache`) is the cache made with these settings, else the newest such import.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from tokencompose_core.identity import uri_identity
 from tokencompose_core.manifest import ImagePaths, import_reference, masks_input_kind
 from tokencompose_core.stages import stage_fingerprint
 
-__all__ = ["MasksPlan", "plan", "summary", "run_mask_shard", "import_reference"]
+__all__ = ["MasksPlan", "plan", "summary", "run_mask_shard", "import_reference", "current_cache"]
+
+# The fingerprint of an import: this prefix and the metadata's content (no mask setting made it).
+REFERENCE_PREFIX = "reference-"
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def plan(config: PipelineConfig, input_uri: str | None) -> MasksPlan:
     storage.check_input(source, config.storage)
     identity = uri_identity(source)
     if masks_input_kind(source) == "reference":
-        fingerprint = f"reference-{identity}"
+        fingerprint = f"{REFERENCE_PREFIX}{identity}"
         out_uri = outputs.output_folder(config, "masks", "reference",
                                         [fingerprint, config.masks.shard_size, asdict(reference_paths(config))])
         return MasksPlan(source, identity, fingerprint, out_uri, outputs.keep_if_whole(out_uri), [], True)
@@ -55,6 +59,22 @@ def plan(config: PipelineConfig, input_uri: str | None) -> MasksPlan:
     whole = outputs.keep_if_whole(out_uri)  # a damaged shard is removed, so its unit runs again
     shards = plan_masks(source, out_uri, config.masks.shard_size, fingerprint)
     return MasksPlan(source, identity, fingerprint, out_uri, whole, shards, False)
+
+
+def current_cache(config: PipelineConfig) -> str:
+    """The mask cache stage 3 trains on by default: the newest one made with these settings,
+    else the newest import of the authors' released data (``tokencompose masks --input
+    metadata.jsonl``), whose key holds no mask setting since no detector made it."""
+    found = outputs.discover(config, "masks", stage_fingerprint(config, "masks"))
+    if found:
+        return found[0]
+    imports = sorted((record["created"], uri) for record, uri in outputs.finished(config, "masks")
+                     if str(record.get("fingerprint", "")).startswith(REFERENCE_PREFIX))
+    if imports:
+        return imports[-1][1]
+    root = storage.join(config.storage.root, "masks")
+    raise FileNotFoundError(f"no masks output for these settings and no import of the authors' data under {root}; "
+                            "run `tokencompose masks` first (--input metadata.jsonl imports theirs) or pass --input")
 
 
 def reference_paths(config: PipelineConfig) -> ImagePaths:

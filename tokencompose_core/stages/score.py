@@ -36,6 +36,7 @@ from tokencompose_core.mask_cache import COMPLETED, MaskCache, heldout_image_ids
 from tokencompose_core.reports import MG_KS, multigen_record
 from tokencompose_core.sampling import Prompt, model_fingerprint
 from tokencompose_core.stages import stage_fingerprint
+from tokencompose_core.stages.masks import current_cache
 from tokencompose_core.stages.sample import model_name, samples_folder
 from tokencompose_core.threads import pinned_threads
 
@@ -187,17 +188,18 @@ def plan_scores(config: PipelineConfig, samples_uri: str, fingerprint: str,
 
 
 def heldout_cache(config: PipelineConfig) -> HeldoutCache | None:
-    """The mask cache for attention mIoU: ``score.mask_cache``, else the one these
-    settings made under <root>/masks; None when mIoU is off or there is none."""
+    """The mask cache for attention mIoU: ``score.mask_cache``, else the one training reads by
+    default (these settings' cache, else the newest import of the authors' data); None when
+    mIoU is off or there is none."""
     if not config.score.heldout_images:
         return None
     if config.score.mask_cache:
         uri = storage.check_input(config.score.mask_cache, config.storage)
     else:
-        found = outputs.discover(config, "masks", stage_fingerprint(config, "masks"))
-        if not found:
+        try:
+            uri = current_cache(config)
+        except FileNotFoundError:
             return None
-        uri = found[0]
     if not storage.exists(storage.join(uri, COMPLETED)):
         return None
     return HeldoutCache(uri, uri_identity(uri))

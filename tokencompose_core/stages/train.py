@@ -18,6 +18,7 @@ from tokencompose_core.config import PipelineConfig
 from tokencompose_core.identity import uri_identity
 from tokencompose_core.mask_cache import require_committed
 from tokencompose_core.stages import stage_fingerprint
+from tokencompose_core.stages.masks import current_cache
 from tokencompose_core.train import train
 
 __all__ = ["TrainPlan", "plan", "summary", "train", "result_files"]
@@ -37,8 +38,9 @@ class TrainPlan:
 
 
 def plan(config: PipelineConfig, input_uri: str | None) -> TrainPlan:
-    """``input_uri``: the mask cache (default: stage 2's output for these settings)."""
-    cache_uri = storage.check_input(input_uri or outputs.current(config, "masks"), config.storage)
+    """``input_uri``: the mask cache (default: stage 2's output for these settings, else the
+    newest import of the authors' data)."""
+    cache_uri = storage.check_input(input_uri or current_cache(config), config.storage)
     for uri in (config.train.init_model, config.train.init_unet):
         if uri:
             storage.check_input(uri, config.storage)
