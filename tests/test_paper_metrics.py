@@ -140,7 +140,7 @@ def test_missing_inception_weights_name_the_file(tmp_path: Path) -> None:
 
 def test_clip_score_per_image_and_per_prompt(tmp_path: Path) -> None:
     from tokencompose_core.config import ScoreConfig
-    from tokencompose_core.scoring import score_clip
+    from tokencompose_core.stages.score import score_clip
 
     images = _images(tmp_path / "samples", 4, seed=2)
     index = pd.DataFrame({"prompt_id": [0, 0, 1, 1], "image_index": [0, 1, 0, 1], "prompt": ["a cat", "a cat",

@@ -142,7 +142,7 @@ def _batch(time_ids: torch.Tensor | None) -> Batch:
 def test_training_step_passes_add_time_ids_and_grounding_losses_have_gradients(xl_dir) -> None:
     config = load_config("tiny-xl")
     parts = load_diffusion(xl_dir)
-    groups = train_module._groups(parts.unet, config, 8)
+    groups = train_module._groups(parts.unet, config.train, 8)
     assert set(groups) == {"mid_2", "up_2", "up_4"}
     seen: list[dict] = []
     parts.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
@@ -184,7 +184,8 @@ def test_normalising_by_layer_count_turns_the_group_sum_into_a_mean() -> None:
 def test_sampling_tiny_xl_makes_images_with_zeroed_unconditional(xl_dir, tmp_path) -> None:
     config = load_config("tiny-xl", ["sample.images_per_prompt=2", "sample.batch_size=2",
                                      "sample.num_inference_steps=2", "sample.device=cpu"])
-    index = sample(config, xl_dir, str(tmp_path / "samples"), [Prompt(0, "a photo of a cat and a dog")])
+    index = sample(config.sample, config.models, xl_dir, str(tmp_path / "samples"),
+                   [Prompt(0, "a photo of a cat and a dog")])
     images = [np.asarray(Image.open(uri)) for uri in pd.read_parquet(index).image_uri]
     assert len(images) == 2 and all(image.shape == (64, 64, 3) for image in images)
     assert not np.array_equal(images[0], images[1])  # seeded per image
