@@ -205,3 +205,18 @@ def _demo_task_states() -> dict[str, list[str]]:
     for run in flow_tree_task_runs(latest.id):
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return {task: sorted(names) for task, names in states.items()}
+
+
+def test_the_scores_digest_ignores_where_results_lie_and_nothing_else() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from demo_scores_digest import scores_digest
+
+    record = {"index_uri": "/a/index.parquet", "multigen": {"3 objects": {"MG2": {"mean": 50.0}}},
+              "segmentation": {"overall": {"miou_fixed": 40.0}, "overlays": [{"uri": "/a/o.png", "iou": 0.5}]}}
+    results = {"scores": {"base": record}, "conclusions": [], "verdict": "v", "table": []}
+    moved = json.loads(json.dumps(results).replace("/a/", "/elsewhere/"))
+    assert scores_digest(moved) == scores_digest(results)
+    changed = json.loads(json.dumps(results).replace("50.0", "50.1"))
+    assert scores_digest(changed) != scores_digest(results)
