@@ -9,6 +9,7 @@ same digest as before it. Prints one line per file and, for several files, wheth
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -32,10 +33,10 @@ def scores_digest(results: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def main(paths: list[str]) -> int:
-    if not paths:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="a demo's results.json")
+    paths = parser.parse_args(argv).results
     digests = []
     for path in paths:
         with open(path, encoding="utf-8") as handle:
