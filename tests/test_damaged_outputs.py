@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline, stage_folders
+from helpers import run_pipeline, stage_folders
 from tokencompose_core import outputs
 
 
@@ -44,10 +44,10 @@ def _append_space(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(prefect_harness, tmp_path, capsys):
-    manifest = photo_manifest(tmp_path)
-    argv = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
-    first, _ = run_pipeline(manifest, argv)
+def test_damaged_or_missing_outputs_are_redone_and_the_rest_stays_cached(tiny_pipeline):
+    # The session's pipeline run: every damage below is repaired to the same bytes, so the
+    # other tests reading it find it as it was.
+    manifest, argv, first = tiny_pipeline["manifest"], tiny_pipeline["settings"], tiny_pipeline["summary"]
     folders = stage_folders(first)
     png = _one(folders["sample"], "images/*/*.png")
     unet = _one(folders["train"], "unet/*.safetensors")
