@@ -1,78 +1,93 @@
-"""Training under ``accelerate launch`` with two CPU processes (gloo): kill, then resume."""
+"""Training on two CPU processes (gloo) from the pipeline: a process killed, the run resumed, then cached."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
-from helpers import free_port, make_cache
+from helpers import flow_task_states, make_cache
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
+from tokencompose_core.launch import LOG_FILE
 
 
-def _launch(cache: str, output: Path, log: Path, *overrides: str) -> subprocess.Popen:
-    # accelerate 1.x: `--cpu` alone starts a single process (several need mpirun); torchrun
-    # workers (`--multi_gpu`) with ACCELERATE_USE_CPU become a MULTI_CPU (gloo) group.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "tokencompose_core.train", "-p", "tiny", "--cache", cache, "--output", str(output),
-        f"storage.root={output.parent}", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
-        "train.batch_size=1", *overrides,
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    # A session of its own, so the test can stop the launcher and both workers together.
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+def _kill_the_training_processes_after_a_checkpoint(root: Path, killed: dict) -> None:
+    """SIGKILL the accelerate launcher and its workers once a run has a checkpoint: a lost node."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        runs = [run for run in (root / "train").glob("*") if checkpoint_steps(str(run))]
+        launchers = [p for p in psutil.Process().children(recursive=True)
+                     if "accelerate.commands.launch" in " ".join(p.cmdline())]
+        if runs and launchers:
+            killed["step"] = checkpoint_steps(str(runs[0]))[-1]
+            processes = [child for launcher in launchers for child in launcher.children(recursive=True)] + launchers
+            for process in processes:
+                process.kill()
+            psutil.wait_procs(processes, timeout=30)
+            return
+        time.sleep(0.05)
 
 
-def _kill(launcher: subprocess.Popen) -> None:
-    """SIGKILL the workers (torchrun starts each in a session of its own), then the launcher."""
-    workers = psutil.Process(launcher.pid).children(recursive=True)
-    for worker in workers:
-        worker.kill()
-    psutil.wait_procs(workers, timeout=30)
-    os.killpg(launcher.pid, signal.SIGKILL)
-    launcher.wait()
+def _train(argv: list[str]) -> dict:
+    from flows.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return json.loads(printed.getvalue())
 
 
-def test_two_process_training_is_killed_and_resumes(tmp_path):
-    cache = make_cache(tmp_path / "data")
-    output = tmp_path / "run"
-    first = _launch(cache, output, tmp_path / "first.log", "train.max_steps=200")
-    deadline = time.monotonic() + 120
-    try:
-        while not checkpoint_steps(str(output)) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        _kill(first)
-    steps = checkpoint_steps(str(output))
-    assert steps, (tmp_path / "first.log").read_text()[-3000:]
-    stopped = steps[-1]
-    assert stopped < 200  # it really was interrupted
-    saved = Path(checkpoint_dir(str(output), stopped))
+def _latest_train_states() -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
+                                          sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return flow_task_states(latest.id)
+
+
+@pytest.mark.slow
+def test_two_process_training_survives_a_killed_process_and_is_then_cached(prefect_harness, tmp_path):
+    """`tokencompose train train.num_processes=2` on the CPU: both processes train (rng state per
+    rank), a kill of every training process fails the task, whose retry resumes from the newest
+    checkpoint rather than restarting, and the same command again is a cache hit."""
+    root = tmp_path / "root"
+    argv = ["train", "-p", "tiny", "--input", make_cache(tmp_path / "data"), f"storage.root={root}",
+            "train.num_processes=2", "train.max_steps=12", "train.checkpoint_every=2",
+            "train.checkpoints_total_limit=2", "train.batch_size=1", "train.log_every=1"]
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_the_training_processes_after_a_checkpoint, args=(root, killed))
+    killer.start()
+    summary = _train(argv)
+    killer.join()
+    run = Path(summary["output_uri"])
+    log = (run / LOG_FILE).read_text()
+    assert killed and killed["step"] < 12, log[-3000:]  # it really was interrupted
+    assert f"at step {killed['step']}" in log, log[-3000:]  # the retry resumed, not restarted
+    assert summary["global_step"] == 12 and checkpoint_steps(str(run))[-1] == 12
+    steps_logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 13))
+    saved = Path(checkpoint_dir(str(run), 12))
     assert {"rng-0.pt", "rng-1.pt", "optimizer.pt", "lr_scheduler.pt", "state.json"} <= set(os.listdir(saved))
     optimizer = torch.load(saved / "optimizer.pt", weights_only=True)
-    assert optimizer["state"] and json.loads((saved / "state.json").read_text())["global_step"] == stopped
-
-    second = _launch(cache, output, tmp_path / "second.log", f"train.max_steps={stopped + 2}")
-    assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    log = (tmp_path / "second.log").read_text()
-    assert f"at step {stopped}" in log, log[-3000:]  # resumed, not restarted
-    assert checkpoint_steps(str(output))[-1] == stopped + 2
-    steps_logged = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert steps_logged == list(range(1, stopped + 3))
+    assert optimizer["state"] and json.loads((saved / "state.json").read_text())["global_step"] == 12
 
     from diffusers import UNet2DConditionModel
 
-    final = UNet2DConditionModel.from_pretrained(output / "unet")
-    resumed = UNet2DConditionModel.from_pretrained(saved / "unet")
-    changed = [name for name, p in final.state_dict().items() if not torch.equal(p, resumed.state_dict()[name])]
-    assert changed  # the two resumed steps trained the model further
+    final = UNet2DConditionModel.from_pretrained(run / "unet")
+    at_kill = UNet2DConditionModel.from_pretrained(Path(checkpoint_dir(str(run), 10)) / "unet")
+    changed = [name for name, p in final.state_dict().items() if not torch.equal(p, at_kill.state_dict()[name])]
+    assert changed  # the steps after the kill trained the model further
+
+    again = _train(argv)
+    assert again["output_uri"] == summary["output_uri"] and _latest_train_states() == ["Cached"]

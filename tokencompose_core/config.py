@@ -188,6 +188,9 @@ class TrainConfig(_Section):
     # A trained run folder (or its unet/) to fine-tune on from; counts in the key by content.
     init_unet: str | None = None
     torch_threads: TorchThreads = None
+    # Processes training together (accelerate launch from the train task): None = one per
+    # visible GPU, 1 on a CPU machine. Each takes train.batch_size, so it shapes the run.
+    num_processes: int | None = Field(None, gt=0)
     resolution: int = Field(512, gt=0)
     max_steps: int = Field(24_000, gt=0)
     batch_size: int = Field(1, gt=0)

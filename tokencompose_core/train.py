@@ -71,6 +71,7 @@ from tokencompose_core.checkpoints import (
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import LoraAdapterConfig, ModelsConfig, TrainConfig, load_config
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
+from tokencompose_core.launch import RESULT_FILE
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
 from tokencompose_core.metrics import MetricsLog, plot_loss_curve, tensorboard_writer
@@ -410,18 +411,30 @@ def _loop(cfg: TrainConfig, trainer: TrainingState, model: _Model, loader, metri
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``accelerate launch -m tokencompose_core.train`` (no Prefect)."""
+    """Entry point for ``accelerate launch -m tokencompose_core.train`` (no Prefect): a profile
+    and overrides, or (the train task's several processes, tokencompose_core.launch) the
+    sections in a settings file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-p", "--profile", default="tiny")
+    parser.add_argument("--settings", default=None, help="JSON with the train and models sections, heldout_images")
     parser.add_argument("--cache", required=True, help="mask cache URI")
     parser.add_argument("--output", required=True, help="run folder (local or mounted path)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.profile, args.overrides)
-    result = train(config.train, config.models, args.cache, args.output, config.score.heldout_images)
+    if args.settings:
+        settings = storage.read_json(args.settings)
+        sections = (TrainConfig.model_validate(settings["train"]), ModelsConfig.model_validate(settings["models"]),
+                    int(settings["heldout_images"]))
+    else:
+        config = load_config(args.profile, args.overrides)
+        sections = (config.train, config.models, config.score.heldout_images)
+    cfg, models, heldout_images = sections
+    result = train(cfg, models, args.cache, args.output, heldout_images)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.__dict__, indent=2))
+        if args.settings:  # what the launching task reads back
+            storage.atomic_write_json(os.path.join(local_path(args.output), RESULT_FILE), result.__dict__)
     return 0
 
 

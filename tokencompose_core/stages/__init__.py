@@ -100,6 +100,12 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict:
     sections["nouns"]["image_roots"] = config.storage.allowed_roots
     # The image allowlist counts by its ids, however it is given (a shipped list's name, a file).
     sections["nouns"]["image_ids"] = allowlist_identity(config.nouns.image_ids)
+    if "train" in sections:
+        # How many processes train together shapes the run (each takes a batch): the count
+        # this machine resolves the setting to.
+        from tokencompose_core.launch import resolve_num_processes
+
+        sections["train"]["num_processes"] = resolve_num_processes(config.train.num_processes)
     if "train" in sections and config.train.init_unet:
         # The U-Net a fine-tune starts from counts by its content, wherever it lies.
         sections["train"]["init_unet"] = uri_identity(config.train.init_unet)
