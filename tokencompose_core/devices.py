@@ -1,9 +1,9 @@
 """Where work runs: one rule for every stage that uses a GPU.
 
 A process uses the first device it sees. On a machine with several GPUs each worker
-process sees only its own (``CUDA_VISIBLE_DEVICES`` is set for it before CUDA starts,
-``tasks.common.task_runner``), so no stage picks a GPU by shard index and a worker
-never touches another worker's GPU.
+process sees its own GPU first (``CUDA_VISIBLE_DEVICES`` is set for it before CUDA
+starts, ``tasks.common.gpu_cluster``), so no stage picks a GPU by shard index and two
+workers never share one.
 """
 
 from __future__ import annotations
