@@ -25,13 +25,13 @@ from bench.report import emit  # noqa: E402
 import torch  # noqa: E402
 
 from tokencompose_core.config import load_config  # noqa: E402
+from tokencompose_core.devices import resolve_device  # noqa: E402
 from tokencompose_core.models import resolve_diffusion_dir  # noqa: E402
 from tokencompose_core.sampling import (  # noqa: E402
     build_scheduler,
     generate_images,
     load_parts,
     load_prompts,
-    resolve_device,
     resolve_dtype,
     shard_items,
 )

@@ -38,6 +38,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from tokencompose_core.config import PipelineConfig
+from tokencompose_core.devices import gpu_count
 from tokencompose_core.identity import bytes_hash, value_hash
 from tokencompose_core.stages import STAGES
 from tokencompose_core.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
@@ -263,8 +264,9 @@ def recompute_unless(stage_task_: Task, whole: bool) -> Task:
 def task_runner(config: PipelineConfig) -> TaskRunner:
     """The profile's task runner: Prefect's thread pool, or Dask via prefect-dask.
 
-    With ``dask_address`` the flow connects to that existing cluster; without, it
-    starts a LocalCluster of ``dask_workers`` processes for its own duration.
+    With ``dask_address`` the flow connects to that existing cluster (each of its workers
+    should own one GPU); without, it starts a local cluster for its own duration: one
+    worker per GPU (:func:`gpu_cluster`), or ``dask_workers`` CPU workers.
     """
     settings = config.orchestration
     if settings.task_runner == "default":
@@ -279,6 +281,9 @@ def task_runner(config: PipelineConfig) -> TaskRunner:
     # time, and a CPU training step ran 1.6x slower (half of it system time). Keep
     # glibc's adaptive default for the workers this flow starts.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    gpus = gpu_count() if settings.gpus is None else settings.gpus
+    if gpus:
+        return gpu_cluster(gpus, settings.dask_threads_per_worker, _worker_api_env())
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": settings.dask_workers,
         "threads_per_worker": settings.dask_threads_per_worker,
@@ -286,6 +291,35 @@ def task_runner(config: PipelineConfig) -> TaskRunner:
         "dashboard_address": None,
         "env": _worker_api_env(),
     })
+
+
+def gpu_cluster(gpus: int, threads: int, env: dict[str, str]) -> TaskRunner:
+    """A local cluster of one worker per GPU, worker i seeing only GPU i
+    (``CUDA_VISIBLE_DEVICES=i`` set before CUDA starts in it): every stage's ``auto``
+    device (:func:`tokencompose_core.devices.resolve_device`) is then that worker's own GPU.
+
+    dask-cuda's ``LocalCUDACluster`` when it is installed (worker i sees GPU i first, then
+    the others, and is pinned to the CPU cores near its GPU); else a ``SpecCluster`` of
+    one ``Nanny`` spec per GPU, which does the same pinning with plain distributed.
+    """
+    import dask
+    from prefect_dask import DaskTaskRunner
+
+    if importlib.util.find_spec("dask_cuda") is not None:
+        # LocalCUDACluster replaces each worker's ``env`` with its CUDA_VISIBLE_DEVICES:
+        # the rest goes through Dask's config, which every Nanny of this process reads.
+        dask.config.set({f"distributed.nanny.environ.{name}": value for name, value in env.items()})
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs={
+            "CUDA_VISIBLE_DEVICES": list(range(gpus)), "threads_per_worker": threads, "dashboard_address": None})
+    local = {"host": "127.0.0.1", "protocol": "tcp://"}
+    # Each worker may use its share of the machine's memory, as LocalCluster's workers do.
+    workers = {f"gpu-{index}": {"cls": "distributed.Nanny", "options": {
+                   **local, "nthreads": threads, "memory_limit": 1 / gpus,
+                   "env": {**env, "CUDA_VISIBLE_DEVICES": str(index)}}}
+               for index in range(gpus)}
+    return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs={
+        "scheduler": {"cls": "distributed.Scheduler", "options": {**local, "dashboard_address": None}},
+        "workers": workers})
 
 
 def _worker_api_env() -> dict[str, str]:

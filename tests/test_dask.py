@@ -56,3 +56,26 @@ def test_masks_on_a_two_worker_dask_cluster_match_a_single_process(prefect_harne
     assert mask_cache.completed_shards(distributed["cache_uri"]) == mask_cache.completed_shards(local["cache_uri"])
     assert _shards(distributed["cache_uri"]) == _shards(local["cache_uri"])
 
+
+
+def test_each_gpu_worker_runs_its_shards_on_its_own_device(prefect_harness, tmp_path):
+    """orchestration.gpus=2: the local cluster has one worker per GPU, worker i seeing only GPU i,
+    and mask and sample shards alike run where their worker's CUDA_VISIBLE_DEVICES points (on
+    this CPU machine the work itself runs on the CPU)."""
+    from flows.sample import sample_flow
+
+    overrides = [f"storage.root={tmp_path / 'root'}", "orchestration.task_runner=dask", "orchestration.gpus=2",
+                 "masks.shard_size=1", "masks.batch_size=1", "sample.num_shards=2", "sample.max_prompts=2",
+                 "sample.images_per_prompt=1", "sample.num_inference_steps=2"]
+    config = load_config("tiny", overrides)
+    nouns = nouns_flow("tiny", overrides, _manifest(tmp_path))["nouns_uri"]
+    masks = configured(masks_flow, config)
+    assert masks.task_runner.cluster_class == "distributed.SpecCluster"  # no dask-cuda here
+    masked = masks("tiny", overrides, nouns)
+    assert sorted(run["visible_gpus"] for run in masked["shard_runs"]) == ["0", "1"]
+    assert all(run["images_per_s"] > 0 for run in masked["shard_runs"]) and masked["images_per_s"] > 0
+
+    sampled = configured(sample_flow, config)("tiny", overrides)
+    shard_stats = [storage.read_json(str(path)) for path in sorted(Path(sampled["output_uri"], "shards").glob("stats-*"))]
+    assert sorted(stats["visible_gpus"] for stats in shard_stats) == ["0", "1"]
+    assert {stats["device"] for stats in shard_stats} == {"cpu"} and sampled["images_per_s"] > 0

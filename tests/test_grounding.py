@@ -198,6 +198,9 @@ def test_completed_shard_is_skipped_without_loading_models(tmp_path) -> None:
     first = run_mask_shard(nouns, cache, "shard-00000", factory, "fp", 4, 10**6)
     again = run_mask_shard(nouns, cache, "shard-00000", factory, "fp", 4, 10**6)
     assert not first["skipped"] and again["skipped"] and len(loads) == 1
+    # Throughput and place are those of the run that ground; a skipped shard ran nothing.
+    assert first["images_per_s"] > 0 and first["device"] == "cpu"
+    assert again["images_per_s"] is None and again["device"] is None
     changed = run_mask_shard(nouns, cache, "shard-00000", factory, "fp2", 4, 10**6)  # new thresholds
     assert not changed["skipped"] and len(loads) == 2
     assert shard_inputs_digest(nouns) != shard_inputs_digest(nouns.assign(caption="another"))

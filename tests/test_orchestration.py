@@ -204,6 +204,32 @@ def test_local_dask_workers_keep_the_default_malloc_trimming_and_report_to_our_a
     assert environ["MALLOC_TRIM_THRESHOLD_"] is None and str(environ["OMP_NUM_THREADS"]) == "1"
 
 
+def test_local_cluster_has_one_worker_per_gpu_each_seeing_only_its_own(prefect_harness, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    import dask
+    from prefect.settings import get_current_settings
+
+    gpus = ["orchestration.task_runner=dask", "orchestration.gpus=2"]
+    workers = task_runner(load_config("tiny", gpus)).cluster_kwargs["workers"]
+    assert [spec["options"]["env"]["CUDA_VISIBLE_DEVICES"] for spec in workers.values()] == ["0", "1"]
+    assert task_runner(load_config("tiny", [*gpus[:1], "orchestration.gpus=0"])).cluster_kwargs["n_workers"] == 2
+    # With dask-cuda installed (a stand-in here: it needs CUDA), its LocalCUDACluster does the pinning.
+    stand_in = types.ModuleType("dask_cuda")
+    stand_in.LocalCUDACluster = object
+    monkeypatch.setitem(sys.modules, "dask_cuda", stand_in)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "dask_cuda" else find_spec(name, *args))
+    runner = task_runner(load_config("tiny", gpus))
+    assert runner.cluster_class == "dask_cuda.LocalCUDACluster"
+    assert runner.cluster_kwargs["CUDA_VISIBLE_DEVICES"] == [0, 1]
+    # It overwrites each worker's env: the API URL reaches the workers through Dask's config.
+    assert dask.config.get("distributed.nanny.environ.PREFECT_API_URL") == get_current_settings().api.url.rstrip("/")
+
+
 # ---------------------------------------------------------------------------
 # The real five stages, demo-sized: tiny models, three photos, a few steps.
 # ---------------------------------------------------------------------------

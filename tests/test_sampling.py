@@ -183,15 +183,19 @@ def test_unknown_scheduler_is_refused(pixel_model_dir: str, tmp_path: Path) -> N
         sample_run(config, pixel_model_dir, str(tmp_path / "x"), [Prompt(0, "a red circle")])
 
 
-def test_auto_device_spreads_shards_over_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_device_is_the_first_gpu_this_process_sees(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tokencompose_core.sampling import resolve_device, resolve_dtype
+    from tokencompose_core.devices import resolve_device
+    from tokencompose_core.sampling import resolve_dtype
 
+    # Each worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so "auto" never picks by shard.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert [str(resolve_device("auto", worker=w)) for w in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
-    assert str(resolve_device("cpu", worker=1)) == "cpu"
+    assert str(resolve_device("auto")) == "cuda"
+    assert str(resolve_device("cuda:1")) == "cuda:1" and str(resolve_device("cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(resolve_device("auto")) == "cpu"
     assert resolve_dtype("fp16", torch.device("cuda:1")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.float32  # half precision is GPU-only
 

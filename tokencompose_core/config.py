@@ -316,6 +316,10 @@ class OrchestrationConfig(_Section):
     dask_address: str | None = None
     dask_workers: int = Field(2, gt=0)
     dask_threads_per_worker: int = Field(1, gt=0)
+    # GPUs of the LocalCluster: one worker per GPU, each seeing only its own. None: the
+    # CUDA devices of this machine; 0: ``dask_workers`` CPU workers. A remote cluster
+    # (``dask_address``) is trusted to give each worker one GPU of its own.
+    gpus: int | None = Field(None, ge=0)
     # Prefect task results and cache records: any fsspec URL; None = <storage.root>/_prefect/results.
     result_storage: str | None = None
 

@@ -20,6 +20,7 @@ from PIL import Image
 from tokencompose_core import storage
 from tokencompose_core.conditioning import square_time_ids, unet_kwargs
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, SampleConfig, ScoreConfig
+from tokencompose_core.devices import resolve_device
 from tokencompose_core.identity import seed_from
 from tokencompose_core.manifest import ImageError, decode_image
 from tokencompose_core.sampling import (
@@ -27,7 +28,6 @@ from tokencompose_core.sampling import (
     encode_prompts,
     load_parts,
     png_bytes,
-    resolve_device,
     resolve_dtype,
 )
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,6 +41,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from tokencompose_core import mask_cache, storage
+from tokencompose_core.devices import placement, resolve_device
 from tokencompose_core.identity import bytes_hash
 
 # GroundingDINO's ImageNet normalisation and its 800/1333 short/long side ratio.
@@ -274,7 +276,7 @@ class GroundedSam:
         """Build from a ``ModelsConfig`` and a ``MasksConfig`` (models via ``tokencompose_core.models``)."""
         from tokencompose_core.models import load_grounding_dino, load_sam
 
-        device = resolve_device(masks.device)
+        device = str(resolve_device(masks.device))
         options = {"random_weights": True} if random_weights else {}
         return cls(
             load_grounding_dino(models, device=device, **options),
@@ -381,13 +383,6 @@ class GroundedSam:
         with self._lock:
             detections = self.detect(images, nouns)
             return [self.segment(image, found) for image, found in zip(images, detections)]
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 MASKS_STAGE = "masks"
@@ -588,8 +583,18 @@ def run_mask_shard(
     inputs = shard_inputs_digest(nouns_rows)
     done = mask_cache.completed_shards(cache_uri).get(shard_name)
     if done and _committed_for(cache_uri, shard_name, done, fingerprint, inputs):
-        return {"shard": shard_name, "skipped": True, **done}
-    rows, rejects = ground_shard(nouns_rows, grounder_factory(), fingerprint, batch_size, max_image_pixels)
+        return {"shard": shard_name, "skipped": True, **done, **_throughput(0, 0.0), **placement(None)}
+    grounder = grounder_factory()
+    started = time.perf_counter()
+    rows, rejects = ground_shard(nouns_rows, grounder, fingerprint, batch_size, max_image_pixels)
+    seconds = time.perf_counter() - started
     # A shard where every image was rejected still commits (its rejects say why).
     mask_cache.commit_shard(cache_uri, shard_name, rows, rejects, inputs=inputs, fingerprint=fingerprint)
-    return {"shard": shard_name, "skipped": False, **mask_cache.completed_shards(cache_uri)[shard_name]}
+    # Stand-in grounders (tests) have no device: they run on the CPU.
+    return {"shard": shard_name, "skipped": False, **mask_cache.completed_shards(cache_uri)[shard_name],
+            **_throughput(nouns_rows["image_id"].nunique(), seconds), **placement(getattr(grounder, "device", "cpu"))}
+
+
+def _throughput(images: int, seconds: float) -> dict[str, Any]:
+    """A shard's grounding time and images/s (None when it ground nothing)."""
+    return {"seconds": seconds, "images_per_s": images / seconds if seconds else None}

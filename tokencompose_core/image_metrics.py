@@ -51,13 +51,13 @@ def _uint8_batches(images: Iterable[Image.Image], batch_size: int, side: int) ->
         yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
 
 
-def fid_metric(inception: torch.nn.Module) -> Any:
-    """torchmetrics' FID over our Inception; the reference states survive ``reset``."""
+def fid_metric(inception: torch.nn.Module, device: torch.device | str = "cpu") -> Any:
+    """torchmetrics' FID over our Inception, on ``device``; the reference states survive ``reset``."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=inception, reset_real_features=False, normalize=False)
     metric.persistent(True)
-    return metric
+    return metric.to(device)
 
 
 def reference_images(manifest_uri: str, accepted_uri: str | None = None,
@@ -112,15 +112,15 @@ def _too_few(manifest_uri: str, used: int, rejects: list[dict[str, str]]) -> str
 @torch.no_grad()
 def reference_statistics(manifest_uri: str, limit: int | None, inception: torch.nn.Module, out_uri: str,
                          batch_size: int, accepted_uri: str | None = None, paths: ImagePaths | None = None,
-                         max_pixels: int = MAX_IMAGE_PIXELS) -> str:
-    """Accumulate the Inception statistics of the first ``limit`` usable reference images
-    -> reference_stats.safetensors URI, with ``reference.json`` (the images skipped, and why)."""
+                         max_pixels: int = MAX_IMAGE_PIXELS, device: torch.device | str = "cpu") -> str:
+    """Accumulate the Inception statistics of the first ``limit`` usable reference images on
+    ``device`` -> reference_stats.safetensors URI, with ``reference.json`` (the images skipped, and why)."""
     from safetensors.torch import save
 
     candidates, rejects = reference_images(manifest_uri, accepted_uri, paths)
-    metric, used = fid_metric(inception), 0
+    metric, used = fid_metric(inception, device), 0
     for batch in _uint8_batches(_usable_images(candidates, limit, max_pixels, rejects), batch_size, INCEPTION_SIDE):
-        metric.update(batch, real=True)
+        metric.update(batch.to(device), real=True)
         used += len(batch)
     if used < 2:
         raise ValueError(_too_few(manifest_uri, used, rejects))
@@ -134,8 +134,9 @@ def reference_statistics(manifest_uri: str, limit: int | None, inception: torch.
 
 
 @torch.no_grad()
-def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_uri: str, batch_size: int) -> str:
-    """FID of a samples folder's images against cached reference statistics -> fid.json URI."""
+def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_uri: str, batch_size: int,
+              device: torch.device | str = "cpu") -> str:
+    """FID of a samples folder's images against cached reference statistics, on ``device`` -> fid.json URI."""
     from safetensors.torch import load
 
     states = load(storage.read_bytes(stats_uri))
@@ -147,10 +148,10 @@ def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_ur
         # One image has no covariance: the report shows no FID rather than failing the stage.
         record["note"] = "FID needs at least 2 sampled images"
     else:
-        metric = fid_metric(inception)
+        metric = fid_metric(inception, device)
         metric.load_state_dict(states, strict=False)
         for batch in _uint8_batches(map(read_image, index["image_uri"]), batch_size, INCEPTION_SIDE):
-            metric.update(batch, real=False)
+            metric.update(batch.to(device), real=False)
         record["fid"] = float(metric.compute())
     uri = storage.join(out_uri, "fid.json")
     storage.atomic_write_json(uri, record)

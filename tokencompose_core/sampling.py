@@ -28,6 +28,7 @@ from PIL import Image
 from tokencompose_core import lora, storage
 from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, SampleConfig
+from tokencompose_core.devices import placement, resolve_device
 from tokencompose_core.identity import seed_from, uri_identity, value_hash
 from tokencompose_core.prompts import VISOR, Prompt
 from tokencompose_core.threads import pinned_threads
@@ -218,14 +219,6 @@ def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype
         if module is not None:
             module.eval()
     return parts
-
-
-def resolve_device(device: str, worker: int = 0) -> torch.device:
-    """``auto``: CUDA when available, worker i on GPU i mod the GPU count; else as given."""
-    if device == "auto":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return torch.device(f"cuda:{worker % count}") if count else torch.device("cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -439,8 +432,9 @@ def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri
     items = shard_items(prompts, cfg.images_per_prompt, cfg.seed, out_uri, shard)
     todo = [item for item in items if not is_whole_png(item.image_uri)]
     seconds = 0.0
+    # This process's own GPU: a worker sees only its own (tokencompose_core.devices).
+    device = resolve_device(cfg.device)
     if todo:
-        device = resolve_device(cfg.device, worker=shard[0])
         dtype = resolve_dtype(cfg.mixed_precision, device)
         from tokencompose_core.models import resolve_vae_dir
 
@@ -457,7 +451,7 @@ def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri
     # A rerun with nothing left to do keeps the throughput measured by the run that sampled.
     if todo or not storage.exists(stats_uri):
         stats = {"images": len(todo), "seconds": seconds, "images_per_s": len(todo) / seconds if seconds else None,
-                 "skipped": len(items) - len(todo), "batch_size": cfg.batch_size}
+                 "skipped": len(items) - len(todo), "batch_size": cfg.batch_size, **placement(device)}
         storage.atomic_write_json(stats_uri, stats)
     return index_uri
 

@@ -94,4 +94,14 @@ def summary(plan: MasksPlan, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"nouns_uri": plan.source_uri, "cache_uri": plan.out_uri, "fingerprint": plan.fingerprint,
             "shards": len(results), "shards_skipped": sum(bool(r["skipped"]) for r in results),
             "images": sum(r["images"] for r in results), "rows": sum(r["rows"] for r in results),
-            "rejects": sum(r["rejects"] for r in results)}
+            "rejects": sum(r["rejects"] for r in results), "images_per_s": _images_per_s(results),
+            "shard_runs": [{key: r[key] for key in ("shard", "device", "visible_gpus", "images_per_s")}
+                           for r in results if not r["skipped"]]}
+
+
+def _images_per_s(results: list[dict[str, Any]]) -> float | None:
+    """Images ground per second: shards run in parallel, so the images the shards read over
+    the slowest one's time (None when every shard was done already)."""
+    ran = [r for r in results if r["images_per_s"]]
+    seconds = max((r["seconds"] for r in ran), default=0.0)
+    return sum(r["images_per_s"] * r["seconds"] for r in ran) / seconds if seconds else None

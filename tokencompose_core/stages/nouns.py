@@ -156,7 +156,7 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: NounsConfig, models: Mod
     if nouns.caption_choice == "clip":
         if not models.clip_selector:
             raise ValueError("nouns.caption_choice is 'clip' but models.clip_selector is not set")
-        from tokencompose_core.grounding import resolve_device
+        from tokencompose_core.devices import resolve_device
 
         selector = CaptionSelector.from_pretrained(models.clip_selector, device=resolve_device("auto"))
     manifest = read_manifest(manifest_uri, ImagePaths.from_config(nouns, allowed_roots or []))

@@ -20,6 +20,7 @@ import pandas as pd
 
 from tokencompose_core import image_metrics, outputs, storage, visor
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
+from tokencompose_core.devices import resolve_device
 from tokencompose_core.evaluation import (
     detect_owlv2,
     detect_owlvit,
@@ -245,7 +246,7 @@ def reference_statistics(reference: FidReference, score: ScoreConfig, seed: int,
     inception = load_inception(score.inception_weights, seed, score.fid_features)
     return image_metrics.reference_statistics(reference.manifest_uri, score.fid_reference_images, inception,
                                               reference.out_uri, score.metrics_batch_size, reference.accepted_uri,
-                                              paths, max_image_pixels)
+                                              paths, max_image_pixels, resolve_device(score.device))
 
 
 def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:
@@ -253,7 +254,8 @@ def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out
     from tokencompose_core.models.scorers import load_inception
 
     inception = load_inception(score.inception_weights, seed, score.fid_features)
-    return image_metrics.fid_score(index_uri, stats_uri, inception, out_uri, score.metrics_batch_size)
+    return image_metrics.fid_score(index_uri, stats_uri, inception, out_uri, score.metrics_batch_size,
+                                   resolve_device(score.device))
 
 
 def score_clip(index_uri: str, score: ScoreConfig, seed: int, prompt_set: str, out_uri: str) -> str:

@@ -1,0 +1,39 @@
+"""Where work runs: one rule for every stage that uses a GPU.
+
+A process uses the first device it sees. On a machine with several GPUs each worker
+process sees its own GPU first (``CUDA_VISIBLE_DEVICES`` is set for it before CUDA
+starts, ``tasks.common.gpu_cluster``), so no stage picks a GPU by shard index and two
+workers never share one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+AUTO = "auto"
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto``: ``cuda`` (the first GPU this process sees) when CUDA is available, else
+    ``cpu``; any other setting (``cpu``, ``cuda:1``, ``mps``) as given."""
+    if setting == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def placement(device: torch.device | str | None) -> dict[str, Any]:
+    """Where a unit of work ran, for its result: the device and the GPUs its process saw
+    (``CUDA_VISIBLE_DEVICES``; None when unset, i.e. every GPU of the machine). None for
+    a unit that ran nothing (already done)."""
+    if device is None:
+        return {"device": None, "visible_gpus": None}
+    return {"device": str(device), "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def gpu_count() -> int:
+    """The CUDA devices this process sees. torch counts them without initialising CUDA
+    here, and Dask spawns its workers, so each still starts CUDA on its own GPU."""
+    return torch.cuda.device_count()
