@@ -1,4 +1,5 @@
-"""The mask stage on a two-worker local Dask cluster writes the cache a single process writes."""
+"""Stages on a local Dask cluster of one worker per GPU: each shard runs on its worker's own device,
+and the mask cache is the one a single process writes."""
 
 from __future__ import annotations
 
@@ -34,46 +35,35 @@ def _shards(cache_uri: str) -> dict[str, list[dict]]:
             for name in completed}
 
 
-def test_masks_on_a_two_worker_dask_cluster_match_a_single_process(prefect_harness, tmp_path):
-    settings = ["masks.shard_size=1", "masks.batch_size=1", "orchestration.dask_workers=2"]
+def test_each_gpu_worker_runs_its_shards_on_its_own_device_and_writes_what_one_process_writes(
+        prefect_harness, tmp_path):
+    """orchestration.gpus=2: the local cluster has one worker per GPU, worker i seeing only GPU i,
+    and mask and sample shards alike run where their worker's CUDA_VISIBLE_DEVICES points (on
+    this CPU machine the work itself runs on the CPU). The mask cache the workers write is the
+    one a single process writes, and a second run on a new cluster is all cache hits."""
+    from flows.sample import sample_flow
+
+    settings = ["masks.shard_size=1", "masks.batch_size=1"]
     # One thread: tiny models built by concurrent threads get different random
     # weights (the global torch RNG is shared), which is not what is compared here.
     single = [f"storage.root={tmp_path / 'single'}", *settings, "orchestration.max_workers=1"]
-    spread = [f"storage.root={tmp_path / 'dask'}", *settings, "orchestration.task_runner=dask"]
-    nouns = nouns_flow("tiny", single, _manifest(tmp_path))["nouns_uri"]
-
-    local = configured(masks_flow, load_config("tiny", single))("tiny", single, nouns)
-    on_dask = configured(masks_flow, load_config("tiny", spread))
-    assert type(on_dask.task_runner).__name__ == "DaskTaskRunner"
-    assert on_dask.task_runner.cluster_kwargs["n_workers"] == 2 and on_dask.task_runner.cluster_kwargs["processes"]
-    distributed = on_dask("tiny", spread, nouns)
-
-    # Task results written on the workers land in the profile's result storage, so a
-    # second run on a new cluster is all cache hits.
-    again = on_dask("tiny", spread, nouns, return_state=True)
-    assert set(flow_task_states(again.state_details.flow_run_id)) == {"Cached"}
-    assert distributed["shards"] == local["shards"] == 2
-    assert mask_cache.completed_shards(distributed["cache_uri"]) == mask_cache.completed_shards(local["cache_uri"])
-    assert _shards(distributed["cache_uri"]) == _shards(local["cache_uri"])
-
-
-
-def test_each_gpu_worker_runs_its_shards_on_its_own_device(prefect_harness, tmp_path):
-    """orchestration.gpus=2: the local cluster has one worker per GPU, worker i seeing only GPU i,
-    and mask and sample shards alike run where their worker's CUDA_VISIBLE_DEVICES points (on
-    this CPU machine the work itself runs on the CPU)."""
-    from flows.sample import sample_flow
-
-    overrides = [f"storage.root={tmp_path / 'root'}", "orchestration.task_runner=dask", "orchestration.gpus=2",
-                 "masks.shard_size=1", "masks.batch_size=1", "sample.num_shards=2", "sample.max_prompts=2",
-                 "sample.images_per_prompt=1", "sample.num_inference_steps=2"]
+    overrides = [f"storage.root={tmp_path / 'root'}", *settings, "orchestration.task_runner=dask",
+                 "orchestration.gpus=2", "sample.num_shards=2", "sample.max_prompts=2", "sample.images_per_prompt=1",
+                 "sample.num_inference_steps=2"]
     config = load_config("tiny", overrides)
-    nouns = nouns_flow("tiny", overrides, _manifest(tmp_path))["nouns_uri"]
+    nouns = nouns_flow("tiny", single, _manifest(tmp_path))["nouns_uri"]
+    local = configured(masks_flow, load_config("tiny", single))("tiny", single, nouns)
     masks = configured(masks_flow, config)
     assert masks.task_runner.cluster_class == "distributed.SpecCluster"  # no dask-cuda here
     masked = masks("tiny", overrides, nouns)
     assert sorted(run["visible_gpus"] for run in masked["shard_runs"]) == ["0", "1"]
     assert all(run["images_per_s"] > 0 for run in masked["shard_runs"]) and masked["images_per_s"] > 0
+    assert masked["shards"] == local["shards"] == 2
+    assert mask_cache.completed_shards(masked["cache_uri"]) == mask_cache.completed_shards(local["cache_uri"])
+    assert _shards(masked["cache_uri"]) == _shards(local["cache_uri"])
+    # Task results written on the workers land in the profile's result storage.
+    again = masks("tiny", overrides, nouns, return_state=True)
+    assert set(flow_task_states(again.state_details.flow_run_id)) == {"Cached"}
 
     sampled = configured(sample_flow, config)("tiny", overrides)
     shard_stats = [storage.read_json(str(path)) for path in sorted(Path(sampled["output_uri"], "shards").glob("stats-*"))]
