@@ -38,7 +38,6 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
 from tokencompose_core.config import PipelineConfig
-from tokencompose_core.devices import gpu_count
 from tokencompose_core.identity import bytes_hash, value_hash
 from tokencompose_core.stages import STAGES
 from tokencompose_core.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
@@ -281,6 +280,8 @@ def task_runner(config: PipelineConfig) -> TaskRunner:
     # time, and a CPU training step ran 1.6x slower (half of it system time). Keep
     # glibc's adaptive default for the workers this flow starts.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    from tokencompose_core.devices import gpu_count  # torch: only where a Dask cluster starts
+
     gpus = gpu_count() if settings.gpus is None else settings.gpus
     if gpus:
         return gpu_cluster(gpus, settings.dask_threads_per_worker, _worker_api_env())
