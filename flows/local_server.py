@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
+
+from tokencompose_core.network import free_port
 
 RECORD = "tokencompose-server.json"
 LOG = "tokencompose-server.log"
@@ -112,7 +113,7 @@ def _start(home: Path) -> str:
           "sets up its database); later commands reuse it, `tokencompose server stop` ends it",
           file=sys.stderr, flush=True)
     started = time.monotonic()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED=env.get(
@@ -152,12 +153,6 @@ def _healthy(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _is_our_server(pid: int) -> bool:

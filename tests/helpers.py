@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -33,13 +32,6 @@ PIPELINE_SETTINGS = ["masks.shard_size=2", "masks.batch_size=2", "train.max_step
                      "score.report_overlays=0"]
 
 COLOURS = {"square": (220, 30, 30), "circle": (30, 30, 220), "cross": (30, 200, 30)}
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def photo_manifest(folder: Path) -> str:
@@ -111,6 +103,16 @@ def flow_task_states(flow_run_id: UUID) -> list[str]:
     return [run.state.name for run in _stage_task_runs(runs)]
 
 
+def cli_summary(argv: list[str]) -> dict:
+    """A `tokencompose` command through its entry point: it must succeed; the summary it prints."""
+    from flows.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return json.loads(printed.getvalue())
+
+
 def run_pipeline(manifest: str, overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
     """`tokencompose run -p tiny` through the CLI: its summary (what it prints), and the task
     states of each stage."""
@@ -118,12 +120,7 @@ def run_pipeline(manifest: str, overrides: list[str]) -> tuple[dict, dict[str, s
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from flows.cli import main
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["run", "-p", "tiny", "--input", manifest, *overrides]) == 0
-    summary = json.loads(printed.getvalue())
+    summary = cli_summary(["run", "-p", "tiny", "--input", manifest, *overrides])
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
                                           sort=FlowRunSort.START_TIME_DESC, limit=1)

@@ -14,12 +14,12 @@ import httpx
 import pytest
 from prefect.workers.process import ProcessWorker
 
-from helpers import free_port
 from deployments.serve import PREFECT_YAML, REPO_ROOT, build_deployments, deployment_specs, roots_override
 from flows.reevaluate import reevaluate_flow
 from tokencompose_core.reevaluation import newest_checkpoint
 from tokencompose_core import storage
 from tokencompose_core.config import load_config
+from tokencompose_core.network import free_port
 from tokencompose_core.models import resolve_diffusion_dir
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import threading
@@ -14,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from helpers import flow_task_states, make_cache
+from helpers import cli_summary, flow_task_states, make_cache
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 from tokencompose_core.launch import LOG_FILE
 
@@ -34,15 +32,6 @@ def _kill_the_training_processes_after_a_checkpoint(root: Path, killed: dict) ->
             psutil.wait_procs(processes, timeout=30)
             return
         time.sleep(0.05)
-
-
-def _train(argv: list[str]) -> dict:
-    from flows.cli import main
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(argv) == 0
-    return json.loads(printed.getvalue())
 
 
 def _latest_train_states() -> list[str]:
@@ -68,7 +57,7 @@ def test_two_process_training_survives_a_killed_process_and_is_then_cached(prefe
     killed: dict = {}
     killer = threading.Thread(target=_kill_the_training_processes_after_a_checkpoint, args=(root, killed))
     killer.start()
-    summary = _train(argv)
+    summary = cli_summary(argv)
     killer.join()
     run = Path(summary["output_uri"])
     log = (run / LOG_FILE).read_text()
@@ -89,5 +78,5 @@ def test_two_process_training_survives_a_killed_process_and_is_then_cached(prefe
     changed = [name for name, p in final.state_dict().items() if not torch.equal(p, at_kill.state_dict()[name])]
     assert changed  # the steps after the kill trained the model further
 
-    again = _train(argv)
+    again = cli_summary(argv)
     assert again["output_uri"] == summary["output_uri"] and _latest_train_states() == ["Cached"]

@@ -110,11 +110,14 @@ def sample_overrides(world: "World") -> list[str]:
 @dataclass(frozen=True)
 class World:
     key: list[Any]  # what makes the world: its settings
-    identity: str  # the key's
     nouns: dict[str, str]  # split -> its stage-1 folder (images, manifest, nouns table)
     masks: dict[str, str]  # split -> its mask cache
     prompts_uri: str
     whole: bool  # every folder matches its record
+
+    @property
+    def identity(self) -> str:
+        return value_hash(self.key)
 
     def pretrain_split(self) -> str:
         """The split the base model pre-trains on."""
@@ -139,7 +142,7 @@ def plan_world(config: PipelineConfig) -> World:
     nouns = {split: outputs.output_folder(config, "nouns", f"world-{split}", key) for split in splits}
     masks = {split: outputs.output_folder(config, "masks", f"world-{split}", key) for split in splits}
     whole = all([outputs.keep_if_whole(folder) for folder in [*nouns.values(), *masks.values()]])
-    return World(key, value_hash(key), nouns, masks, storage.join(nouns["test"], PROMPTS_FILE), whole)
+    return World(key, nouns, masks, storage.join(nouns["test"], PROMPTS_FILE), whole)
 
 
 def build_world(config: PipelineConfig, nouns: dict[str, str], masks: dict[str, str],

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tokencompose_core import storage
 from tokencompose_core.config import ModelsConfig, TrainConfig
+from tokencompose_core.network import free_port
 
 SETTINGS_FILE = ".launch-settings.json"  # hidden: not part of the run's result
 RESULT_FILE = ".launch-result.json"
@@ -64,7 +64,7 @@ def _command(cfg: TrainConfig, processes: int, settings: Path, cache_uri: str, o
     # With ACCELERATE_USE_CPU, torchrun's workers (--multi_gpu) become one gloo group.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "tokencompose_core.train", "--settings", str(settings),
+            "--main_process_port", str(free_port()), "-m", "tokencompose_core.train", "--settings", str(settings),
             "--cache", cache_uri, "--output", output_uri]
 
 
@@ -80,9 +80,3 @@ def _environment(cfg: TrainConfig) -> dict[str, str]:
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(cfg.torch_threads or 1))
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
