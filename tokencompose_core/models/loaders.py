@@ -11,7 +11,6 @@ import importlib.resources
 import json
 import os
 import types
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
+from tokencompose_core.models.mmdit import is_mmdit, required_files
 from tokencompose_core.models.tiny import (
     build_tiny_sam,
     diffusion_parts,
@@ -53,6 +53,8 @@ from tokencompose_core.models.weights import (
     hub_snapshot,
     load_exact,
     load_state_dict_file,
+    require_weights,
+    vae_dtype,
 )
 
 # Architecture folder used for OWLv2 when ``random_weights=True`` on a real profile.
@@ -95,7 +97,7 @@ class DiffusionParts:
 
 
 def resolve_diffusion_dir(models: ModelsConfig) -> str:
-    """Local diffusers directory of the profile's diffusion model.
+    """Local diffusers directory of the profile's diffusion model (Stable Diffusion, SD 3 or FLUX).
 
     ``tiny``: built from ``configs/models/<models.diffusion>/`` with ``models.seed``
     into ``<cache_dir>/<name>-<hash>`` (once; later calls reuse it).
@@ -106,15 +108,19 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     if os.path.isdir(models.diffusion):
         model_dir = models.diffusion
     else:
+        # The diffusers layout of SD 1.x/2.x/XL (unet/) and of SD 3/FLUX (transformer/, up to three encoders).
         model_dir = hub_snapshot(
             models.diffusion,
-            "Stable Diffusion model",
-            " --include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'text_encoder_2/*' 'tokenizer_2/*' "
-            "'scheduler/*' model_index.json",
+            "diffusion model",
+            " --include 'unet/*' 'transformer/*' 'vae/*' 'text_encoder*/*' 'tokenizer*/*' 'scheduler/*' "
+            "model_index.json",
         )
-    files = ["unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
-    if _has_second_encoder(Path(model_dir)):
-        files += ["text_encoder_2/config.json", "tokenizer_2/vocab.json"]
+    if is_mmdit(model_dir):
+        files = required_files(model_dir)
+    else:
+        files = ["unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"]
+        if _has_second_encoder(Path(model_dir)):
+            files += ["text_encoder_2/config.json", "tokenizer_2/vocab.json"]
     for required in files:
         if not os.path.isfile(os.path.join(model_dir, required)):
             raise MissingWeightsError(
@@ -139,30 +145,12 @@ def _force_zeros_for_empty_prompt(root: Path) -> bool:
     return bool(_model_index(root).get("force_zeros_for_empty_prompt", True))
 
 
-def _require_weights(folder: Path) -> Path:
-    """``folder`` with a config and a weights file; otherwise :class:`MissingWeightsError` naming what is missing."""
-    if not (folder / "config.json").is_file():
-        raise MissingWeightsError(f"no {folder / 'config.json'}: the model folder is incomplete")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise MissingWeightsError(
-            f"no weights in {folder} (expected e.g. {folder / 'model.safetensors'} or "
-            f"{folder / 'diffusion_pytorch_model.safetensors'}); download the component's weights, "
-            f"e.g. `huggingface-cli download <repo> --include '{folder.name}/*'`"
-        )
-    return folder
-
-
-def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
-    """fp32 for a VAE that overflows in fp16 (its config says ``force_upcast``, as SDXL's does), else ``dtype``."""
-    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
-
-
 def resolve_vae_dir(models: ModelsConfig) -> str | None:
     """The local folder of ``models.vae`` (a replacement VAE such as an fp16-safe one), or None."""
     if models.vae is None:
         return None
     folder = models.vae if os.path.isdir(models.vae) else hub_snapshot(models.vae, "VAE", "")
-    return str(_require_weights(Path(folder)).resolve())
+    return str(require_weights(Path(folder)).resolve())
 
 
 def load_diffusion(
@@ -184,16 +172,16 @@ def load_diffusion(
     vae = None
     vae_path = Path(vae_dir) if vae_dir else root / "vae"
     if (vae_path / "config.json").is_file():
-        vae_config = AutoencoderKL.load_config(_require_weights(vae_path))
+        vae_config = AutoencoderKL.load_config(require_weights(vae_path))
         vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=vae_dtype(vae_config, dtype), local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(
-        _require_weights(root / "text_encoder"), dtype=dtype, local_files_only=True
+        require_weights(root / "text_encoder"), dtype=dtype, local_files_only=True
     )
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
     text_encoder_2 = tokenizer_2 = None
     if _has_second_encoder(root):
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            _require_weights(root / "text_encoder_2"), dtype=dtype, local_files_only=True
+            require_weights(root / "text_encoder_2"), dtype=dtype, local_files_only=True
         )
         tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
@@ -434,7 +422,9 @@ def fingerprint(models: ModelsConfig) -> str:
     revision. ``cache_dir`` is excluded: where a model is cached does not
     change it.
     """
-    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir"})}
+    # An unset max_sequence_length is left out, so profiles without T5 keep their identity.
+    unset = {"max_sequence_length"} if models.max_sequence_length is None else set()
+    parts: dict[str, Any] = {"config": models.model_dump(mode="json", exclude={"cache_dir"} | unset)}
     tiny_dirs: list[Path] = []
     if models.kind == TINY:
         tiny_dirs += diffusion_parts(arch_dir(models.diffusion))

@@ -87,12 +87,17 @@ def materialise_tiny_diffusion(models: ModelsConfig) -> str:
 
 
 def diffusion_parts(arch: Path) -> list[Path]:
-    """The sub-folders of an architecture folder that make up the diffusion model."""
-    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+    """The sub-folders of an architecture folder that make up the diffusion model (the
+    MMDiT ones ship their T5 tokenizer, so it is part of their identity)."""
+    parts = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_2",
+             "tokenizer_3", "scheduler")
     return [arch / part for part in parts if (arch / part).is_dir()]
 
 
 def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
+    if (arch / "transformer").is_dir():
+        _write_tiny_mmdit(arch, seed, out)
+        return
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     # A second text encoder makes it SDXL-shaped (tiny-xl); its pipeline zeroes empty prompts' embeddings.
@@ -121,6 +126,66 @@ def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
     scheduler = DDPMScheduler.from_config(read_config_json(arch / "scheduler" / "scheduler_config.json"))
     scheduler.save_pretrained(out / "scheduler")
     index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+# The stock pipelines' components, as the real snapshots' model_index.json lists them:
+# (folder, library, class) in the order the pipeline takes them.
+MMDIT_COMPONENTS = {
+    "StableDiffusion3Pipeline": (
+        ("transformer", "diffusers", "SD3Transformer2DModel"),
+        ("vae", "diffusers", "AutoencoderKL"),
+        ("text_encoder", "transformers", "CLIPTextModelWithProjection"),
+        ("text_encoder_2", "transformers", "CLIPTextModelWithProjection"),
+        ("text_encoder_3", "transformers", "T5EncoderModel"),
+        ("tokenizer", "transformers", "CLIPTokenizer"),
+        ("tokenizer_2", "transformers", "CLIPTokenizer"),
+        ("tokenizer_3", "transformers", "T5TokenizerFast"),
+        ("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+    ),
+    "FluxPipeline": (
+        ("transformer", "diffusers", "FluxTransformer2DModel"),
+        ("vae", "diffusers", "AutoencoderKL"),
+        ("text_encoder", "transformers", "CLIPTextModel"),
+        ("text_encoder_2", "transformers", "T5EncoderModel"),
+        ("tokenizer", "transformers", "CLIPTokenizer"),
+        ("tokenizer_2", "transformers", "T5TokenizerFast"),
+        ("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+    ),
+}
+
+
+def _mmdit_pipeline_class(arch: Path) -> str:
+    """SD 3's pipeline has a third text encoder (T5); FLUX's second one is T5."""
+    return "StableDiffusion3Pipeline" if (arch / "text_encoder_3").is_dir() else "FluxPipeline"
+
+
+def _write_tiny_mmdit(arch: Path, seed: int, out: Path) -> None:
+    import diffusers
+    import transformers
+
+    pipeline_class = _mmdit_pipeline_class(arch)
+    index: dict[str, Any] = {"_class_name": pipeline_class}
+    for name, library, class_name in MMDIT_COMPONENTS[pipeline_class]:
+        index[name] = [library, class_name]
+        if name == "scheduler":
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+                read_config_json(arch / name / "scheduler_config.json"))
+            scheduler.save_pretrained(out / name)
+        elif name.startswith("tokenizer"):
+            if (arch / name).is_dir():  # the T5 tokenizer ships with the architecture
+                shutil.copytree(arch / name, out / name)
+            else:  # SD 3's second CLIP tokenizer pads with "!" as SDXL's does
+                (clip_tokenizer_2() if name == "tokenizer_2" else clip_tokenizer()).save_pretrained(out / name)
+        else:
+            config = read_config_json(arch / name / "config.json")
+            with seeded_init(seed, name):
+                if library == "diffusers":
+                    module = getattr(diffusers, class_name).from_config(config)
+                else:
+                    model_class = getattr(transformers, class_name)
+                    module = model_class(model_class.config_class.from_dict(config))
+            module.save_pretrained(out / name)
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 

@@ -8,7 +8,9 @@ error, never a partly random model.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +67,24 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
             f"{len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}"
         )
+
+
+def require_weights(folder: Path) -> Path:
+    """``folder`` with a config and a weights file; otherwise :class:`MissingWeightsError` naming what is missing."""
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(f"no {folder / 'config.json'}: the model folder is incomplete")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise MissingWeightsError(
+            f"no weights in {folder} (expected e.g. {folder / 'model.safetensors'} or "
+            f"{folder / 'diffusion_pytorch_model.safetensors'}); download the component's weights, "
+            f"e.g. `huggingface-cli download <repo> --include '{folder.name}/*'`"
+        )
+    return folder
+
+
+def vae_dtype(vae_config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """fp32 for a VAE that overflows in fp16 (its config says ``force_upcast``, as SDXL's does), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
 
 
 def hub_snapshot(repo_id: str, what: str, how: str) -> str:
