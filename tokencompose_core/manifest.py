@@ -44,6 +44,12 @@ NOUNS_SCHEMA = pa.schema(
         ("token_positions", pa.list_(pa.int32())),
     ]
 )
+# An MMDiT profile's nouns table: token_positions are the noun's columns in the joint attention's
+# text segment, and this column keeps each text encoder's own positions ("clip": start token
+# at 0; "t5": none), in the segment's order.
+ENCODER_POSITIONS = "encoder_positions"
+MMDIT_NOUNS_SCHEMA = NOUNS_SCHEMA.append(pa.field(
+    ENCODER_POSITIONS, pa.list_(pa.struct([("encoder", pa.string()), ("positions", pa.list_(pa.int32()))]))))
 
 
 class ImageError(ValueError):

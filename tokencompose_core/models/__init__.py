@@ -26,6 +26,7 @@ folders). Import public names from this package.
 
 from tokencompose_core.models.loaders import (
     DiffusionParts,
+    diffusion_family,
     fingerprint,
     load_diffusion,
     load_grounding_dino,
@@ -37,7 +38,15 @@ from tokencompose_core.models.loaders import (
     sam_package,
     vae_dtype,
 )
-from tokencompose_core.models.mmdit import MMDiTParts, MMDiTText, is_mmdit, load_mmdit, mmdit_family, text_layout
+from tokencompose_core.models.mmdit import (
+    MMDiTParts,
+    MMDiTText,
+    encoder_text,
+    is_mmdit,
+    load_mmdit,
+    mmdit_family,
+    text_layout,
+)
 from tokencompose_core.models.tokenizers import clip_tokenizer, clip_tokenizer_2
 from tokencompose_core.models.weights import MissingWeightsError, UnsafeCheckpointError, load_state_dict_file
 
@@ -49,6 +58,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "clip_tokenizer",
     "clip_tokenizer_2",
+    "diffusion_family",
+    "encoder_text",
     "fingerprint",
     "is_mmdit",
     "load_diffusion",

@@ -34,12 +34,13 @@ from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
-from tokencompose_core.models.mmdit import is_mmdit, required_files
+from tokencompose_core.models.mmdit import is_mmdit, mmdit_family, required_files
 from tokencompose_core.models.tiny import (
     build_tiny_sam,
     diffusion_parts,
     library_versions,
     materialise_tiny_diffusion,
+    mmdit_arch_family,
     owlv2_from_arch,
     seeded_init,
 )
@@ -128,6 +129,16 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
                 f"download the full diffusers layout, e.g. `huggingface-cli download {models.diffusion}`"
             )
     return os.path.abspath(model_dir)
+
+
+def diffusion_family(models: ModelsConfig) -> str | None:
+    """"sd3" or "flux" for an MMDiT profile, None for a U-Net one (SD 1.x/2.x/XL).
+
+    Tiny profiles say it with their architecture folder; a real one needs its model folder or
+    hub snapshot (its model_index.json), so a missing one raises :class:`MissingWeightsError`."""
+    if models.kind == TINY:
+        return mmdit_arch_family(arch_dir(models.diffusion))
+    return mmdit_family(resolve_diffusion_dir(models))
 
 
 def _model_index(root: Path) -> dict[str, Any]:

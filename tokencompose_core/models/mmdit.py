@@ -78,15 +78,31 @@ def required_files(model_dir: str | Path) -> list[str]:
     return files
 
 
-def load_tokenizers(model_dir: str | Path) -> dict[str, Any]:
-    """The folder's own tokenizers, by the encoder they serve in the joint text segment ("clip", "t5")."""
+def encoder_text(model_dir: str | Path, max_sequence_length: int | None = None
+                 ) -> tuple[dict[str, Any], tuple[TextSegment, ...]]:
+    """The folder's own tokenizers by the encoder they serve ("clip", "t5") and the joint text
+    segment they fill (``max_sequence_length`` None: the pipeline's default)."""
     from transformers import AutoTokenizer
 
+    family = _family(model_dir)
+    tokenizers = {encoder: AutoTokenizer.from_pretrained(Path(model_dir) / folder, local_files_only=True)
+                  for encoder, folder in ENCODER_TOKENIZERS[family].items()}
+    return tokenizers, _layout(family, tokenizers, max_sequence_length)
+
+
+def _family(model_dir: str | Path) -> str:
     family = mmdit_family(model_dir)
     if family is None:
         raise ValueError(f"{model_dir} is not an SD 3 or FLUX pipeline folder (model_index.json)")
-    return {encoder: AutoTokenizer.from_pretrained(Path(model_dir) / folder, local_files_only=True)
-            for encoder, folder in ENCODER_TOKENIZERS[family].items()}
+    return family
+
+
+def _layout(family: str, encoder_tokenizers: dict[str, Any], max_sequence_length: int | None
+            ) -> tuple[TextSegment, ...]:
+    length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+    if "clip" in encoder_tokenizers:
+        return text_layout(family, length, encoder_tokenizers["clip"].model_max_length)
+    return text_layout(family, length)
 
 
 @dataclass
@@ -157,9 +173,7 @@ def load_mmdit(
     import transformers
 
     root = Path(model_dir)
-    family = mmdit_family(root)
-    if family is None:
-        raise ValueError(f"{model_dir} is not an SD 3 or FLUX pipeline folder (model_index.json)")
+    family = _family(root)
     modules: dict[str, Any] = {}
     tokenizers: dict[str, Any] = {}
     for name, (library, class_name) in _components(_model_index(root)).items():
@@ -178,8 +192,8 @@ def load_mmdit(
             modules[name] = getattr(transformers, class_name).from_pretrained(
                 require_weights(folder), dtype=dtype, local_files_only=True).to(device)
     vae = modules.pop("vae")
-    length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
-    clip = tokenizers["tokenizer"].model_max_length
+    layout = _layout(family, {e: tokenizers[name] for e, name in ENCODER_TOKENIZERS[family].items()},
+                     max_sequence_length)
     return MMDiTParts(
         family=family,
         transformer=modules.pop("transformer"),
@@ -192,6 +206,6 @@ def load_mmdit(
         scaling_factor=float(vae.config.scaling_factor),
         shift_factor=float(vae.config.shift_factor or 0.0),
         sample_size=int(vae.config.sample_size),
-        max_sequence_length=length,
-        text_layout=text_layout(family, length, clip),
+        max_sequence_length=max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family],
+        text_layout=layout,
     )

@@ -36,6 +36,7 @@ from transformers import (
 from tokencompose_core.config import ModelsConfig
 from tokencompose_core.identity import bytes_hash, component_seed, folders_identity
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
+from tokencompose_core.models.mmdit import PIPELINES
 from tokencompose_core.models.tokenizers import owlv2_tokenizer, clip_tokenizer, clip_tokenizer_2
 
 # torch's global RNG is shared by all threads: two tiny models built at once (two
@@ -95,7 +96,7 @@ def diffusion_parts(arch: Path) -> list[Path]:
 
 
 def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
-    if (arch / "transformer").is_dir():
+    if mmdit_arch_family(arch):
         _write_tiny_mmdit(arch, seed, out)
         return
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -130,9 +131,9 @@ def _write_tiny_diffusion(arch: Path, seed: int, out: Path) -> None:
 
 
 # The stock pipelines' components, as the real snapshots' model_index.json lists them:
-# (folder, library, class) in the order the pipeline takes them.
+# (folder, library, class).
 MMDIT_COMPONENTS = {
-    "StableDiffusion3Pipeline": (
+    "sd3": (
         ("transformer", "diffusers", "SD3Transformer2DModel"),
         ("vae", "diffusers", "AutoencoderKL"),
         ("text_encoder", "transformers", "CLIPTextModelWithProjection"),
@@ -143,7 +144,7 @@ MMDIT_COMPONENTS = {
         ("tokenizer_3", "transformers", "T5TokenizerFast"),
         ("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
     ),
-    "FluxPipeline": (
+    "flux": (
         ("transformer", "diffusers", "FluxTransformer2DModel"),
         ("vae", "diffusers", "AutoencoderKL"),
         ("text_encoder", "transformers", "CLIPTextModel"),
@@ -155,18 +156,21 @@ MMDIT_COMPONENTS = {
 }
 
 
-def _mmdit_pipeline_class(arch: Path) -> str:
-    """SD 3's pipeline has a third text encoder (T5); FLUX's second one is T5."""
-    return "StableDiffusion3Pipeline" if (arch / "text_encoder_3").is_dir() else "FluxPipeline"
+def mmdit_arch_family(arch: Path) -> str | None:
+    """"sd3" or "flux" for an MMDiT architecture folder (it has ``transformer/``), None for a U-Net one.
+    SD 3 has a third text encoder (T5); FLUX's second one is T5."""
+    if not (arch / "transformer").is_dir():
+        return None
+    return "sd3" if (arch / "text_encoder_3").is_dir() else "flux"
 
 
 def _write_tiny_mmdit(arch: Path, seed: int, out: Path) -> None:
     import diffusers
     import transformers
 
-    pipeline_class = _mmdit_pipeline_class(arch)
-    index: dict[str, Any] = {"_class_name": pipeline_class}
-    for name, library, class_name in MMDIT_COMPONENTS[pipeline_class]:
+    family = mmdit_arch_family(arch)
+    index: dict[str, Any] = {"_class_name": PIPELINES[family]}
+    for name, library, class_name in MMDIT_COMPONENTS[family]:
         index[name] = [library, class_name]
         if name == "scheduler":
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(

@@ -1,4 +1,8 @@
-"""Stage 1, nouns: manifest rows -> one caption each, its noun phrases and their CLIP token positions.
+"""Stage 1, nouns: manifest rows -> one caption each, its noun phrases and their token positions.
+
+U-Net profiles: CLIP token positions (start token at 0). MMDiT profiles (SD 3, FLUX): the
+noun's columns in the joint attention's text segment, from each of the model's own text
+tokenizers, plus each encoder's positions (``encoder_positions``).
 
 Output: ``<root>/nouns/nouns-<key>/nouns.parquet`` (+ ``rejects.parquet``), the key
 from the nouns settings and the manifest's content. One unit: the whole table
@@ -7,6 +11,7 @@ from the nouns settings and the manifest's content. One unit: the whole table
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +20,28 @@ import pandas as pd
 from tokencompose_core import mask_cache, outputs, storage
 from tokencompose_core.config import ModelsConfig, NounsConfig, PipelineConfig
 from tokencompose_core.identity import uri_identity
-from tokencompose_core.manifest import NOUNS_SCHEMA, NOUNS_STAGE, ImageError, ImagePaths, open_image, read_manifest
+from tokencompose_core.manifest import (
+    ENCODER_POSITIONS,
+    MMDIT_NOUNS_SCHEMA,
+    NOUNS_SCHEMA,
+    NOUNS_STAGE,
+    ImageError,
+    ImagePaths,
+    open_image,
+    read_manifest,
+)
 from tokencompose_core.pinning import restrict_manifest
 from tokencompose_core.stages import stage_fingerprint
-from tokencompose_core.text import CaptionSelector, choose_caption, extract_nouns_batch, token_positions, unicode_problem
+from tokencompose_core.text import (
+    CaptionSelector,
+    TextSegment,
+    TokenPositions,
+    choose_caption,
+    extract_nouns_batch,
+    joint_token_positions,
+    token_positions,
+    unicode_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,7 @@ def nouns_table(
     selector: CaptionSelector | None = None,
     max_image_pixels: int = 50_000_000,
     tagger: str = "spacy",
+    layout: Sequence[TextSegment] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: manifest rows -> (nouns table, rejects).
 
@@ -99,6 +123,10 @@ def nouns_table(
     valid Unicode (dropped; a row's other valid captions are used) or whose image
     path :class:`ImagePaths` refused, captions without nouns and nouns without a
     token span (kept as an image with no usable noun).
+
+    ``layout``: an MMDiT's joint text segment (``MMDiTParts.text_layout``); then ``tokenizer``
+    maps each of its encoders to its tokenizer, ``token_positions`` holds joint columns, the
+    table has ``encoder_positions``, and a noun one encoder cannot place is rejected naming it.
     """
     rows, rejects, usable_rows = [], [], []
     for row in manifest.itertuples(index=False):
@@ -119,16 +147,32 @@ def nouns_table(
             rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, "no nouns"))
         usable = []
         for noun in nouns:
-            positions = token_positions(caption, noun, tokenizer)
+            positions = _positions(caption, noun, tokenizer, layout)
             if positions:
-                usable.append({"noun": noun, "token_positions": list(positions)})
+                usable.append({"noun": noun, **_position_columns(positions, layout)})
             else:
                 reason = f"token-span failure: {positions.reason}"
                 rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, reason, noun))
-        for item in usable or [{"noun": None, "token_positions": []}]:
+        for item in usable or [{"noun": None, **_position_columns(TokenPositions(), layout)}]:
             rows.append({"image_id": row.id, "image_uri": row.image, "caption": caption, **item})
-    table = pd.DataFrame(rows, columns=NOUNS_SCHEMA.names)
+    table = pd.DataFrame(rows, columns=(NOUNS_SCHEMA if layout is None else MMDIT_NOUNS_SCHEMA).names)
     return table, mask_cache.rejects_frame(rejects)
+
+
+def _positions(caption: str, noun: str, tokenizer: Any, layout: Sequence[TextSegment] | None) -> TokenPositions:
+    if layout is None:
+        return token_positions(caption, noun, tokenizer)
+    return joint_token_positions(caption, noun, tokenizer, layout)
+
+
+def _position_columns(positions: TokenPositions, layout: Sequence[TextSegment] | None) -> dict[str, Any]:
+    """The table's position columns of one row (MMDiT: with each encoder's own positions)."""
+    columns: dict[str, Any] = {"token_positions": list(positions)}
+    if layout is not None:
+        by_encoder = getattr(positions, "by_encoder", {})
+        columns[ENCODER_POSITIONS] = [{"encoder": encoder, "positions": by_encoder[encoder]}
+                                      for encoder, _, _ in layout if encoder in by_encoder]
+    return columns
 
 
 def write_nouns(table: pd.DataFrame, rejects: pd.DataFrame, out_dir: str) -> dict[str, str]:
@@ -138,7 +182,8 @@ def write_nouns(table: pd.DataFrame, rejects: pd.DataFrame, out_dir: str) -> dic
         "rejects_uri": storage.join(out_dir, "rejects.parquet"),
     }
     mask_cache.write_table(mask_cache.to_table(rejects, mask_cache.REJECT_SCHEMA), uris["rejects_uri"])
-    mask_cache.write_table(mask_cache.to_table(table, NOUNS_SCHEMA), uris["nouns_uri"])
+    schema = MMDIT_NOUNS_SCHEMA if ENCODER_POSITIONS in table.columns else NOUNS_SCHEMA
+    mask_cache.write_table(mask_cache.to_table(table, schema), uris["nouns_uri"])
     return uris
 
 
@@ -146,12 +191,11 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: NounsConfig, models: Mod
                 allowed_roots: list[str] | None = None) -> dict[str, Any]:
     """Stage 1 end to end: read the manifest, write ``nouns.parquet`` + ``rejects.parquet``.
 
-    The models' CLIP tokenizer gives the token positions, their ``clip_selector`` the CLIP
-    caption choice; rows whose
+    The models' CLIP tokenizer gives the token positions (an MMDiT's own tokenizers, the
+    joint columns), their ``clip_selector`` the CLIP caption choice; rows whose
     image lies outside ``allowed_roots`` (``storage.allowed_roots``) are rejected.
     """
-    from tokencompose_core.models import clip_tokenizer
-
+    tokenizer, layout = _text_tokenizers(models)  # first: a missing snapshot fails before any work
     selector = None
     if nouns.caption_choice == "clip":
         if not models.clip_selector:
@@ -162,8 +206,20 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: NounsConfig, models: Mod
     manifest = read_manifest(manifest_uri, ImagePaths.from_config(nouns, allowed_roots or []))
     manifest, outside = restrict_manifest(manifest, nouns.image_ids)  # rows of images not in nouns.image_ids
     tagger_model = nouns.flair_model if nouns.tagger == "flair" else nouns.spacy_model
-    table, rejects = nouns_table(manifest, clip_tokenizer(), tagger_model, nouns.batch_size, selector,
-                                 max_image_pixels, nouns.tagger)
+    table, rejects = nouns_table(manifest, tokenizer, tagger_model, nouns.batch_size, selector,
+                                 max_image_pixels, nouns.tagger, layout)
     rejects = mask_cache.rejects_frame(outside + rejects.to_dict("records"))
     uris = write_nouns(table, rejects, out_dir)
     return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}
+
+
+def _text_tokenizers(models: ModelsConfig) -> tuple[Any, tuple[TextSegment, ...] | None]:
+    """The token-position tokenizer(s) of the profile and, for an MMDiT, its text layout.
+
+    U-Net profiles: the built-in CLIP tokenizer (no weights needed). MMDiT profiles: the
+    model folder's own tokenizers (a real profile needs its snapshot)."""
+    from tokencompose_core.models import clip_tokenizer, diffusion_family, encoder_text, resolve_diffusion_dir
+
+    if diffusion_family(models) is None:
+        return clip_tokenizer(), None
+    return encoder_text(resolve_diffusion_dir(models), models.max_sequence_length)
