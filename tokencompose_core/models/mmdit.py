@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tokencompose_core.models.weights import require_weights, vae_dtype
-from tokencompose_core.text import TextSegment
 
 # Family -> its stock diffusers pipeline, the ``_class_name`` of its model_index.json.
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -29,6 +28,14 @@ PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
 # The pipeline component that tokenizes for each encoder of the joint text segment.
 ENCODER_TOKENIZERS = {"sd3": {"clip": "tokenizer", "t5": "tokenizer_3"}, "flux": {"t5": "tokenizer_2"}}
+
+
+class TextSegment(NamedTuple):
+    """One encoder's tokens in the joint text segment: columns first .. first + length - 1."""
+
+    encoder: str  # "clip" (start token at 0) or "t5" (none)
+    first: int
+    length: int
 
 
 def _model_index(model_dir: str | Path) -> dict[str, Any]:
@@ -142,8 +149,9 @@ class MMDiTParts:
         """The stock diffusers pipeline over these very modules (nothing is reloaded)."""
         import diffusers
 
-        return getattr(diffusers, PIPELINES[self.family])(transformer=self.transformer, vae=self.vae, scheduler=scheduler or self.scheduler,
-                                    **self.text_encoders, **self.tokenizers)
+        pipeline_class = getattr(diffusers, PIPELINES[self.family])
+        return pipeline_class(transformer=self.transformer, vae=self.vae, scheduler=scheduler or self.scheduler,
+                              **self.text_encoders, **self.tokenizers)
 
     @torch.no_grad()
     def encode_prompt(self, captions: list[str]) -> MMDiTText:

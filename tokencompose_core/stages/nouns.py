@@ -34,7 +34,6 @@ from tokencompose_core.pinning import restrict_manifest
 from tokencompose_core.stages import stage_fingerprint
 from tokencompose_core.text import (
     CaptionSelector,
-    TextSegment,
     TokenPositions,
     choose_caption,
     extract_nouns_batch,
@@ -42,6 +41,9 @@ from tokencompose_core.text import (
     token_positions,
     unicode_problem,
 )
+
+# An MMDiT's joint text segment: (encoder, first column, length) of each of its text encoders.
+TextLayout = Sequence[tuple[str, int, int]]
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def nouns_table(
     selector: CaptionSelector | None = None,
     max_image_pixels: int = 50_000_000,
     tagger: str = "spacy",
-    layout: Sequence[TextSegment] | None = None,
+    layout: TextLayout | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: manifest rows -> (nouns table, rejects).
 
@@ -159,13 +161,13 @@ def nouns_table(
     return table, mask_cache.rejects_frame(rejects)
 
 
-def _positions(caption: str, noun: str, tokenizer: Any, layout: Sequence[TextSegment] | None) -> TokenPositions:
+def _positions(caption: str, noun: str, tokenizer: Any, layout: TextLayout | None) -> TokenPositions:
     if layout is None:
         return token_positions(caption, noun, tokenizer)
     return joint_token_positions(caption, noun, tokenizer, layout)
 
 
-def _position_columns(positions: TokenPositions, layout: Sequence[TextSegment] | None) -> dict[str, Any]:
+def _position_columns(positions: TokenPositions, layout: TextLayout | None) -> dict[str, Any]:
     """The table's position columns of one row (MMDiT: with each encoder's own positions)."""
     columns: dict[str, Any] = {"token_positions": list(positions)}
     if layout is not None:
@@ -213,7 +215,7 @@ def build_nouns(manifest_uri: str, out_dir: str, nouns: NounsConfig, models: Mod
     return {**uris, "images": int(table["image_id"].nunique()), "rows": len(table), "rejects": len(rejects)}
 
 
-def _text_tokenizers(models: ModelsConfig) -> tuple[Any, tuple[TextSegment, ...] | None]:
+def _text_tokenizers(models: ModelsConfig) -> tuple[Any, TextLayout | None]:
     """The token-position tokenizer(s) of the profile and, for an MMDiT, its text layout.
 
     U-Net profiles: the built-in CLIP tokenizer (no weights needed). MMDiT profiles: the
