@@ -113,14 +113,14 @@ def cli_summary(argv: list[str]) -> dict:
     return json.loads(printed.getvalue())
 
 
-def run_pipeline(manifest: str, overrides: list[str]) -> tuple[dict, dict[str, set[str]]]:
-    """`tokencompose run -p tiny` through the CLI: its summary (what it prints), and the task
+def run_pipeline(manifest: str, overrides: list[str], profile: str = "tiny") -> tuple[dict, dict[str, set[str]]]:
+    """`tokencompose run -p <profile>` through the CLI: its summary (what it prints), and the task
     states of each stage."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    summary = cli_summary(["run", "-p", "tiny", "--input", manifest, *overrides])
+    summary = cli_summary(["run", "-p", profile, "--input", manifest, *overrides])
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
                                           sort=FlowRunSort.START_TIME_DESC, limit=1)

@@ -124,7 +124,7 @@ def test_segmentation_miou_perfect_maps_give_full_score(monkeypatch: pytest.Monk
 
     Item.masks = masks
 
-    def fake_attention(parts, capture, item, side_, timestep, device):
+    def fake_attention(parts, capture, item, side_, timestep, device, supervised, guidance):
         perfect = torch.from_numpy(masks).float()
         return {"up_8": normalise(perfect), "mid_4": normalise(perfect.flip(0)), "overall": normalise(perfect)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from tokencompose_core import train as train_module
 from tokencompose_core.attention import AttentionCapture, supervised_groups
+from tokencompose_core.conditioning import encode_text
 from tokencompose_core.config import load_config
 from tokencompose_core.data import Batch, GroundingDataset
 from tokencompose_core.losses import grounding_losses
@@ -147,8 +149,9 @@ def test_training_step_passes_add_time_ids_and_grounding_losses_have_gradients(x
     seen: list[dict] = []
     parts.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
     model = train_module._Model(
-        unet=parts.unet, vae=parts.vae, latent_scaling=parts.latent_scaling,
-        embed=train_module.TextEmbedder(parts.text_encoders, cache=True), noise_scheduler=parts.scheduler,
+        denoiser=parts.unet, vae=parts.vae, latent_scaling=parts.latent_scaling,
+        embed=train_module.TextEmbedder(partial(encode_text, parts.text_encoders), cache=True),
+        noise_scheduler=parts.scheduler,
         capture=AttentionCapture(parts.unet, groups), group_weights={}, token_weight=1.0, pixel_weight=1.0,
         caption_dropout=0.0, weight_dtype=torch.float32, normalize_by_layers=True,
     )

@@ -4,8 +4,9 @@ damaged ones passed over, and the final U-Net published.
 Layout of ``<root>/train/<run>`` (see tokencompose_core.train)::
 
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
-    lora/                        instead of unet/ when train.lora.rank > 0: the adapter (tokencompose_core.lora)
-    checkpoints/checkpoint-<N>/  unet/ (or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
+    transformer/                 instead of unet/ for an MMDiT model (SD 3.5, FLUX)
+    lora/                        instead of either when train.lora.rank > 0: the adapter (tokencompose_core.lora)
+    checkpoints/checkpoint-<N>/  unet/ (or transformer/ or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
                                  _manifest.json (sizes and sha256 of the others, written last)
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a
@@ -266,20 +267,35 @@ def _drop_load_path(config_path: str) -> None:
         handle.write("\n")
 
 
+# The denoiser's folder, named as in the model's own diffusers layout.
+DENOISER_DIRS = ("unet", "transformer")
+
+
+def denoiser_dir_name(model: torch.nn.Module) -> str:
+    """``unet`` for a U-Net, ``transformer`` for an MMDiT (SD 3.5, FLUX): its folder in a diffusers layout."""
+    from diffusers import UNet2DConditionModel
+
+    return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
+
+
 def weights_dir(folder: str) -> str:
-    """Where a run or checkpoint folder keeps its weights: ``lora/`` for a LoRA run, else ``unet/``."""
+    """Where a run or checkpoint folder keeps its weights: ``lora/`` for a LoRA run, else ``unet/``
+    (or ``transformer/``, whichever holds a model)."""
     adapter = os.path.join(folder, lora.LORA_DIR)
-    return adapter if lora.is_lora_folder(adapter) else os.path.join(folder, "unet")
+    if lora.is_lora_folder(adapter):
+        return adapter
+    found = [name for name in DENOISER_DIRS if os.path.isfile(os.path.join(folder, name, "config.json"))]
+    return os.path.join(folder, found[0] if found else DENOISER_DIRS[0])
 
 
-def save_weights(unet: torch.nn.Module, folder: str) -> str:
-    """Save a LoRA U-Net's adapter to ``folder/lora``, any other U-Net whole to ``folder/unet``."""
-    if lora.has_lora(unet):
+def save_weights(model: torch.nn.Module, folder: str) -> str:
+    """Save a LoRA model's adapter to ``folder/lora``, any other whole to ``folder/unet`` (or ``transformer``)."""
+    if lora.has_lora(model):
         target = os.path.join(folder, lora.LORA_DIR)
-        lora.save_lora(unet, target)
+        lora.save_lora(model, target)
     else:
-        target = os.path.join(folder, "unet")
-        unet.save_pretrained(target, safe_serialization=True)
+        target = os.path.join(folder, denoiser_dir_name(model))
+        model.save_pretrained(target, safe_serialization=True)
     return target
 
 
@@ -325,10 +341,10 @@ def result_files(output_uri: str) -> list[str]:
     metrics (checkpoints are the way there, not the result). Refuses a run whose published
     weights are incomplete: its record must never stand for weights that are not there."""
     output_dir = local_path(output_uri)
-    if not any(weights_complete(os.path.join(output_dir, name)) for name in ("unet", lora.LORA_DIR)):
-        raise CheckpointError(f"{output_uri}: the published weights (unet/ or lora/) are incomplete; "
+    if not any(weights_complete(os.path.join(output_dir, name)) for name in (*DENOISER_DIRS, lora.LORA_DIR)):
+        raise CheckpointError(f"{output_uri}: the published weights (unet/, transformer/ or lora/) are incomplete; "
                               "run `tokencompose train` again to publish them from the last checkpoint")
     fs, base = storage.filesystem(output_uri)
-    weights = [posixpath.relpath(path, base) for folder in ("unet", lora.LORA_DIR)
+    weights = [posixpath.relpath(path, base) for folder in (*DENOISER_DIRS, lora.LORA_DIR)
                for path in sorted(fs.find(posixpath.join(base, folder)))]
     return weights + [name for name in ("metrics.jsonl", "loss_curve.png") if fs.exists(posixpath.join(base, name))]

@@ -79,6 +79,13 @@ def encode_text(encoders: Sequence[tuple[torch.nn.Module, Any]], texts: list[str
     return TextEmbeddings(torch.cat(hidden, dim=-1), pooled)
 
 
+def encode_mmdit(parts: Any, texts: list[str]) -> TextEmbeddings:
+    """An MMDiT's (SD 3.5, FLUX) conditioning of ``texts`` through its pipeline's own prompt encoding:
+    ``hidden`` the joint attention's text tokens, ``pooled`` the pooled CLIP vector(s)."""
+    text = parts.encode_prompt(texts)
+    return TextEmbeddings(text.prompt_embeds, text.pooled_prompt_embeds)
+
+
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
              target_size: tuple[int, int]) -> list[int]:
     """SDXL's micro-conditioning of one image, in the order the U-Net was trained with."""

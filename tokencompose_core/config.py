@@ -167,6 +167,10 @@ class GroundingLayersConfig(_Section):
     # layers) or, when true, the mean (SDXL's up_32 has 30 layers, which a sum would
     # make outweigh every other group and the denoising loss).
     normalize_by_layers: bool = False
+    # MMDiT models (SD 3.5, FLUX) have no U-Net parts: the supervised joint-attention blocks by
+    # their diffusers names ("transformer_blocks.9", "single_transformer_blocks.3"); one group
+    # each, so group_weights and the per-block attention mIoU name blocks. Unused by U-Nets.
+    blocks: list[str] = Field(default_factory=list)
 
 
 class LoraAdapterConfig(_Section):
@@ -179,6 +183,19 @@ class LoraAdapterConfig(_Section):
     # they are where a small adapter can move both the maps and the image.
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class FlowMatchingConfig(_Section):
+    """How MMDiT models (SD 3.5, FLUX) train: rectified-flow matching (tokencompose_core/flow_matching.py)."""
+
+    # Timestep density, diffusers.training_utils.compute_density_for_timestep_sampling: SD 3's
+    # logit-normal by default; "mode" and "cosmap" are the paper's alternatives, "none" uniform.
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    # FLUX.1-dev is guidance-distilled: its guidance embedding gets this value while it trains.
+    guidance: float = Field(3.5, ge=0)
 
 
 # torch threads of a stage's work (None: torch's default). The thread count decides the order
@@ -213,6 +230,7 @@ class TrainConfig(_Section):
     pixel_loss_weight: float = Field(5e-5, ge=0)  # gamma
     grounding: GroundingLayersConfig = Field(default_factory=GroundingLayersConfig)
     lora: LoraAdapterConfig = Field(default_factory=LoraAdapterConfig)
+    flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
     caption_dropout: float = Field(0.0, ge=0, le=1)
     checkpoint_every: int = Field(1000, gt=0)
     checkpoints_total_limit: int | None = Field(3, gt=0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tokencompose_core import storage
-from tokencompose_core.conditioning import square_time_ids, unet_kwargs
+from tokencompose_core.conditioning import TextEmbeddings, square_time_ids, unet_kwargs
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, SampleConfig, ScoreConfig
 from tokencompose_core.devices import resolve_device
 from tokencompose_core.identity import seed_from
@@ -287,19 +287,14 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
     Returns {"groups": {group: scores}, "overall": scores, "images", "timestep",
     "overlays": [{"title", "uri", "iou"}]} with mIoU in percent.
     """
-    from tokencompose_core.attention import AttentionCapture, supervised_groups
+    from tokencompose_core.attention import AttentionCapture
     from tokencompose_core.mask_cache import MaskCache
-    from tokencompose_core.models import resolve_vae_dir
-
     device = resolve_device(score.device)
-    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(sample.mixed_precision, device),
-                       resolve_vae_dir(models))
+    parts = load_parts(model_dir, unet_dir, device, resolve_dtype(sample.mixed_precision, device), models)
     side = sample.resolution or parts.sample_size
-    groups = supervised_groups(parts.unet, list(grounding.layers), side // parts.vae_scale_factor)
-    if not groups:
-        raise ValueError("the model has no supervised cross-attention layers to score")
+    groups, supervised = _scored_groups(parts, grounding, side)
     cache = MaskCache(cache_uri)
-    capture = AttentionCapture(parts.unet, groups)
+    capture = AttentionCapture(_denoiser(parts), groups)
     ious: dict[str, list[np.ndarray]] = {name: [] for name in [*groups, "overall"]}
     fixed_k = int(np.argmin(np.abs(SWEEP_THRESHOLDS - score.segmentation_threshold)))
     per_image: dict[str, list[float]] = {}  # image id -> its nouns' IoU (overall maps, fixed threshold), percent
@@ -309,7 +304,8 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
             item = cache.get(image_id, size=(side, side))
             if not item.nouns:
                 continue
-            image_maps = _image_attention(parts, capture, item, side, score.segmentation_timestep, device)
+            image_maps = _image_attention(parts, capture, item, side, score.segmentation_timestep, device,
+                                          supervised, sample.guidance_scale)
             masks = torch.from_numpy(np.asarray(item.masks)).bool()
             for name, maps in image_maps.items():
                 ious[name].append(iou_at_thresholds(maps, masks, SWEEP_THRESHOLDS))
@@ -326,22 +322,64 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
             "timestep": score.segmentation_timestep, "overlays": overlays, "per_image": per_image}
 
 
-def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Normalised per-noun maps (N, side, side) per group and averaged over groups."""
-    dtype = next(parts.unet.parameters()).dtype
+def _denoiser(parts: Any) -> torch.nn.Module:
+    return parts.transformer if hasattr(parts, "transformer") else parts.unet
+
+
+def _scored_groups(parts: Any, grounding: GroundingLayersConfig, side: int) -> tuple[dict[str, list[str]], list[str]]:
+    """The attention groups scored, and those whose average is the overall map (the supervised ones).
+
+    A U-Net: the groups ``grounding.layers`` supervises. An MMDiT: every joint-attention block, one
+    group each, so the report shows which blocks ground nouns before one chooses
+    ``train.grounding.blocks``; the overall map averages the chosen blocks (every block when none).
+    """
+    from tokencompose_core.attention import mmdit_blocks, mmdit_groups, supervised_groups
+
+    if hasattr(parts, "transformer"):
+        groups = mmdit_groups(parts.transformer, mmdit_blocks(parts.transformer))
+        return groups, list(grounding.blocks) or list(groups)
+    groups = supervised_groups(parts.unet, list(grounding.layers), side // parts.vae_scale_factor)
+    if not groups:
+        raise ValueError("the model has no supervised cross-attention layers to score")
+    return groups, list(groups)
+
+
+def _denoise_once(parts: Any, pixels: torch.Tensor, seed: int, timestep: int, text: TextEmbeddings,
+                  side: int, guidance: float) -> None:
+    """One forward pass of the denoiser on the image noised to ``timestep`` (its maps go to the capture).
+
+    An MMDiT's noise level is timestep / 1000 on the flow-matching path, the level the
+    transformer's timestep embedding reads as ``timestep``."""
+    device, dtype = pixels.device, pixels.dtype
+    if not hasattr(parts, "transformer"):
+        # An fp32 VAE (SDXL's under fp16) hands back fp32 latents: the U-Net takes its own dtype.
+        noisy = _noised_inputs(parts, pixels, [seed], timestep).to(dtype)
+        t = torch.full((1,), timestep, dtype=torch.long, device=device)
+        parts.unet(noisy, t, **unet_kwargs(text, square_time_ids(side, 1)))
+        return
+    from tokencompose_core.flow_matching import predict_velocity
+
+    latent = parts.vae.encode(pixels.to(parts.vae.dtype)).latent_dist.mean.float()
+    x0 = (latent - parts.shift_factor) * parts.scaling_factor
+    noise = torch.randn(x0.shape[1:], generator=torch.Generator("cpu").manual_seed(seed)).to(device)
+    level = timestep / 1000
+    noisy = (1.0 - level) * x0 + level * noise[None]
+    predict_velocity(parts, parts.transformer, noisy, torch.full((1,), level, device=device), text, guidance)
+
+
+def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: int, device: torch.device,
+                     supervised: list[str], guidance: float) -> dict[str, torch.Tensor]:
+    """Normalised per-noun maps (N, side, side) per group, and ``overall``: the supervised groups' average."""
+    dtype = next(_denoiser(parts).parameters()).dtype
     pixels = _pixels(item.image_uri, side)[None].to(device, dtype)
-    # An fp32 VAE (SDXL's under fp16) hands back fp32 latents: the U-Net takes its own dtype.
-    noisy = _noised_inputs(parts, pixels, [_image_seed(item.image_id)], timestep).to(dtype)
     text = encode_prompts(parts, [item.caption]).to(device, dtype)
     capture.clear()
-    t = torch.full((1,), timestep, dtype=torch.long, device=device)
-    parts.unet(noisy, t, **unet_kwargs(text, square_time_ids(side, 1)))
+    _denoise_once(parts, pixels, _image_seed(item.image_id), timestep, text, side, guidance)
     # Scored against CPU masks: bring the (small) per-noun maps back from the GPU.
     raw = {name: noun_maps([m[0] for m in layer_maps], item.token_positions, (side, side)).cpu()
            for name, layer_maps in capture.maps().items()}
     out = {name: normalise(maps) for name, maps in raw.items()}
-    out["overall"] = normalise(torch.stack(list(raw.values())).mean(0))
+    out["overall"] = normalise(torch.stack([raw[name] for name in supervised]).mean(0))
     return out
 
 

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the U-Net through peft, saved in diffusers' LoRA format.
+"""LoRA fine-tuning of the U-Net (or an MMDiT's transformer) through peft, saved in diffusers' LoRA format.
 
 ``train.lora.rank > 0`` freezes the U-Net and adds low-rank adapters to the
 ``train.lora.target_modules`` projections (:func:`add_lora`); only the adapters
@@ -10,7 +10,9 @@ projections the capture processor calls. A run publishes ``lora/`` instead of
                                             the adapter's settings in the file's metadata
 
 which ``StableDiffusionPipeline.load_lora_weights(<run>/lora)`` loads onto the
-same base model. Checkpoints hold the same file, so a checkpoint is loadable too.
+same base model. An MMDiT's adapter is keyed ``transformer.<module>...`` and loads with
+``StableDiffusion3Pipeline.load_lora_weights`` / ``FluxPipeline.load_lora_weights``.
+Checkpoints hold the same file, so a checkpoint is loadable too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import FluxLoraLoaderMixin, SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -28,7 +30,6 @@ from tokencompose_core.config import LoraAdapterConfig
 
 LORA_DIR = "lora"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights finds it
-_PREFIX = "unet."  # how diffusers' pipelines name the U-Net's entries in a LoRA file
 
 
 def enabled(settings: LoraAdapterConfig) -> bool:
@@ -63,19 +64,37 @@ def _metadata(unet: torch.nn.Module) -> dict:
             "target_modules": sorted(config.target_modules)}
 
 
-def save_lora(unet: torch.nn.Module, folder: str) -> None:
-    """Write the adapter to ``folder/pytorch_lora_weights.safetensors`` in diffusers' format."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        folder, unet_lora_layers=state, unet_lora_adapter_metadata=_metadata(unet),
-        weight_name=WEIGHTS_NAME, safe_serialization=True,
-    )
+def _prefix(model: torch.nn.Module) -> str:
+    """How diffusers' pipelines name the model's entries in a LoRA file: ``unet`` or ``transformer``."""
+    from diffusers import UNet2DConditionModel
+
+    return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
+
+
+def save_lora(model: torch.nn.Module, folder: str) -> None:
+    """Write the adapter to ``folder/pytorch_lora_weights.safetensors`` in diffusers' format,
+    with the saving mixin of the pipeline that loads it."""
+    state = get_peft_model_state_dict(model)
+    common = dict(weight_name=WEIGHTS_NAME, safe_serialization=True)
+    if _prefix(model) == "unet":
+        # The U-Net's entries in diffusers' own key names; transformers' stay in peft's, as the
+        # SD 3 and FLUX pipelines read them.
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
+            unet_lora_adapter_metadata=_metadata(model), **common)
+        return
+    from diffusers import FluxTransformer2DModel
+
+    mixin = FluxLoraLoaderMixin if isinstance(model, FluxTransformer2DModel) else SD3LoraLoaderMixin
+    mixin.save_lora_weights(folder, transformer_lora_layers=state,
+                            transformer_lora_adapter_metadata=_metadata(model), **common)
 
 
 def load_lora_state(unet: torch.nn.Module, folder: str) -> None:
     """Copy saved adapter weights, exactly, into the adapter :func:`add_lora` made (resume)."""
     saved = load_file(os.path.join(folder, WEIGHTS_NAME))
-    state = convert_unet_state_dict_to_peft({key.removeprefix(_PREFIX): value for key, value in saved.items()})
+    prefix = f"{_prefix(unet)}."
+    state = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in saved.items()})
     expected = set(get_peft_model_state_dict(unet))
     if set(state) != expected:
         raise ValueError(f"{folder}: the saved adapter does not fit this U-Net's (missing "
@@ -86,7 +105,7 @@ def load_lora_state(unet: torch.nn.Module, folder: str) -> None:
 def merge_lora(unet: torch.nn.Module, folder: str) -> None:
     """Load a saved adapter as diffusers does and merge it into the weights: a plain U-Net
     again, which samples as fast as the base model."""
-    unet.load_lora_adapter(folder, prefix=_PREFIX.rstrip("."), weight_name=WEIGHTS_NAME, use_safetensors=True)
+    unet.load_lora_adapter(folder, prefix=_prefix(unet), weight_name=WEIGHTS_NAME, use_safetensors=True)
     unet.fuse_lora()
     unet.unload_lora()
 

@@ -13,9 +13,10 @@ from typing import Any
 from tokencompose_core import storage
 from tokencompose_core.config import PipelineConfig
 
-# Where trained U-Nets live, relative to <root>/train: a run's final one and checkpoints',
-# whole (unet/) or as a LoRA adapter (lora/, tokencompose_core.lora).
+# Where trained models live, relative to <root>/train: a run's final one and checkpoints',
+# whole (unet/, an MMDiT's transformer/) or as a LoRA adapter (lora/, tokencompose_core.lora).
 _UNET_GLOBS = ("*/unet/config.json", "*/checkpoints/*/unet/config.json",
+               "*/transformer/config.json", "*/checkpoints/*/transformer/config.json",
                "*/lora/pytorch_lora_weights.safetensors", "*/checkpoints/*/lora/pytorch_lora_weights.safetensors")
 
 

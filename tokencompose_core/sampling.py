@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from tokencompose_core import lora, storage
-from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
+from tokencompose_core.conditioning import TextEmbeddings, encode_mmdit, encode_text, square_time_ids, unet_kwargs
 from tokencompose_core.config import ModelsConfig, SampleConfig
 from tokencompose_core.devices import placement, resolve_device
 from tokencompose_core.identity import seed_from, uri_identity, value_hash
@@ -204,18 +204,28 @@ def build_scheduler(name: str, base_config: Any, stock: str | None = None) -> An
 
 
 def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype: torch.dtype,
-               vae_dir: str | None = None) -> Any:
-    """:func:`tokencompose_core.models.load_diffusion`, one thread at a time; a LoRA run's
-    ``lora/`` as ``unet_dir`` is merged into the base U-Net."""
-    from tokencompose_core.models import load_diffusion
+               models: ModelsConfig | None = None) -> Any:
+    """:func:`tokencompose_core.models.load_diffusion` (an MMDiT model: ``load_mmdit``), one thread
+    at a time; a LoRA run's ``lora/`` as ``unet_dir`` is merged into the base U-Net or transformer.
+    ``models``: the profile's replacement VAE and T5 text length (None: the model's own)."""
+    from tokencompose_core.models import is_mmdit, load_diffusion, load_mmdit, resolve_vae_dir
+
+    models = models or ModelsConfig()
 
     adapter = unet_dir if unet_dir and lora.is_lora_folder(unet_dir) else None
+    weights = None if adapter else unet_dir
     with _LOAD_LOCK:
-        parts = load_diffusion(model_dir, unet_dir=None if adapter else unet_dir, device=device, dtype=dtype,
-                               vae_dir=vae_dir)
+        if is_mmdit(model_dir):
+            parts = load_mmdit(model_dir, transformer_dir=weights, device=device, dtype=dtype,
+                               max_sequence_length=models.max_sequence_length)
+            denoiser, encoders = parts.transformer, list(parts.text_encoders.values())
+        else:
+            parts = load_diffusion(model_dir, unet_dir=weights, device=device, dtype=dtype,
+                                   vae_dir=resolve_vae_dir(models))
+            denoiser, encoders = parts.unet, [parts.text_encoder, parts.text_encoder_2]
         if adapter:
-            lora.merge_lora(parts.unet, adapter)
-    for module in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+            lora.merge_lora(denoiser, adapter)
+    for module in (denoiser, parts.vae, *encoders):
         if module is not None:
             module.eval()
     return parts
@@ -240,7 +250,10 @@ class SampleItem:
 
 
 def encode_prompts(parts: Any, texts: list[str]) -> TextEmbeddings:
-    """Text embeddings of ``texts`` (SDXL: both encoders' and the pooled one), padded to 77 tokens."""
+    """Text embeddings of ``texts`` (SDXL: both encoders' and the pooled one), padded to 77 tokens;
+    an MMDiT's: its pipeline's own prompt encoding."""
+    if hasattr(parts, "transformer"):
+        return encode_mmdit(parts, texts)
     return encode_text(parts.text_encoders, texts)
 
 
@@ -436,10 +449,8 @@ def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri
     device = resolve_device(cfg.device)
     if todo:
         dtype = resolve_dtype(cfg.mixed_precision, device)
-        from tokencompose_core.models import resolve_vae_dir
-
         with pinned_threads(cfg.torch_threads):
-            parts = load_parts(model_dir, unet_dir, device, dtype, resolve_vae_dir(models))
+            parts = load_parts(model_dir, unet_dir, device, dtype, models)
             wanted = wants_safety_checker(cfg.safety_checker, model_dir)
             checker = SafetyChecker.from_model_dir(model_dir, device, dtype) if wanted else None
             seconds = generate_images(parts, cfg, todo, device, checker)
@@ -456,11 +467,20 @@ def sample(settings: SampleConfig, models: ModelsConfig, model_dir: str, out_uri
     return index_uri
 
 
+def _padded_batches(items: list[SampleItem], size: int) -> Iterator[tuple[list[SampleItem], list[SampleItem]]]:
+    """(batch, padded batch): a short batch is padded with repeats of its last item, so kernels
+    always see the same shapes, which keeps each image bit-identical whichever batch it falls in."""
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(list(_batches(items, size)), desc="sample", unit="batch"):
+        yield batch, batch + [batch[-1]] * (size - len(batch))
+
+
 def generate_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], device: torch.device,
                     checker: SafetyChecker | None = None) -> float:
     """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
-    from tqdm.auto import tqdm
-
+    if hasattr(parts, "transformer"):
+        return generate_mmdit_images(parts, cfg, items, device)
     resolution = cfg.resolution or parts.sample_size
     side = resolution // parts.vae_scale_factor
     shape = (parts.latent_channels, side, side)
@@ -468,10 +488,7 @@ def generate_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], devi
     use_cfg = cfg.guidance_scale > 1.0
     uncond_one = unconditional(parts) if use_cfg else None
     started = time.perf_counter()
-    for batch in tqdm(list(_batches(items, cfg.batch_size)), desc="sample", unit="batch"):
-        # A short batch is padded with repeats of its last item: kernels then always see the
-        # same shapes, which keeps each image bit-identical whichever batch it falls in.
-        padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))
+    for batch, padded in _padded_batches(items, cfg.batch_size):
         seeds = [item.seed for item in padded]
         cond = encode_prompts(parts, [item.prompt.text for item in padded])
         uncond = uncond_one.expand(len(padded)) if use_cfg else None
@@ -485,6 +502,35 @@ def generate_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], devi
             images, _ = checker(images)
         for item, image in zip(batch, images):
             storage.atomic_write_bytes(item.image_uri, png_bytes(image))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def generate_mmdit_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], device: torch.device) -> float:
+    """SD 3.5 / FLUX: each batch through the model's own pipeline (``StableDiffusion3Pipeline``,
+    ``FluxPipeline``) with its flow-matching scheduler, from our per-image seeded noise, so an image
+    is the stock pipeline's for a generator seeded with the image's seed."""
+    if cfg.scheduler != "model":
+        raise ValueError(f"sample.scheduler={cfg.scheduler!r}: SD 3.5 and FLUX sample with their own "
+                         "flow-matching scheduler; set sample.scheduler=model")
+    resolution = cfg.resolution or parts.sample_size
+    side = resolution // parts.vae_scale_factor
+    dtype = next(parts.transformer.parameters()).dtype
+    pipeline = parts.pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    for batch, padded in _padded_batches(items, cfg.batch_size):
+        noise = initial_noise([item.seed for item in padded], (parts.latent_channels, side, side), device, dtype)
+        if parts.family == "flux":
+            noise = pipeline._pack_latents(noise, len(padded), parts.latent_channels, side, side)
+        with torch.no_grad():
+            images = pipeline(prompt=[item.prompt.text for item in padded], latents=noise, height=resolution,
+                              width=resolution, num_inference_steps=cfg.num_inference_steps,
+                              guidance_scale=cfg.guidance_scale, max_sequence_length=parts.max_sequence_length,
+                              output_type="np").images
+        for item, image in zip(batch, images):
+            storage.atomic_write_bytes(item.image_uri, png_bytes((image * 255).round().astype(np.uint8)))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started

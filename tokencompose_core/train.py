@@ -45,7 +45,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,10 +60,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from tokencompose_core import lora, storage
-from tokencompose_core.attention import AttentionCapture, supervised_groups
+from tokencompose_core.attention import AttentionCapture, mmdit_groups, supervised_groups
 from tokencompose_core.checkpoints import (
+    DENOISER_DIRS,
     Checkpoint,
     TrainingState,
+    denoiser_dir_name,
     local_path,
     publish_unet,
     remove_partial_checkpoints,
@@ -68,14 +73,28 @@ from tokencompose_core.checkpoints import (
     weights_complete,
     weights_dir,
 )
-from tokencompose_core.conditioning import TextEmbeddings, encode_text, square_time_ids, unet_kwargs
-from tokencompose_core.config import LoraAdapterConfig, ModelsConfig, TrainConfig, load_config
+from tokencompose_core.conditioning import TextEmbeddings, encode_mmdit, encode_text, square_time_ids, unet_kwargs
+from tokencompose_core.config import FlowMatchingConfig, LoraAdapterConfig, ModelsConfig, TrainConfig, load_config
+from tokencompose_core.flow_matching import (
+    denoising_loss,
+    draw_noise,
+    encode_latents,
+    image_token_side,
+    predict_velocity,
+)
 from tokencompose_core.data import GroundingDataset, ResumableBatchSampler, collate, training_image_ids
 from tokencompose_core.launch import RESULT_FILE
 from tokencompose_core.losses import grounding_losses
 from tokencompose_core.mask_cache import MaskCache
 from tokencompose_core.metrics import MetricsLog, plot_loss_curve, tensorboard_writer
-from tokencompose_core.models import load_diffusion, resolve_diffusion_dir, resolve_vae_dir, vae_dtype
+from tokencompose_core.models import (
+    is_mmdit,
+    load_diffusion,
+    load_mmdit,
+    resolve_diffusion_dir,
+    resolve_vae_dir,
+    vae_dtype,
+)
 from tokencompose_core.threads import pinned_threads
 
 logger = logging.getLogger(__name__)
@@ -95,19 +114,19 @@ class TrainResult:
 
 
 class TextEmbedder:
-    """Caption -> embeddings of the frozen text encoder(s) (SDXL: both, and the pooled one),
-    cached per caption when asked."""
+    """Caption -> embeddings of the frozen text encoder(s) (SDXL: both, and the pooled one;
+    an MMDiT: its pipeline's own prompt encoding), cached per caption when asked."""
 
-    def __init__(self, encoders: list[tuple[torch.nn.Module, object]], cache: bool) -> None:
-        self.encoders = encoders
+    def __init__(self, encode: Callable[[list[str]], TextEmbeddings], cache: bool) -> None:
+        self.encode = encode
         self._cache: dict[str, TextEmbeddings] | None = {} if cache else None
 
     def __call__(self, captions: list[str]) -> TextEmbeddings:
         if self._cache is None:
-            return encode_text(self.encoders, captions)
+            return self.encode(captions)
         missing = sorted(set(captions) - self._cache.keys())
         if missing:
-            encoded = encode_text(self.encoders, missing)
+            encoded = self.encode(missing)
             for index, caption in enumerate(missing):
                 self._cache[caption] = encoded[index]
         return TextEmbeddings.stack([self._cache[caption] for caption in captions])
@@ -120,7 +139,7 @@ class TextEmbedder:
 class _Model:
     """Frozen parts and fixed settings the step needs."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module  # the U-Net, or an MMDiT's transformer (both possibly DDP-wrapped)
     vae: torch.nn.Module | None
     latent_scaling: float
     embed: TextEmbedder
@@ -132,6 +151,10 @@ class _Model:
     caption_dropout: float
     weight_dtype: torch.dtype
     normalize_by_layers: bool = False  # train.grounding.normalize_by_layers
+    # An MMDiT model (SD 3.5, FLUX) trains by flow matching (tokencompose_core.flow_matching):
+    # its loaded parts and train.flow_matching. None: a U-Net with noise_scheduler's objective.
+    flow: FlowMatchingConfig | None = None
+    mmdit: Any = None
 
 
 def _targets(model: _Model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -151,29 +174,39 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
     pixel_dtype = model.vae.dtype if model.vae is not None else model.weight_dtype
     pixels = batch.pixel_values.to(device, dtype=pixel_dtype, non_blocking=True)
     with torch.no_grad():
-        if model.vae is None:
+        if model.flow is not None:
+            latents = encode_latents(model.mmdit, pixels, generator)
+        elif model.vae is None:
             latents = pixels.float()
         else:
             posterior = model.vae.encode(pixels).latent_dist
             latents = posterior.sample(generator=generator).float() * model.latent_scaling
     size = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
+    if model.flow is None:
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
+    else:
+        noised = draw_noise(model.noise_scheduler, model.flow, latents, generator)
     dropped = torch.rand(size, generator=generator) < model.caption_dropout
     captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch.captions)]
     # A dropped caption has no noun tokens left to ground.
     positions = batch.token_positions.masked_fill(dropped[:, None, None], -1)
-    timesteps = timesteps.to(device)
-    noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
     text = model.embed(captions).to(device, dtype=model.weight_dtype)
-    # SDXL's size conditioning: the data path's crop when it recorded one, else an uncropped R x R.
-    time_ids = batch.time_ids if batch.time_ids is not None else square_time_ids(pixels.shape[-1], size)
     if model.capture is not None:
         model.capture.clear()
         # Only the nouns' columns are captured; positions now index those columns.
         positions = model.capture.capture_tokens(positions.to(device))
-    prediction = model.unet(noisy, timesteps, **unet_kwargs(text, time_ids)).sample
-    denoise = F.mse_loss(prediction.float(), _targets(model, latents, noise, timesteps).float())
+    if model.flow is None:
+        timesteps = timesteps.to(device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        # SDXL's size conditioning: the data path's crop when it recorded one, else an uncropped R x R.
+        time_ids = batch.time_ids if batch.time_ids is not None else square_time_ids(pixels.shape[-1], size)
+        prediction = model.denoiser(noisy, timesteps, **unet_kwargs(text, time_ids)).sample
+        denoise = F.mse_loss(prediction.float(), _targets(model, latents, noise, timesteps).float())
+    else:
+        prediction = predict_velocity(model.mmdit, model.denoiser, noised.noisy, noised.sigmas, text,
+                                      model.flow.guidance)
+        denoise = denoising_loss(prediction, noised)
     losses = {"denoise": denoise}
     total = denoise
     if model.capture is not None:
@@ -191,10 +224,16 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
 # ----------------------------------------------------------------------------- setup
 
 
-def _groups(unet: torch.nn.Module, cfg: TrainConfig, latent_side: int) -> dict[str, list[str]]:
+def _groups(denoiser: torch.nn.Module, cfg: TrainConfig, latent_side: int) -> dict[str, list[str]]:
     if cfg.token_loss_weight == 0 and cfg.pixel_loss_weight == 0:
         return {}
-    groups = supervised_groups(unet, list(cfg.grounding.layers), latent_side)
+    if denoiser_dir_name(denoiser) == "transformer":
+        if not cfg.grounding.blocks:
+            raise ValueError("an MMDiT model grounds the joint-attention blocks train.grounding.blocks names "
+                             "(e.g. [transformer_blocks.9]); it is empty")
+        groups = mmdit_groups(denoiser, list(cfg.grounding.blocks))
+    else:
+        groups = supervised_groups(denoiser, list(cfg.grounding.layers), latent_side)
     unknown = set(cfg.grounding.group_weights) - set(groups)
     if unknown:
         raise ValueError(f"train.grounding.group_weights names unknown groups {sorted(unknown)}; "
@@ -208,10 +247,10 @@ def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _init_unet_dir(cfg: TrainConfig, resume: Checkpoint | None) -> str | None:
-    """The U-Net to load: the checkpoint's when resuming a full fine-tune, else ``train.init_unet``'s;
-    a LoRA run always starts from the base U-Net, which its saved adapter applies to."""
+    """The U-Net (or transformer) to load: the checkpoint's when resuming a full fine-tune, else
+    ``train.init_unet``'s; a LoRA run always starts from the base model, which its saved adapter applies to."""
     if not lora.enabled(cfg.lora):
-        return os.path.join(resume.path, "unet") if resume else init_unet_dir(cfg.init_unet)
+        return weights_dir(resume.path) if resume else init_unet_dir(cfg.init_unet)
     if cfg.init_unet:
         raise ValueError("train.lora.rank > 0 trains an adapter of the base model the sample stage loads; "
                          "to start from a trained U-Net, make it the model (train.init_model)")
@@ -219,22 +258,53 @@ def _init_unet_dir(cfg: TrainConfig, resume: Checkpoint | None) -> str | None:
 
 
 def init_unet_dir(init_unet: str | None) -> str | None:
-    """The ``unet/`` folder ``train.init_unet`` names: a trained run folder's, or the folder itself."""
+    """The ``unet/`` (or ``transformer/``) folder ``train.init_unet`` names: a trained run folder's,
+    or the folder itself."""
     if not init_unet:
         return None
-    inside = os.path.join(local_path(init_unet), "unet")
-    return inside if os.path.isdir(inside) else local_path(init_unet)
+    inside = [os.path.join(local_path(init_unet), name) for name in DENOISER_DIRS]
+    return next((folder for folder in inside if os.path.isdir(folder)), local_path(init_unet))
 
 
-def _published(output_dir: str, settings: LoraAdapterConfig) -> bool:
+def _published(output_dir: str, settings: LoraAdapterConfig, denoiser_dir: str) -> bool:
     """The final weights are there whole: a missing weights file is published again."""
-    return weights_complete(os.path.join(output_dir, lora.LORA_DIR if lora.enabled(settings) else "unet"))
+    return weights_complete(os.path.join(output_dir, lora.LORA_DIR if lora.enabled(settings) else denoiser_dir))
 
 
 def _config_digest(cfg: TrainConfig) -> dict:
     """Settings that must match for a resumed run to continue the same data order."""
     return {"batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "seed": cfg.seed, "resolution": cfg.resolution}
+
+
+@dataclass
+class _Loaded:
+    """The model a run trains, whatever its family: the denoiser and what stays frozen around it."""
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module | None
+    frozen: list[torch.nn.Module]  # the VAE and text encoders
+    encode: Callable[[list[str]], TextEmbeddings]
+    noise_scheduler: Any  # DDPMScheduler (U-Net) or FlowMatchEulerDiscreteScheduler (MMDiT)
+    latent_scaling: float
+    mask_side: int  # the side of the attention maps' image grid the masks are resized to
+    mmdit: Any = None  # MMDiTParts for SD 3.5 / FLUX
+
+
+def _load_model(cfg: TrainConfig, models: ModelsConfig, model_dir: str, init_dir: str | None,
+                device: torch.device) -> _Loaded:
+    if is_mmdit(model_dir):
+        parts = load_mmdit(model_dir, transformer_dir=init_dir, device=device, dtype=torch.float32,
+                           max_sequence_length=models.max_sequence_length)
+        return _Loaded(parts.transformer, parts.vae, [parts.vae, *parts.text_encoders.values()],
+                       partial(encode_mmdit, parts), parts.scheduler, parts.scaling_factor,
+                       image_token_side(parts, cfg.resolution), mmdit=parts)
+    parts = load_diffusion(model_dir, unet_dir=init_dir, device=device, dtype=torch.float32,
+                           vae_dir=resolve_vae_dir(models))
+    frozen = [module for module in (parts.vae, parts.text_encoder, parts.text_encoder_2) if module is not None]
+    return _Loaded(parts.unet, parts.vae, frozen, partial(encode_text, parts.text_encoders),
+                   DDPMScheduler.from_config(parts.scheduler.config), parts.latent_scaling,
+                   cfg.resolution // parts.vae_scale_factor)
 
 
 def train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: str,
@@ -265,22 +335,20 @@ def _train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: s
         remove_partial_checkpoints(output_dir)
     resume = resume_checkpoint(output_dir, cfg.resume, accelerator.process_index)
     model_dir = cfg.init_model or resolve_diffusion_dir(models)
-    parts = load_diffusion(model_dir, unet_dir=_init_unet_dir(cfg, resume), device=device,
-                           dtype=torch.float32, vae_dir=resolve_vae_dir(models))
-    unet = parts.unet
+    loaded = _load_model(cfg, models, model_dir, _init_unet_dir(cfg, resume), device)
+    unet = loaded.denoiser
     unet.train().requires_grad_(True)
     if lora.enabled(cfg.lora):
         lora.add_lora(unet, cfg.lora)
         if resume:
             lora.load_lora_state(unet, weights_dir(resume.path))
     trainable = trainable_parameters(unet)
-    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        if frozen is not None:
-            dtype = vae_dtype(frozen.config, weight_dtype) if frozen is parts.vae else weight_dtype
-            frozen.requires_grad_(False).eval().to(device, dtype=dtype)
+    for frozen in loaded.frozen:
+        dtype = vae_dtype(frozen.config, weight_dtype) if frozen is loaded.vae else weight_dtype
+        frozen.requires_grad_(False).eval().to(device, dtype=dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    latent_side = cfg.resolution // parts.vae_scale_factor
+    latent_side = loaded.mask_side
     groups = _groups(unet, cfg, latent_side)
     capture = AttentionCapture(unet, groups) if groups else None
 
@@ -323,22 +391,24 @@ def _train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: s
         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
     )
     model = _Model(
-        unet=prepared_unet, vae=parts.vae, latent_scaling=parts.latent_scaling,
-        embed=TextEmbedder(parts.text_encoders, cfg.cache_text_embeddings),
-        noise_scheduler=DDPMScheduler.from_config(parts.scheduler.config), capture=capture,
+        denoiser=prepared_unet, vae=loaded.vae, latent_scaling=loaded.latent_scaling,
+        embed=TextEmbedder(loaded.encode, cfg.cache_text_embeddings),
+        noise_scheduler=loaded.noise_scheduler, capture=capture,
         group_weights=dict(cfg.grounding.group_weights), token_weight=cfg.token_loss_weight,
         pixel_weight=cfg.pixel_loss_weight, caption_dropout=cfg.caption_dropout, weight_dtype=weight_dtype,
         normalize_by_layers=cfg.grounding.normalize_by_layers,
+        flow=cfg.flow_matching if loaded.mmdit is not None else None, mmdit=loaded.mmdit,
     )
     metrics = MetricsLog(storage.join(output_uri, "metrics.jsonl"), global_step) if accelerator.is_main_process else None
     resumed_at = global_step
     global_step = _loop(cfg, trainer, model, loader, metrics, output_dir, global_step)
 
-    unet_uri = storage.join(output_uri, lora.LORA_DIR if lora.enabled(cfg.lora) else "unet")
+    denoiser_dir = denoiser_dir_name(unet)
+    unet_uri = storage.join(output_uri, lora.LORA_DIR if lora.enabled(cfg.lora) else denoiser_dir)
     final_losses: dict[str, float] = {}
     # A rerun of a finished run trains no step: its published U-Net is already this
     # checkpoint's, and republishing identical weights would only move their identity.
-    finished_before = global_step == resumed_at and _published(output_dir, cfg.lora)
+    finished_before = global_step == resumed_at and _published(output_dir, cfg.lora, denoiser_dir)
     if accelerator.is_main_process and finished_before:
         final_losses = metrics.final_losses()
     elif accelerator.is_main_process:

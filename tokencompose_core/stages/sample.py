@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokencompose_core import lora, outputs, storage
+from tokencompose_core.checkpoints import DENOISER_DIRS
 from tokencompose_core.config import PipelineConfig
 from tokencompose_core.sampling import merge_shards, model_fingerprint, prompt_file, prompt_set_name, sample
 from tokencompose_core.stages import stage_fingerprint
@@ -68,19 +69,20 @@ def model_name(unet_dir: str | None) -> str:
 
 
 def trained_unet(config: PipelineConfig, run_uri: str | None) -> str | None:
-    """The ``unet/`` of a trained run folder, or its ``lora/`` for a LoRA run (checked);
-    None for the profile's model."""
+    """The ``unet/`` (an MMDiT's ``transformer/``) of a trained run folder, or its ``lora/`` for a
+    LoRA run (checked); None for the profile's model."""
     if not run_uri:
         return None
     run = storage.check_input(run_uri, config.storage)
     adapter = storage.join(run, lora.LORA_DIR)
     if storage.exists(storage.join(adapter, lora.WEIGHTS_NAME)):
         return adapter
-    unet_dir = storage.join(run, "unet")
-    if not storage.exists(storage.join(unet_dir, "config.json")):
-        raise FileNotFoundError(f"{run_uri} has no trained unet/ (expected {unet_dir}/config.json) "
-                                f"nor {lora.LORA_DIR}/{lora.WEIGHTS_NAME}")
-    return unet_dir
+    for name in DENOISER_DIRS:
+        weights = storage.join(run, name)
+        if storage.exists(storage.join(weights, "config.json")):
+            return weights
+    raise FileNotFoundError(f"{run_uri} has no trained {' or '.join(f'{name}/' for name in DENOISER_DIRS)} "
+                            f"(with a config.json) nor {lora.LORA_DIR}/{lora.WEIGHTS_NAME}")
 
 
 def samples_folder(config: PipelineConfig, unet_dir: str | None, model_identity: str, fingerprint: str) -> str:
