@@ -171,6 +171,9 @@ class GroundingLayersConfig(_Section):
     # their diffusers names ("transformer_blocks.9", "single_transformer_blocks.3"); one group
     # each, so group_weights and the per-block attention mIoU name blocks. Unused by U-Nets.
     blocks: list[str] = Field(default_factory=list)
+    # MMDiT: an image token's map is its softmax over all keys of the joint sequence (text and
+    # image), as the block attends; true renormalises it over the text keys only (docs/MMDIT.md).
+    text_keys_only: bool = False
 
 
 class LoraAdapterConfig(_Section):

@@ -294,7 +294,8 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
     side = sample.resolution or parts.sample_size
     groups, supervised = _scored_groups(parts, grounding, side)
     cache = MaskCache(cache_uri)
-    capture = AttentionCapture(_denoiser(parts), groups)
+    mmdit = {"text_only": grounding.text_keys_only} if hasattr(parts, "transformer") else {}
+    capture = AttentionCapture(_denoiser(parts), groups, **mmdit)
     ious: dict[str, list[np.ndarray]] = {name: [] for name in [*groups, "overall"]}
     fixed_k = int(np.argmin(np.abs(SWEEP_THRESHOLDS - score.segmentation_threshold)))
     per_image: dict[str, list[float]] = {}  # image id -> its nouns' IoU (overall maps, fixed threshold), percent

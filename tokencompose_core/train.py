@@ -241,6 +241,11 @@ def _groups(denoiser: torch.nn.Module, cfg: TrainConfig, latent_side: int) -> di
     return {name: layers for name, layers in groups.items() if cfg.grounding.group_weights.get(name, 1.0) > 0}
 
 
+def _capture_options(denoiser: torch.nn.Module, cfg: TrainConfig) -> dict[str, bool]:
+    """The MMDiT map's normalisation (a U-Net's cross-attention has only text keys)."""
+    return {"text_only": cfg.grounding.text_keys_only} if denoiser_dir_name(denoiser) == "transformer" else {}
+
+
 def trainable_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Every parameter in a full fine-tune; the adapters' only with LoRA."""
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
@@ -350,7 +355,7 @@ def _train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: s
         unet.enable_gradient_checkpointing()
     latent_side = loaded.mask_side
     groups = _groups(unet, cfg, latent_side)
-    capture = AttentionCapture(unet, groups) if groups else None
+    capture = AttentionCapture(unet, groups, **_capture_options(unet, cfg)) if groups else None
 
     # The fused kernel updates every parameter in one pass: 5-10% faster steps on the demo model (CPU).
     optimizer = torch.optim.AdamW(
