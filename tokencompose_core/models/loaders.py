@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import importlib.resources
-import json
 import os
 import types
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
-from tokencompose_core.models.mmdit import is_mmdit, mmdit_family, required_files
+from tokencompose_core.models.mmdit import is_mmdit, mmdit_family, model_index, required_files
 from tokencompose_core.models.tiny import (
     build_tiny_sam,
     diffusion_parts,
@@ -141,19 +140,14 @@ def diffusion_family(models: ModelsConfig) -> str | None:
     return mmdit_family(resolve_diffusion_dir(models))
 
 
-def _model_index(root: Path) -> dict[str, Any]:
-    index = root / "model_index.json"
-    return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
-
-
 def _has_second_encoder(root: Path) -> bool:
     """SDXL-shaped: its ``model_index.json`` names a ``text_encoder_2`` (or the folder is there)."""
-    return bool(_model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
+    return bool(model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
 
 
 def _force_zeros_for_empty_prompt(root: Path) -> bool:
     # StableDiffusionXLPipeline's default is True when the index does not say.
-    return bool(_model_index(root).get("force_zeros_for_empty_prompt", True))
+    return bool(model_index(root).get("force_zeros_for_empty_prompt", True))
 
 
 def resolve_vae_dir(models: ModelsConfig) -> str | None:

@@ -11,7 +11,7 @@ from the nouns settings and the manifest's content. One unit: the whole table
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
