@@ -69,6 +69,16 @@ def test_tiny_mmdit_loads_with_our_loader_and_the_stock_pipeline(tiny: tuple[str
     assert type(pipe) is STOCK[profile] and pipe.transformer is parts.transformer
 
 
+def test_a_trained_transformer_replaces_the_models_own(tiny: tuple[str, str], tmp_path) -> None:
+    transformer = load_mmdit(tiny[1]).transformer
+    own = next(transformer.parameters()).detach().clone()
+    with torch.no_grad():
+        next(transformer.parameters()).add_(1.0)
+    transformer.save_pretrained(tmp_path / "transformer")
+    trained = load_mmdit(tiny[1], transformer_dir=str(tmp_path / "transformer"))
+    torch.testing.assert_close(next(trained.transformer.parameters()), own + 1.0)
+
+
 def test_the_t5_tokenizer_works_offline_with_t5_semantics(t5) -> None:
     ids = t5(CAPTION)["input_ids"]
     pieces = t5.convert_ids_to_tokens(ids)
@@ -123,20 +133,22 @@ def test_a_noun_one_encoder_cannot_place_is_rejected_naming_it(t5) -> None:
     assert [item["encoder"] for item in zebra["encoder_positions"]] == ["clip", "t5"]
 
 
-def test_nouns_through_the_cli_on_tiny_sd3_gives_joint_columns(prefect_harness, tmp_path) -> None:
+def test_nouns_through_the_cli_gives_joint_columns(prefect_harness, tiny: tuple[str, str], tmp_path) -> None:
+    profile, folder = tiny
     manifest = photo_manifest(tmp_path)
-    summary = cli_summary(["nouns", "-p", "tiny-sd3", "--input", manifest, f"storage.root={tmp_path / 'runs'}"])
+    summary = cli_summary(["nouns", "-p", profile, "--input", manifest, f"storage.root={tmp_path / 'runs'}"])
     table = pd.read_parquet(summary["nouns_uri"])
-    folder = resolve_diffusion_dir(load_config("tiny-sd3").models)
-    parts_layout = load_mmdit(folder, max_sequence_length=32).text_layout
+    layout = load_mmdit(folder, max_sequence_length=32).text_layout
     tokenizers = {"clip": clip_tokenizer(),
-                  "t5": AutoTokenizer.from_pretrained(f"{folder}/tokenizer_3", local_files_only=True)}
+                  "t5": AutoTokenizer.from_pretrained(f"{folder}/{T5_FOLDER[profile]}", local_files_only=True)}
     assert set(table["noun"]) >= {"astronaut", "cat", "coffee"}
     for row in table.itertuples():
-        expected = joint_token_positions(row.caption, row.noun, tokenizers, parts_layout)
+        expected = joint_token_positions(row.caption, row.noun, tokenizers, layout)
         assert list(row.token_positions) == list(expected)
         assert {item["encoder"]: list(item["positions"]) for item in row.encoder_positions} == expected.by_encoder
-        assert max(row.token_positions) >= 77  # T5 columns follow the 77 CLIP ones
+        # SD 3: the CLIP columns, then T5's from 77 on; FLUX: T5's alone.
+        assert [item["encoder"] for item in row.encoder_positions] == [segment.encoder for segment in layout]
+        assert (max(row.token_positions) >= 77) == (profile == "tiny-sd3")
 
 
 @pytest.mark.parametrize(("profile", "snapshot"), [("sd35", "stabilityai/stable-diffusion-3.5-medium"),
