@@ -18,8 +18,8 @@ from tokencompose_core.models import (clip_tokenizer, diffusion_family, fingerpr
 from tokencompose_core.models.architectures import arch_dir, read_config_json
 from tokencompose_core.models.t5_vocab import TOKENIZER_FOLDERS, read_captions, train_t5_tokenizer, training_texts
 from tokencompose_core.models.tiny import diffusion_parts
-from tokencompose_core.stages.nouns import nouns_table
-from tokencompose_core.text import (TRUNCATED, joint_token_positions, t5_token_positions, token_positions)
+from tokencompose_core.stages.nouns import nouns_table, write_nouns
+from tokencompose_core.text import TRUNCATED, joint_token_positions, t5_token_positions, token_positions
 
 STOCK = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-flux": FluxPipeline}
 T5_FOLDER = {"tiny-sd3": "tokenizer_3", "tiny-flux": "tokenizer_2"}
@@ -120,17 +120,21 @@ def test_joint_columns_on_both_layouts(t5) -> None:
     assert list(flux) == list(t5_positions) and flux.by_encoder == {"t5": list(t5_positions)}
 
 
-def test_a_noun_one_encoder_cannot_place_is_rejected_naming_it(t5) -> None:
+def test_a_noun_one_encoder_cannot_place_is_rejected_naming_it(t5, tmp_path) -> None:
     # 8 T5 tokens cut "sidewalk" off; CLIP's 77 place it.
     layout = text_layout("sd3", 8)
     found = joint_token_positions(CAPTION, "sidewalk", {"clip": clip_tokenizer(), "t5": t5}, layout)
     assert not found and (found.encoder, found.reason) == ("t5", f"t5: {TRUNCATED}")
-    manifest = pd.DataFrame([{"id": "z", "image": "z.png", "captions": [CAPTION], "path_problem": None}])
+    manifest = pd.DataFrame([{"id": "z", "image": "z.png", "captions": [CAPTION], "path_problem": None},
+                             {"id": "n", "image": "n.png", "captions": ["Very quickly."], "path_problem": None}])
     table, rejects = nouns_table(manifest, {"clip": clip_tokenizer(), "t5": t5}, layout=layout)
     assert "sidewalk" not in set(table["noun"])
     assert rejects.set_index("noun").loc["sidewalk", "reason"] == f"token-span failure: t5: {TRUNCATED}"
-    zebra = table.set_index("noun").loc["zebra"]
+    # Written and read back: each encoder's positions beside the joint columns; none on a noun-less image.
+    table = pd.read_parquet(write_nouns(table, rejects, str(tmp_path))["nouns_uri"]).set_index("image_id")
+    zebra = table[table["noun"] == "zebra"].iloc[0]
     assert [item["encoder"] for item in zebra["encoder_positions"]] == ["clip", "t5"]
+    assert pd.isna(table.loc["n", "noun"]) and len(table.loc["n", "encoder_positions"]) == 0
 
 
 def test_nouns_through_the_cli_gives_joint_columns(prefect_harness, tiny: tuple[str, str], tmp_path) -> None:
