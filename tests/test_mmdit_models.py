@@ -4,6 +4,7 @@ joint text segment's token columns, stage 1 on them, and the real profiles witho
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -13,8 +14,8 @@ from transformers import AutoTokenizer
 
 from helpers import cli_summary, photo_manifest
 from tokencompose_core.config import load_config
-from tokencompose_core.models import (clip_tokenizer, diffusion_family, fingerprint, is_mmdit, load_mmdit,
-                                      resolve_diffusion_dir, text_layout)
+from tokencompose_core.models import (MissingWeightsError, clip_tokenizer, diffusion_family, fingerprint, is_mmdit,
+                                      load_mmdit, mmdit_family, resolve_diffusion_dir, text_layout)
 from tokencompose_core.models.architectures import arch_dir, read_config_json
 from tokencompose_core.models.t5_vocab import TOKENIZER_FOLDERS, read_captions, train_t5_tokenizer, training_texts
 from tokencompose_core.models.tiny import diffusion_parts
@@ -165,6 +166,17 @@ def test_real_mmdit_profiles_without_weights_fail_in_one_line(prefect_harness, t
     assert main(["nouns", "-p", profile, "--input", manifest, f"storage.root={tmp_path / 'runs'}"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
     assert snapshot in line and f"huggingface-cli download {snapshot}" in line
+
+
+def test_a_real_mmdit_folder_missing_a_component_names_it(tiny: tuple[str, str], tmp_path) -> None:
+    profile, folder = tiny
+    copy = tmp_path / profile
+    shutil.copytree(folder, copy)
+    models = load_config("sd35" if profile == "tiny-sd3" else "flux", [f"models.diffusion={copy}"]).models
+    assert resolve_diffusion_dir(models) == str(copy) and diffusion_family(models) == mmdit_family(folder)
+    (copy / T5_FOLDER[profile] / "tokenizer_config.json").unlink()
+    with pytest.raises(MissingWeightsError, match=f"has no {T5_FOLDER[profile]}/tokenizer_config.json"):
+        resolve_diffusion_dir(models)
 
 
 def test_the_identity_covers_the_tokenizer_and_the_text_length() -> None:

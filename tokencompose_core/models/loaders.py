@@ -101,20 +101,12 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
 
     ``tiny``: built from ``configs/models/<models.diffusion>/`` with ``models.seed``
     into ``<cache_dir>/<name>-<hash>`` (once; later calls reuse it).
-    ``pretrained``: a local diffusers directory or a hub id already in the cache.
+    ``pretrained``: a local diffusers directory or a hub id already in the cache, with the
+    files its layout needs (SD 3 / FLUX: every component its model_index.json lists).
     """
     if models.kind == TINY:
         return materialise_tiny_diffusion(models)
-    if os.path.isdir(models.diffusion):
-        model_dir = models.diffusion
-    else:
-        # The diffusers layout of SD 1.x/2.x/XL (unet/) and of SD 3/FLUX (transformer/, up to three encoders).
-        model_dir = hub_snapshot(
-            models.diffusion,
-            "diffusion model",
-            " --include 'unet/*' 'transformer/*' 'vae/*' 'text_encoder*/*' 'tokenizer*/*' 'scheduler/*' "
-            "model_index.json",
-        )
+    model_dir = _diffusion_folder(models)
     if is_mmdit(model_dir):
         files = required_files(model_dir)
     else:
@@ -130,14 +122,27 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     return os.path.abspath(model_dir)
 
 
+def _diffusion_folder(models: ModelsConfig) -> str:
+    """A real profile's local diffusers folder or cached hub snapshot, as it is."""
+    if os.path.isdir(models.diffusion):
+        return models.diffusion
+    # The diffusers layout of SD 1.x/2.x/XL (unet/) and of SD 3/FLUX (transformer/, up to three encoders).
+    return hub_snapshot(
+        models.diffusion,
+        "diffusion model",
+        " --include 'unet/*' 'transformer/*' 'vae/*' 'text_encoder*/*' 'tokenizer*/*' 'scheduler/*' "
+        "model_index.json",
+    )
+
+
 def diffusion_family(models: ModelsConfig) -> str | None:
     """"sd3" or "flux" for an MMDiT profile, None for a U-Net one (SD 1.x/2.x/XL).
 
-    Tiny profiles say it with their architecture folder; a real one needs its model folder or
-    hub snapshot (its model_index.json), so a missing one raises :class:`MissingWeightsError`."""
+    Tiny profiles say it with their architecture folder; a real one with its folder's or hub
+    snapshot's model_index.json, so a snapshot not on this machine raises :class:`MissingWeightsError`."""
     if models.kind == TINY:
         return mmdit_arch_family(arch_dir(models.diffusion))
-    return mmdit_family(resolve_diffusion_dir(models))
+    return mmdit_family(_diffusion_folder(models))
 
 
 def _has_second_encoder(root: Path) -> bool:
