@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helpers import cli_summary, photo_manifest
 from tokencompose_core.config import load_config
@@ -34,7 +34,7 @@ def tiny(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def t5() -> object:
+def t5() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(arch_dir("tiny-sd3") / "tokenizer_3", local_files_only=True)
 
 
