@@ -4,22 +4,23 @@ joint text segment's token columns, stage 1 on them, and the real profiles witho
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from helpers import cli_summary, photo_manifest
 from tokencompose_core.config import load_config
-from tokencompose_core.models import (clip_tokenizer, diffusion_family, fingerprint, is_mmdit, load_mmdit,
-                                      resolve_diffusion_dir, text_layout)
+from tokencompose_core.models import (MissingWeightsError, clip_tokenizer, diffusion_family, fingerprint, is_mmdit,
+                                      load_mmdit, mmdit_family, resolve_diffusion_dir, text_layout)
 from tokencompose_core.models.architectures import arch_dir, read_config_json
 from tokencompose_core.models.t5_vocab import TOKENIZER_FOLDERS, read_captions, train_t5_tokenizer, training_texts
 from tokencompose_core.models.tiny import diffusion_parts
-from tokencompose_core.stages.nouns import nouns_table
-from tokencompose_core.text import (TRUNCATED, joint_token_positions, t5_token_positions, token_positions)
+from tokencompose_core.stages.nouns import nouns_table, write_nouns
+from tokencompose_core.text import TRUNCATED, joint_token_positions, t5_token_positions, token_positions
 
 STOCK = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-flux": FluxPipeline}
 T5_FOLDER = {"tiny-sd3": "tokenizer_3", "tiny-flux": "tokenizer_2"}
@@ -33,7 +34,7 @@ def tiny(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def t5() -> object:
+def t5() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(arch_dir("tiny-sd3") / "tokenizer_3", local_files_only=True)
 
 
@@ -67,6 +68,16 @@ def test_tiny_mmdit_loads_with_our_loader_and_the_stock_pipeline(tiny: tuple[str
     # The pipeline our parts build is the stock class over the very same modules.
     pipe = parts.pipeline()
     assert type(pipe) is STOCK[profile] and pipe.transformer is parts.transformer
+
+
+def test_a_trained_transformer_replaces_the_models_own(tiny: tuple[str, str], tmp_path) -> None:
+    transformer = load_mmdit(tiny[1]).transformer
+    own = next(transformer.parameters()).detach().clone()
+    with torch.no_grad():
+        next(transformer.parameters()).add_(1.0)
+    transformer.save_pretrained(tmp_path / "transformer")
+    trained = load_mmdit(tiny[1], transformer_dir=str(tmp_path / "transformer"))
+    torch.testing.assert_close(next(trained.transformer.parameters()), own + 1.0)
 
 
 def test_the_t5_tokenizer_works_offline_with_t5_semantics(t5) -> None:
@@ -110,33 +121,39 @@ def test_joint_columns_on_both_layouts(t5) -> None:
     assert list(flux) == list(t5_positions) and flux.by_encoder == {"t5": list(t5_positions)}
 
 
-def test_a_noun_one_encoder_cannot_place_is_rejected_naming_it(t5) -> None:
+def test_a_noun_one_encoder_cannot_place_is_rejected_naming_it(t5, tmp_path) -> None:
     # 8 T5 tokens cut "sidewalk" off; CLIP's 77 place it.
     layout = text_layout("sd3", 8)
     found = joint_token_positions(CAPTION, "sidewalk", {"clip": clip_tokenizer(), "t5": t5}, layout)
     assert not found and (found.encoder, found.reason) == ("t5", f"t5: {TRUNCATED}")
-    manifest = pd.DataFrame([{"id": "z", "image": "z.png", "captions": [CAPTION], "path_problem": None}])
+    manifest = pd.DataFrame([{"id": "z", "image": "z.png", "captions": [CAPTION], "path_problem": None},
+                             {"id": "n", "image": "n.png", "captions": ["Very quickly."], "path_problem": None}])
     table, rejects = nouns_table(manifest, {"clip": clip_tokenizer(), "t5": t5}, layout=layout)
     assert "sidewalk" not in set(table["noun"])
     assert rejects.set_index("noun").loc["sidewalk", "reason"] == f"token-span failure: t5: {TRUNCATED}"
-    zebra = table.set_index("noun").loc["zebra"]
+    # Written and read back: each encoder's positions beside the joint columns; none on a noun-less image.
+    table = pd.read_parquet(write_nouns(table, rejects, str(tmp_path))["nouns_uri"]).set_index("image_id")
+    zebra = table[table["noun"] == "zebra"].iloc[0]
     assert [item["encoder"] for item in zebra["encoder_positions"]] == ["clip", "t5"]
+    assert pd.isna(table.loc["n", "noun"]) and len(table.loc["n", "encoder_positions"]) == 0
 
 
-def test_nouns_through_the_cli_on_tiny_sd3_gives_joint_columns(prefect_harness, tmp_path) -> None:
+def test_nouns_through_the_cli_gives_joint_columns(prefect_harness, tiny: tuple[str, str], tmp_path) -> None:
+    profile, folder = tiny
     manifest = photo_manifest(tmp_path)
-    summary = cli_summary(["nouns", "-p", "tiny-sd3", "--input", manifest, f"storage.root={tmp_path / 'runs'}"])
+    summary = cli_summary(["nouns", "-p", profile, "--input", manifest, f"storage.root={tmp_path / 'runs'}"])
     table = pd.read_parquet(summary["nouns_uri"])
-    folder = resolve_diffusion_dir(load_config("tiny-sd3").models)
-    parts_layout = load_mmdit(folder, max_sequence_length=32).text_layout
+    layout = load_mmdit(folder, max_sequence_length=32).text_layout
     tokenizers = {"clip": clip_tokenizer(),
-                  "t5": AutoTokenizer.from_pretrained(f"{folder}/tokenizer_3", local_files_only=True)}
+                  "t5": AutoTokenizer.from_pretrained(f"{folder}/{T5_FOLDER[profile]}", local_files_only=True)}
     assert set(table["noun"]) >= {"astronaut", "cat", "coffee"}
     for row in table.itertuples():
-        expected = joint_token_positions(row.caption, row.noun, tokenizers, parts_layout)
+        expected = joint_token_positions(row.caption, row.noun, tokenizers, layout)
         assert list(row.token_positions) == list(expected)
         assert {item["encoder"]: list(item["positions"]) for item in row.encoder_positions} == expected.by_encoder
-        assert max(row.token_positions) >= 77  # T5 columns follow the 77 CLIP ones
+        # SD 3: the CLIP columns, then T5's from 77 on; FLUX: T5's alone.
+        assert [item["encoder"] for item in row.encoder_positions] == [segment.encoder for segment in layout]
+        assert (max(row.token_positions) >= 77) == (profile == "tiny-sd3")
 
 
 @pytest.mark.parametrize(("profile", "snapshot"), [("sd35", "stabilityai/stable-diffusion-3.5-medium"),
@@ -149,6 +166,17 @@ def test_real_mmdit_profiles_without_weights_fail_in_one_line(prefect_harness, t
     assert main(["nouns", "-p", profile, "--input", manifest, f"storage.root={tmp_path / 'runs'}"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "tokencompose: " in line]
     assert snapshot in line and f"huggingface-cli download {snapshot}" in line
+
+
+def test_a_real_mmdit_folder_missing_a_component_names_it(tiny: tuple[str, str], tmp_path) -> None:
+    profile, folder = tiny
+    copy = tmp_path / profile
+    shutil.copytree(folder, copy)
+    models = load_config("sd35" if profile == "tiny-sd3" else "flux", [f"models.diffusion={copy}"]).models
+    assert resolve_diffusion_dir(models) == str(copy) and diffusion_family(models) == mmdit_family(folder)
+    (copy / T5_FOLDER[profile] / "tokenizer_config.json").unlink()
+    with pytest.raises(MissingWeightsError, match=f"has no {T5_FOLDER[profile]}/tokenizer_config.json"):
+        resolve_diffusion_dir(models)
 
 
 def test_the_identity_covers_the_tokenizer_and_the_text_length() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import importlib.resources
-import json
 import os
 import types
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tokencompose_core.config import ModelsConfig
 from tokencompose_core.gdino_compat import build_grounding_dino
 from tokencompose_core.identity import folders_identity, uri_identity, value_hash
 from tokencompose_core.models.architectures import TINY, arch_dir, read_config_json
-from tokencompose_core.models.mmdit import is_mmdit, mmdit_family, required_files
+from tokencompose_core.models.mmdit import is_mmdit, mmdit_family, model_index, required_files
 from tokencompose_core.models.tiny import (
     build_tiny_sam,
     diffusion_parts,
@@ -102,20 +101,12 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
 
     ``tiny``: built from ``configs/models/<models.diffusion>/`` with ``models.seed``
     into ``<cache_dir>/<name>-<hash>`` (once; later calls reuse it).
-    ``pretrained``: a local diffusers directory or a hub id already in the cache.
+    ``pretrained``: a local diffusers directory or a hub id already in the cache, with the
+    files its layout needs (SD 3 / FLUX: every component its model_index.json lists).
     """
     if models.kind == TINY:
         return materialise_tiny_diffusion(models)
-    if os.path.isdir(models.diffusion):
-        model_dir = models.diffusion
-    else:
-        # The diffusers layout of SD 1.x/2.x/XL (unet/) and of SD 3/FLUX (transformer/, up to three encoders).
-        model_dir = hub_snapshot(
-            models.diffusion,
-            "diffusion model",
-            " --include 'unet/*' 'transformer/*' 'vae/*' 'text_encoder*/*' 'tokenizer*/*' 'scheduler/*' "
-            "model_index.json",
-        )
+    model_dir = _diffusion_folder(models)
     if is_mmdit(model_dir):
         files = required_files(model_dir)
     else:
@@ -131,29 +122,37 @@ def resolve_diffusion_dir(models: ModelsConfig) -> str:
     return os.path.abspath(model_dir)
 
 
+def _diffusion_folder(models: ModelsConfig) -> str:
+    """A real profile's local diffusers folder or cached hub snapshot, as it is."""
+    if os.path.isdir(models.diffusion):
+        return models.diffusion
+    # The diffusers layout of SD 1.x/2.x/XL (unet/) and of SD 3/FLUX (transformer/, up to three encoders).
+    return hub_snapshot(
+        models.diffusion,
+        "diffusion model",
+        " --include 'unet/*' 'transformer/*' 'vae/*' 'text_encoder*/*' 'tokenizer*/*' 'scheduler/*' "
+        "model_index.json",
+    )
+
+
 def diffusion_family(models: ModelsConfig) -> str | None:
     """"sd3" or "flux" for an MMDiT profile, None for a U-Net one (SD 1.x/2.x/XL).
 
-    Tiny profiles say it with their architecture folder; a real one needs its model folder or
-    hub snapshot (its model_index.json), so a missing one raises :class:`MissingWeightsError`."""
+    Tiny profiles say it with their architecture folder; a real one with its folder's or hub
+    snapshot's model_index.json, so a snapshot not on this machine raises :class:`MissingWeightsError`."""
     if models.kind == TINY:
         return mmdit_arch_family(arch_dir(models.diffusion))
-    return mmdit_family(resolve_diffusion_dir(models))
-
-
-def _model_index(root: Path) -> dict[str, Any]:
-    index = root / "model_index.json"
-    return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+    return mmdit_family(_diffusion_folder(models))
 
 
 def _has_second_encoder(root: Path) -> bool:
     """SDXL-shaped: its ``model_index.json`` names a ``text_encoder_2`` (or the folder is there)."""
-    return bool(_model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
+    return bool(model_index(root).get("text_encoder_2")) or (root / "text_encoder_2" / "config.json").is_file()
 
 
 def _force_zeros_for_empty_prompt(root: Path) -> bool:
     # StableDiffusionXLPipeline's default is True when the index does not say.
-    return bool(_model_index(root).get("force_zeros_for_empty_prompt", True))
+    return bool(model_index(root).get("force_zeros_for_empty_prompt", True))
 
 
 def resolve_vae_dir(models: ModelsConfig) -> str | None:

@@ -38,7 +38,8 @@ class TextSegment(NamedTuple):
     length: int
 
 
-def _model_index(model_dir: str | Path) -> dict[str, Any]:
+def model_index(model_dir: str | Path) -> dict[str, Any]:
+    """A diffusers folder's ``model_index.json`` ({} when it has none)."""
     index = Path(model_dir) / "model_index.json"
     return json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
 
@@ -51,7 +52,7 @@ def _components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 def mmdit_family(model_dir: str | Path) -> str | None:
     """"sd3" or "flux" from the folder's ``model_index.json``; None for any other model."""
-    class_name = _model_index(model_dir).get("_class_name")
+    class_name = model_index(model_dir).get("_class_name")
     return next((family for family, pipeline in PIPELINES.items() if pipeline == class_name), None)
 
 
@@ -75,7 +76,7 @@ def text_layout(family: str, max_sequence_length: int, clip_length: int = 77) ->
 def required_files(model_dir: str | Path) -> list[str]:
     """The files an MMDiT folder needs, from the components its ``model_index.json`` lists."""
     files = ["model_index.json"]
-    for name in _components(_model_index(model_dir)):
+    for name in _components(model_index(model_dir)):
         if name == "scheduler":
             files.append("scheduler/scheduler_config.json")
         elif name.startswith("tokenizer"):
@@ -184,7 +185,7 @@ def load_mmdit(
     family = _family(root)
     modules: dict[str, Any] = {}
     tokenizers: dict[str, Any] = {}
-    for name, (library, class_name) in _components(_model_index(root)).items():
+    for name, (library, class_name) in _components(model_index(root)).items():
         folder = Path(transformer_dir) if name == "transformer" and transformer_dir else root / name
         if name == "scheduler":
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder, local_files_only=True)

@@ -11,7 +11,7 @@ from the nouns settings and the manifest's content. One unit: the whole table
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from tokencompose_core.pinning import restrict_manifest
 from tokencompose_core.stages import stage_fingerprint
 from tokencompose_core.text import (
     CaptionSelector,
+    JointPositions,
     TokenPositions,
     choose_caption,
     extract_nouns_batch,
@@ -155,7 +156,8 @@ def nouns_table(
             else:
                 reason = f"token-span failure: {positions.reason}"
                 rejects.append(mask_cache.reject_row(row.id, row.image, NOUNS_STAGE, reason, noun))
-        for item in usable or [{"noun": None, **_position_columns(TokenPositions(), layout)}]:
+        nothing = TokenPositions() if layout is None else JointPositions()
+        for item in usable or [{"noun": None, **_position_columns(nothing, layout)}]:
             rows.append({"image_id": row.id, "image_uri": row.image, "caption": caption, **item})
     table = pd.DataFrame(rows, columns=(NOUNS_SCHEMA if layout is None else MMDIT_NOUNS_SCHEMA).names)
     return table, mask_cache.rejects_frame(rejects)
@@ -170,10 +172,8 @@ def _positions(caption: str, noun: str, tokenizer: Any, layout: TextLayout | Non
 def _position_columns(positions: TokenPositions, layout: TextLayout | None) -> dict[str, Any]:
     """The table's position columns of one row (MMDiT: with each encoder's own positions)."""
     columns: dict[str, Any] = {"token_positions": list(positions)}
-    if layout is not None:
-        by_encoder = getattr(positions, "by_encoder", {})
-        columns[ENCODER_POSITIONS] = [{"encoder": encoder, "positions": by_encoder[encoder]}
-                                      for encoder, _, _ in layout if encoder in by_encoder]
+    if layout is not None:  # by_encoder is in the layout's order
+        columns[ENCODER_POSITIONS] = [{"encoder": e, "positions": p} for e, p in positions.by_encoder.items()]
     return columns
 
 
