@@ -15,15 +15,16 @@ from tokencompose_core.stages.masks import MasksPlan, import_reference, referenc
 
 @stage_task
 def import_reference_task(metadata_uri: str, metadata_digest: str, cache_uri: str, shard_size: int,
-                          allow_absolute_image_paths: bool, allowed_roots: list[str],
+                          allow_absolute_image_paths: bool, allowed_roots: list[str], models: ModelsConfig,
                           fingerprint: str) -> dict[str, Any]:
     """Stage 2 from the reference's released masks (``metadata.jsonl`` + mask PNGs), reading
-    only the image and mask paths a manifest may use (``ImagePaths``)."""
-    from tokencompose_core.models import clip_tokenizer
+    only the image and mask paths a manifest may use (``ImagePaths``); token positions as
+    stage 1 records them for the profile's model."""
+    from tokencompose_core.stages.nouns import noun_positions
 
     paths = ImagePaths(allow_absolute_image_paths, tuple(allowed_roots))
-    return import_reference(metadata_uri, cache_uri, clip_tokenizer(), shard_size=shard_size, fingerprint=fingerprint,
-                            paths=paths)
+    return import_reference(metadata_uri, cache_uri, noun_positions(models), shard_size=shard_size,
+                            fingerprint=fingerprint, paths=paths)
 
 
 @lru_cache(maxsize=2)
@@ -62,7 +63,7 @@ def run_units(config: PipelineConfig, plan: MasksPlan) -> list[dict[str, Any]]:
         paths = reference_paths(config)
         return [recompute_unless(import_reference_task, plan.whole)(
             plan.source_uri, plan.source_identity, plan.out_uri, config.masks.shard_size, paths.allow_absolute,
-            list(paths.roots), plan.fingerprint)]
+            list(paths.roots), config.models, plan.fingerprint)]
     futures = [recompute_unless(mask_shard_task, shard.committed).submit(
                    plan.source_uri, plan.out_uri, shard.name, shard.image_ids, shard.inputs_digest, config.models,
                    config.masks, plan.fingerprint)

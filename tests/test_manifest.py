@@ -18,7 +18,9 @@ from tokencompose_core.manifest import (
     open_image,
     read_manifest,
 )
+from tokencompose_core.config import ModelsConfig
 from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.stages.nouns import noun_positions
 from tokencompose_core.stages.nouns import nouns_table, write_nouns
 from tokencompose_core.storage import read_parquet
 
@@ -123,7 +125,7 @@ def _reference_fixture(tmp_path) -> tuple[str, np.ndarray]:
 def test_reference_import_and_export_round_trip(tmp_path) -> None:
     metadata, dog = _reference_fixture(tmp_path)
     cache_uri = str(tmp_path / "cache")
-    summary = import_reference(metadata, cache_uri, clip_tokenizer(), shard_size=2)
+    summary = import_reference(metadata, cache_uri, noun_positions(ModelsConfig()), shard_size=2)
     assert summary["shards"] == ["shard-00000", "shard-00001"]
     cache = mask_cache.MaskCache(cache_uri)
     assert cache.image_ids() == ["001", "002"]
@@ -142,5 +144,19 @@ def test_reference_import_and_export_round_trip(tmp_path) -> None:
     assert rows[0]["attn_list"] == [["dog", "seg/001/mask_001_dog.png"], ["sofa", None]]
     assert np.array_equal(np.asarray(Image.open(out / "seg/001/mask_001_dog.png")) > 0, dog)
     # And back in again: the same cache content.
-    again = import_reference(exported, str(tmp_path / "cache2"), clip_tokenizer(), image_root=str(tmp_path))
+    again = import_reference(exported, str(tmp_path / "cache2"), noun_positions(ModelsConfig()),
+                             image_root=str(tmp_path))
     assert mask_cache.MaskCache(again["cache_uri"]).get("001").nouns == ["dog"]
+
+
+def test_reference_import_for_an_mmdit_profile_records_joint_columns(tmp_path) -> None:
+    """The authors' masks imported for SD 3: the noun's columns in the joint text segment, as stage 1 writes them."""
+    from tokencompose_core.config import load_config
+
+    metadata, _ = _reference_fixture(tmp_path)
+    models = load_config("tiny-sd3").models
+    import_reference(metadata, str(tmp_path / "cache"), noun_positions(models), shard_size=2)
+    expected = noun_positions(models)("A dog on a sofa.", "dog")
+    assert 2 in expected  # CLIP's "dog" (its start token at 0)
+    assert any(column >= 77 for column in expected)  # and T5's, after the 77 CLIP columns
+    assert mask_cache.MaskCache(str(tmp_path / "cache")).get("001").token_positions == [list(expected)]

@@ -18,7 +18,8 @@ from PIL import Image
 
 from tokencompose_core.manifest import import_reference
 from tokencompose_core.mask_cache import MaskCache
-from tokencompose_core.models import clip_tokenizer
+from tokencompose_core.config import ModelsConfig
+from tokencompose_core.stages.nouns import noun_positions
 from tokencompose_core.storage import read_parquet
 
 METADATA = Path(__file__).parent / "data" / "tokencompose_metadata.jsonl.gz"
@@ -42,7 +43,7 @@ def _metadata_with_one_mask(folder: Path) -> tuple[str, int, int]:
 def test_released_metadata_has_no_token_span_rejects(tmp_path: Path) -> None:
     metadata, masked, nulls = _metadata_with_one_mask(tmp_path)
     cache = str(tmp_path / "cache")
-    result = import_reference(metadata, cache, clip_tokenizer(), shard_size=1024)
+    result = import_reference(metadata, cache, noun_positions(ModelsConfig()), shard_size=1024)
     assert result["images"] == RELEASED_ROWS
     rejects = MaskCache(cache).rejects()
     # The only rejects are the nouns the authors released without a mask.

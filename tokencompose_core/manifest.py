@@ -19,7 +19,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from tokencompose_core import mask_cache, storage
-from tokencompose_core.text import token_positions, unicode_problem
+from tokencompose_core.text import TokenPositions, unicode_problem
 
 # path_problem: why the row's image may not be read (ImagePaths), None when it may.
 MANIFEST_COLUMNS = ["id", "image", "captions", "path_problem"]
@@ -255,7 +255,8 @@ def _read_mask_png(uri: str) -> np.ndarray:
 
 
 def _reference_image(
-    row: dict[str, Any], base_dir: str, image_root: str, tokenizer: Any, fingerprint: str, paths: ImagePaths
+    row: dict[str, Any], base_dir: str, image_root: str, noun_positions: Callable[[str, str], TokenPositions],
+    fingerprint: str, paths: ImagePaths,
 ) -> tuple[list[dict], list[dict]]:
     """Shard rows and rejects of one ``metadata.jsonl`` row."""
     image_uri = resolve(image_root, row["file_name"])
@@ -273,7 +274,7 @@ def _reference_image(
         if refused:
             rejects.append(mask_cache.reject_row(image_id, image_uri, REFERENCE_STAGE, f"mask {refused}", noun))
             continue
-        positions = token_positions(caption, noun, tokenizer)
+        positions = noun_positions(caption, noun)
         if not positions:
             rejects.append(mask_cache.reject_row(
                 image_id, image_uri, REFERENCE_STAGE, f"token-span failure: {positions.reason}", noun))
@@ -345,7 +346,7 @@ def masks_input_kind(uri: str) -> str:
 def import_reference(
     metadata_uri: str,
     cache_uri: str,
-    tokenizer: Any,
+    noun_positions: Callable[[str, str], TokenPositions],
     image_root: str | None = None,
     shard_size: int = 256,
     fingerprint: str = "reference-import",
@@ -357,7 +358,8 @@ def import_reference(
     ``image_root`` (default: that folder too); ``paths`` decides which of them may be
     read, as for a manifest (an image or mask it refuses is a rejects row naming it).
     Nouns with a null mask go to the rejects as "noun without detection"; the score
-    column is NaN (none released).
+    column is NaN (none released). ``noun_positions(caption, noun)``: the noun's token
+    positions for the profile's model (``stages.nouns.noun_positions``).
     """
     base_dir = posixpath.dirname(metadata_uri)
     paths = paths or ImagePaths()
@@ -366,7 +368,7 @@ def import_reference(
     for start in range(0, len(rows), shard_size):
         shard_rows, shard_rejects = [], []
         for row in rows[start : start + shard_size]:
-            grounded, rejects = _reference_image(row, base_dir, image_root or base_dir, tokenizer, fingerprint,
+            grounded, rejects = _reference_image(row, base_dir, image_root or base_dir, noun_positions, fingerprint,
                                                  paths)
             shard_rows += grounded
             shard_rejects += rejects

@@ -18,6 +18,8 @@ from tokencompose_core.config import PipelineConfig
 from tokencompose_core.grounding import ShardPlan, plan_masks, run_mask_shard
 from tokencompose_core.identity import uri_identity
 from tokencompose_core.manifest import ImagePaths, import_reference, masks_input_kind
+from tokencompose_core.models import diffusion_family
+from tokencompose_core.models import fingerprint as models_fingerprint
 from tokencompose_core.stages import stage_fingerprint
 
 __all__ = ["MasksPlan", "plan", "summary", "run_mask_shard", "import_reference", "current_cache"]
@@ -51,8 +53,10 @@ def plan(config: PipelineConfig, input_uri: str | None) -> MasksPlan:
     identity = uri_identity(source)
     if masks_input_kind(source) == "reference":
         fingerprint = f"{REFERENCE_PREFIX}{identity}"
-        out_uri = outputs.output_folder(config, "masks", "reference",
-                                        [fingerprint, config.masks.shard_size, asdict(reference_paths(config))])
+        key = [fingerprint, config.masks.shard_size, asdict(reference_paths(config))]
+        if diffusion_family(config.models) is not None:
+            key.append(models_fingerprint(config.models))  # an MMDiT's own tokenizers place the nouns
+        out_uri = outputs.output_folder(config, "masks", "reference", key)
         return MasksPlan(source, identity, fingerprint, out_uri, outputs.keep_if_whole(out_uri), [], True)
     fingerprint = stage_fingerprint(config, "masks")
     out_uri = outputs.output_folder(config, "masks", "masks", fingerprint)

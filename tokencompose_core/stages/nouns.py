@@ -11,8 +11,9 @@ from the nouns settings and the manifest's content. One unit: the whole table
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -161,6 +162,13 @@ def nouns_table(
             rows.append({"image_id": row.id, "image_uri": row.image, "caption": caption, **item})
     table = pd.DataFrame(rows, columns=(NOUNS_SCHEMA if layout is None else MMDIT_NOUNS_SCHEMA).names)
     return table, mask_cache.rejects_frame(rejects)
+
+
+def noun_positions(models: ModelsConfig) -> Callable[[str, str], TokenPositions]:
+    """``(caption, noun) -> positions`` for the profile's model: CLIP token positions for a U-Net,
+    joint text-segment columns for an MMDiT (what stage 1 records, and the reference import too)."""
+    tokenizer, layout = _text_tokenizers(models)
+    return partial(_positions, tokenizer=tokenizer, layout=layout)
 
 
 def _positions(caption: str, noun: str, tokenizer: Any, layout: TextLayout | None) -> TokenPositions:
