@@ -1,19 +1,23 @@
-"""Stage 3: fine-tune the U-Net with the denoising loss plus the grounding losses.
+"""Stage 3: fine-tune the U-Net (or an MMDiT's transformer) with the denoising loss plus the grounding losses.
 
 One loop for every setting: CPU, one GPU or ``accelerate launch`` with several
-processes; latent (VAE) or pixel-space models; epsilon, v or sample prediction;
+processes; latent (VAE) or pixel-space models; epsilon, v or sample prediction,
+or flow matching for SD 3.5 / FLUX (``tokencompose_core.flow_matching``);
 mixed precision, gradient checkpointing, accumulation, clipping, EMA, any
 diffusers lr schedule. Per step::
 
     L = L_denoise + sum_g w_g (lambda * L_token(g) + gamma * L_pixel(g))
 
-over the supervised groups g (``attention.supervised_groups``). Only those
-groups' cross-attention layers run the capturing processor; with both weights
-at 0 the step is a plain fine-tune with fused attention everywhere.
+over the supervised groups g (``attention.supervised_groups``: U-Net parts by
+resolution; ``attention.mmdit_groups``: the joint-attention blocks
+``train.grounding.blocks``). Only those groups' attention layers run the
+capturing processor; with both weights at 0 the step is a plain fine-tune with
+fused attention everywhere.
 
 Output folder::
 
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
+    transformer/                 instead of unet/ for an MMDiT model
     lora/                        instead of unet/ with train.lora.rank > 0: the adapter, diffusers' LoRA format
     checkpoints/checkpoint-<N>/  unet/ (or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
                                  _manifest.json (sizes and sha256 of the others, written last)

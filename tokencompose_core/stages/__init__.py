@@ -58,7 +58,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "stage 2: Grounded-SAM masks into the Parquet mask cache",
           frozenset({"batch_size", "device"})),
     Stage("train", "flows.train:train_flow", "output_uri",
-          "stage 3: fine-tune the U-Net with the grounding losses",
+          "stage 3: fine-tune the U-Net (or MMDiT transformer) with the grounding losses",
           # Checkpoint cadence and resumption change where a run can restart, not its result
           # (resume is exact); run_name only names the folder.
           frozenset({"num_workers", "log_every", "run_name", "resume", "checkpoint_every",
