@@ -13,6 +13,8 @@ from tokencompose_core.attention import (
     AttentionCapture,
     FluxCaptureProcessor,
     JointCaptureProcessor,
+    _spread_by_transposed_attention,
+    _spread_by_value_gradient,
     lean_column_probabilities,
     mmdit_blocks,
     mmdit_groups,
@@ -252,3 +254,17 @@ def test_gradient_checkpointing_recomputes_the_same_maps_and_gradients(family):
             assert len(capture.store) == len(groups)  # the recompute replaced entries, it added none
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_both_ways_of_the_backward_key_product_equal_p_transposed_times_weights(dtype, tolerance):
+    # The CPU's transposed attention and the value gradient that other devices use.
+    generator = torch.Generator().manual_seed(6)
+    query, weights = (torch.randn(2, 3, 40, 8, generator=generator).to(dtype) for _ in range(2))
+    key = torch.randn(2, 3, 52, 8, generator=generator).to(dtype)
+    scores = query.double() @ key.double().transpose(-1, -2) * 8**-0.5
+    lse = scores.logsumexp(-1)
+    want = (scores - lse[..., None]).exp().transpose(-1, -2) @ weights.double()
+    for spread in (_spread_by_transposed_attention, _spread_by_value_gradient):
+        got = spread(query, key, weights, lse.float(), 8**-0.5).double()
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), spread.__name__
