@@ -285,7 +285,8 @@ def _key_index(columns: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def _spread_by_value_gradient(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor,
                               lse: torch.Tensor, scale: float) -> torch.Tensor:
     """P^T weights as the gradient of attention(query, key, V) with respect to V (one fused forward
-    and backward pass; the backward also computes the query's and key's gradients, unused)."""
+    and backward pass; the backward also computes the query's and key's gradients, unused). The
+    kernel recomputes the normaliser, so ``lse`` is not needed here."""
     with torch.enable_grad():
         values = key.detach().requires_grad_()
         attended = F.scaled_dot_product_attention(query.detach(), key.detach(), values, scale=scale)
@@ -437,6 +438,9 @@ class FluxCaptureProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         texts = encoder_hidden_states.shape[1] if joint else self.capture.text_length
+        if texts is None:
+            raise RuntimeError(f"{self.name}: the text length comes from the transformer's forward; "
+                               "call the transformer, not the block")
         query, key, value = (states.transpose(1, 2) for states in (query, key, value))
         output, lse = fused_attention(query, key, value)
         self.capture.record(self.name, query, key, lse, slice(texts, None), slice(0, texts))
