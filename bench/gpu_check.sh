@@ -42,4 +42,10 @@ run train_step_sdxl 75 "${STEP[@]}" --arch sdxl --out "$OUT/train_step_sdxl.json
 run train_step_sdxl_gc 75 "${STEP[@]}" --arch sdxl --gradient-checkpointing --out "$OUT/train_step_sdxl_gc.json"
 run sample_throughput 55 python3 bench/sample_throughput.py --device cuda --full --out "$OUT/sample_throughput.json"
 run masks_throughput 55 python3 bench/masks_throughput.py --device cuda --full --out "$OUT/masks_throughput.json"
+# SD 3.5 medium's transformer (MMDiT) at 1024 px, random weights: the joint-attention capture under bf16 on
+# the GPU's kernels, then plain vs grounded (lean capture) vs explicit all-maps, full and LoRA rank 64, batch 1.
+# These two steps add 120 s of limits.
+run attention_mmdit_cuda 30 python3 -m pytest -q -m cuda tests/test_attention_mmdit.py -p no:cacheprovider
+run train_step_sd35 90 python3 bench/train_step.py --arch sd35 --device cuda --full --modes full lora --lora-rank 64 \
+  --steps 2 --batches 1 --out "$OUT/train_step_sd35.json"
 cat "$OUT/summary.txt"

@@ -13,6 +13,8 @@ from tokencompose_core.attention import (
     AttentionCapture,
     FluxCaptureProcessor,
     JointCaptureProcessor,
+    _spread_by_transposed_attention,
+    _spread_by_value_gradient,
     lean_column_probabilities,
     mmdit_blocks,
     mmdit_groups,
@@ -252,3 +254,48 @@ def test_gradient_checkpointing_recomputes_the_same_maps_and_gradients(family):
             assert len(capture.store) == len(groups)  # the recompute replaced entries, it added none
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_both_ways_of_the_backward_key_product_equal_p_transposed_times_weights(dtype, tolerance):
+    # The CPU's transposed attention and the value gradient that other devices use.
+    generator = torch.Generator().manual_seed(6)
+    query, weights = (torch.randn(2, 3, 40, 8, generator=generator).to(dtype) for _ in range(2))
+    key = torch.randn(2, 3, 52, 8, generator=generator).to(dtype)
+    scores = query.double() @ key.double().transpose(-1, -2) * 8**-0.5
+    lse = scores.logsumexp(-1)
+    want = (scores - lse[..., None]).exp().transpose(-1, -2) @ weights.double()
+    for spread in (_spread_by_transposed_attention, _spread_by_value_gradient):
+        got = spread(query, key, weights, lse.float(), 8**-0.5).double()
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), spread.__name__
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cuda_bf16_capture_keeps_the_output_and_matches_the_explicit_softmax(family):
+    # The log-sum-exp from the kernel SDPA picks on the GPU, and the value-gradient backward.
+    model = _model(family).cuda()
+    inputs = {name: value.cuda() for name, value in _inputs(family).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        stock = model(**inputs).sample
+        groups = mmdit_groups(model, _blocks(family))
+        names = [name for names in groups.values() for name in names]
+        store, handles = _explicit_maps(family, model, names)  # same forward, rebuilt from the module's inputs
+        with AttentionCapture(model, groups) as capture:
+            output = model(**inputs).sample
+            maps = [layers[0] for layers in capture.maps().values()]
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(output, stock, rtol=0, atol=0)
+    weights = torch.randn(maps[0].shape, generator=torch.Generator().manual_seed(5)).cuda()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(sum((m * weights).sum() for m in maps), parameters, retain_graph=True,
+                              allow_unused=True)
+    want = torch.autograd.grad(sum((store[n].float() * weights).sum() for n in names), parameters,
+                               allow_unused=True)
+    for ours, explicit in zip(maps, (store[n] for n in names)):
+        torch.testing.assert_close(ours, explicit.float(), rtol=0.05, atol=2e-3)
+    for g, w in zip(got, want):
+        if w is not None:
+            assert (g - w).abs().max() <= 0.05 * w.abs().max() + 1e-6

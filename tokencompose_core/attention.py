@@ -282,22 +282,48 @@ def _key_index(columns: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return columns[:, None, :, None].expand(batch, heads, columns.shape[-1], dim)
 
 
-def _attention_products(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """P K and P^T weights for P = softmax(q k^T * scale) over all keys, with fused SDPA:
-    the first is attention with the keys as values, the second the gradient of that
-    attention with respect to its values for the output gradient ``weights``."""
+def _spread_by_value_gradient(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor,
+                              lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """P^T weights as the gradient of attention(query, key, V) with respect to V (one fused forward
+    and backward pass; the backward also computes the query's and key's gradients, unused). The
+    kernel recomputes the normaliser, so ``lse`` is not needed here."""
     with torch.enable_grad():
         values = key.detach().requires_grad_()
         attended = F.scaled_dot_product_attention(query.detach(), key.detach(), values, scale=scale)
         (spread,) = torch.autograd.grad(attended, values, weights)
-    return attended.detach(), spread
+    return spread
+
+
+def _spread_by_transposed_attention(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor,
+                                    lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """P^T weights as the keys attending over the queries, one fused forward pass (half the cost of
+    :func:`_spread_by_value_gradient`): an extra channel (1 on the keys' side, -lse_i / scale on
+    the queries') makes the scores s_ij - lse_i, and the kernel hands back the log of the
+    normaliser sum_i P_ij it divided key j's row by. CPU only: in fp32 (bias channels lose
+    precision in bf16), and CPU flash is the fused kernel that returns that normaliser."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    asking = torch.cat([key.to(dtype), key.new_ones(*key.shape[:3], 1, dtype=dtype)], -1)
+    answering = torch.cat([query.to(dtype), lse.to(dtype)[..., None].div(-scale)], -1)
+    spread, log_total = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        asking, answering, F.pad(weights.to(dtype), (0, 1)), scale=scale)
+    return spread[..., :-1] * log_total.exp()[..., None]
+
+
+def _attention_products(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """P K and P^T weights for P = softmax(q k^T * scale) over all keys (log-sum-exp ``lse``), both
+    with fused attention kernels: the first is attention with the keys as values."""
+    with torch.no_grad():
+        attended = F.scaled_dot_product_attention(query, key, key, scale=scale)
+    spread = (_spread_by_transposed_attention if query.device.type == "cpu" else _spread_by_value_gradient)(
+        query, key, weights, lse, scale)
+    return attended, spread
 
 
 class _LeanColumnSoftmax(torch.autograd.Function):
     """exp(q k_j * scale - lse) at the chosen key columns j, lse the log-sum-exp over all keys.
 
-    Keeps q, k (which SDPA keeps too), and the (B, heads, L, C) probabilities. With
+    Keeps q, k (which SDPA keeps too), the log-sum-exp and the (B, heads, L, C) probabilities. With
     G = dL/dP and W = G * P, c = sum_j W_j: dS = scatter(W) - c P (all keys), so
     dq = scale (W k_cols - c (P K)) and dk = scale (scatter(W^T q) - P^T (c q)), the
     two products over all keys coming from fused attention (:func:`_attention_products`).
@@ -309,17 +335,17 @@ class _LeanColumnSoftmax(torch.autograd.Function):
             picked = key.gather(2, _key_index(columns, key))
             probs = _scores(query, picked, scale, None).sub_(lse.float()[..., None]).exp_()
         ctx.scale = scale
-        ctx.save_for_backward(query, key, columns, probs)
+        ctx.save_for_backward(query, key, lse, columns, probs)
         return probs
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, columns, probs = ctx.saved_tensors
+        query, key, lse, columns, probs = ctx.saved_tensors
         scale = ctx.scale
         with torch.autocast(device_type=query.device.type, enabled=False):
             weighted = grad.float() * probs
             total = weighted.sum(-1, keepdim=True)
-            attended, spread = _attention_products(query, key, (total * query.float()).to(query.dtype), scale)
+            attended, spread = _attention_products(query, key, (total * query.float()).to(query.dtype), lse, scale)
             index = _key_index(columns, key)
             dquery = (weighted @ key.gather(2, index).float() - total * attended.float()).mul_(scale)
             dkey = spread.float().neg_().scatter_add_(2, index, weighted.transpose(-1, -2) @ query.float())
@@ -412,6 +438,9 @@ class FluxCaptureProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         texts = encoder_hidden_states.shape[1] if joint else self.capture.text_length
+        if texts is None:
+            raise RuntimeError(f"{self.name}: the text length comes from the transformer's forward; "
+                               "call the transformer, not the block")
         query, key, value = (states.transpose(1, 2) for states in (query, key, value))
         output, lse = fused_attention(query, key, value)
         self.capture.record(self.name, query, key, lse, slice(texts, None), slice(0, texts))
@@ -428,7 +457,7 @@ def _capture_processor(name: str, module: torch.nn.Module | None, capture: "Atte
         return (FluxCaptureProcessor if isinstance(module, FluxAttention) else JointCaptureProcessor)(name, capture)
     if isinstance(module, Attention) and module.is_cross_attention:
         return CaptureAttnProcessor(name, capture)
-    kind = "no such module" if module is None else f"a {type(module).__name__} with neither text keys nor a joint sequence"
+    kind = "no such module" if module is None else f"{type(module).__name__} has no text keys and no joint sequence"
     raise ValueError(f"cannot capture attention of {name!r}: {kind}")
 
 
