@@ -1,5 +1,5 @@
-"""Stages on a local Dask cluster of one worker per GPU: each shard runs on its worker's own device,
-and the mask cache is the one a single process writes."""
+"""Stages on a local Dask cluster of one worker per GPU: each shard and score unit runs on its worker's
+own device, and the mask cache is the one a single process writes."""
 
 from __future__ import annotations
 

@@ -41,12 +41,23 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-@lru_cache(maxsize=4)
+# Held while a model is loaded (by loaded_once).
+_LOADING = threading.Lock()
+
+
 def loaded_once(load: Callable[..., Any], *settings: Hashable) -> Any:
     """``load(*settings)``, once per process: a worker keeps the models of the units it ran
     (a grounder, a detector, Inception, CLIP), so the next shard or samples folder it gets
     reuses them instead of reading the weights again. Callers pass settings as plain values
-    (config sections as JSON), which are the key."""
+    (config sections as JSON), which are the key. Threads load one at a time (building a
+    model is not thread-safe, :func:`device_turn`), and a second thread asking for the same
+    model waits for the first one's."""
+    with _LOADING:
+        return _loaded(load, *settings)
+
+
+@lru_cache(maxsize=4)
+def _loaded(load: Callable[..., Any], *settings: Hashable) -> Any:
     return load(*settings)
 
 
