@@ -1,7 +1,11 @@
-"""Grounded-SAM mask-stage throughput (images/s), split into detection and segmentation.
+"""Mask-stage throughput (images/s): Grounded-SAM in one process, or the stage on 1, 2, ... N workers.
 
     python bench/masks_throughput.py                      # tiny profile, CPU
     python bench/masks_throughput.py --full --device cuda --out masks.json
+    python bench/masks_throughput.py --workers 1 2        # the masks flow on 1 and 2 Dask workers
+    python bench/masks_throughput.py --gpus 1 2 4 8       # ... on one worker per GPU
+
+Without ``--workers``/``--gpus``: Grounded-SAM's images/s split into detection and segmentation.
 
 ``--full`` builds the full-size architectures with random weights (GroundingDINO
 Swin-T OGC, SAM ViT-H; no checkpoint, no network) at the reference settings
@@ -9,7 +13,8 @@ Swin-T OGC, SAM ViT-H; no checkpoint, no network) at the reference settings
 mixed precision. Random detectors pass the box threshold with most queries, so
 ``--max-boxes`` (default 8) keeps the number of SAM prompts per image realistic.
 Images are COCO-sized (640x480) photos from scikit-image when installed, else
-synthetic shapes. Imports neither Prefect nor spaCy.
+synthetic shapes. Imports neither Prefect nor spaCy (the scaling mode imports Prefect:
+bench/worker_scaling.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
+from bench.worker_scaling import add_scaling_arguments, run_scaling, scaling_requested  # noqa: E402
 from tokencompose_core.config import load_config  # noqa: E402
 from tokencompose_core.grounding import GroundedSam  # noqa: E402
 
@@ -88,7 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--max-boxes", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    add_scaling_arguments(parser)
     args = parser.parse_args(argv)
+    if scaling_requested(args):
+        return emit(run_scaling("masks", args), args.out)
 
     profile = "sd14" if args.full else "tiny"
     precision = args.precision or ("fp16" if args.full else "no")

@@ -1,13 +1,16 @@
 """Sampling throughput: the reference's way (a StableDiffusionPipeline call per image,
-batch 1) against our batched sampler, same model, same process, same settings.
+batch 1) against our batched sampler, same model, same process, same settings; or the
+sample stage on 1, 2, ... N workers.
 
     python bench/sample_throughput.py                       # tiny model on the CPU
     python bench/sample_throughput.py --device cuda --full  # SD 1.4 architecture, random
         weights (configs/models/sd14-random), 512 px, fp16, 20 steps, batch 1 vs 8
+    python bench/sample_throughput.py --workers 1 2         # the sample flow on 1 and 2 Dask workers
+    python bench/sample_throughput.py --gpus 1 2 4 8        # ... on one worker per GPU
 
 Every variant gets a warm-up batch first; timings cover denoising, VAE decoding and
 (for our sampler) PNG encoding + atomic writes. Writes JSON to ``--out``.
-Imports no Prefect (GPU machines have none).
+Imports no Prefect, but in the scaling mode (bench/worker_scaling.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import emit  # noqa: E402
+from bench.worker_scaling import add_scaling_arguments, run_scaling, scaling_requested  # noqa: E402
 import torch  # noqa: E402
 
 from tokencompose_core.config import load_config  # noqa: E402
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--out", default=None, help="JSON output path")
+    add_scaling_arguments(parser)
     args = parser.parse_args(argv)
+    if scaling_requested(args):
+        return emit(run_scaling("sample", args), args.out)
 
     prompt_count = args.prompts or (2 if args.full else 4)
     overrides = [f"sample.images_per_prompt={args.images_per_prompt}", f"sample.device={args.device}",

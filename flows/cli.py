@@ -58,8 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="upstream URI to read (default: the previous stage's output under storage.root)")
     demo = commands.add_parser("demo", help="the embedded synthetic-world experiment (no weights, no network)",
                                parents=[common])
-    demo.add_argument("--quick", action="store_true", help="a <=3 minute smoke version")
-    demo.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a <=3 minute smoke version (the demo-quick profile)")
+    size.add_argument("--profile", default=None,
+                      help="another demo profile: demo-gpu (the GPU budget, <=10 min on one H100-class GPU)")
+    demo.add_argument("--out", default=None, help="output folder (default: the profile's, runs/<profile>)")
     demo.add_argument("overrides", nargs="*", metavar="section.field=value",
                       help="overrides of the demo profile, e.g. demo.finetune_seeds=[1,2] train.token_loss_weight=0.3")
     _fid_reference_parser(commands, common)
@@ -179,9 +182,10 @@ def _run(args: argparse.Namespace) -> Any:
     if args.command == "demo":
         from tokencompose_core.demo import load_demo_config
 
-        load_demo_config(args.quick, args.out, args.overrides)  # fail fast, before Prefect starts
+        load_demo_config(args.quick, args.out, args.overrides, args.profile)  # fail fast, before Prefect starts
         with _prefect_api():
-            return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out, overrides=list(args.overrides))
+            return _load_flow("flows.demo:demo_flow")(quick=args.quick, out=args.out, overrides=list(args.overrides),
+                                                      profile=args.profile)
     from tokencompose_core.config import load_config
 
     config = load_config(args.profile, args.overrides)  # fail fast, before Prefect starts

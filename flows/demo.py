@@ -85,8 +85,11 @@ def experiment_flow(profile: str, overrides: list[str]) -> dict:
 
 
 @flow(name="demo", log_prints=True)
-def demo_flow(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The demo; ``quick``: the <= 3 minute smoke version; ``out``: output folder;
-    ``overrides``: ``section.field=value`` changes to the demo profile."""
-    profile, changes = demo.PROFILES[quick], demo.demo_overrides(out, overrides)
-    return configured(experiment_flow, load_config(profile, changes))(profile, changes)
+def demo_flow(quick: bool = False, out: str | None = None, overrides: list[str] | None = None,
+              profile: str | None = None) -> dict:
+    """The demo; ``quick``: the <= 3 minute smoke version; ``profile``: another demo profile
+    (``demo-gpu``: the GPU budget); ``out``: output folder; ``overrides``: ``section.field=value``
+    changes to the demo profile."""
+    config = demo.load_demo_config(quick, out, overrides, profile)
+    name, changes = demo.demo_profile(quick, profile), demo.demo_overrides(out, overrides)
+    return configured(experiment_flow, config)(name, changes)

@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import threading
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -134,7 +135,13 @@ class LibrarySource(CachePolicy):
                     flow_parameters: dict[str, Any] | None, **kwargs: Any) -> str | None:
         if not task_ctx:
             return None
-        return _library_digest(task_ctx.task.fn.__module__)
+        # One thread at a time: tasks submitted together key at once, and CPython 3.11's
+        # ast.parse fails in concurrent threads ("AST constructor recursion depth mismatch").
+        with _LIBRARY_LOCK:
+            return _library_digest(task_ctx.task.fn.__module__)
+
+
+_LIBRARY_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=None)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 from tasks.common import recompute_unless, retry_batch_size, stage_task
 from tokencompose_core import storage
 from tokencompose_core.config import MasksConfig, ModelsConfig, PipelineConfig
+from tokencompose_core.devices import loaded_once
 from tokencompose_core.grounding import GroundedSam
 from tokencompose_core.manifest import ImagePaths
 from tokencompose_core.stages.masks import MasksPlan, import_reference, reference_paths, run_mask_shard
@@ -27,10 +27,9 @@ def import_reference_task(metadata_uri: str, metadata_digest: str, cache_uri: st
                             fingerprint=fingerprint, paths=paths)
 
 
-@lru_cache(maxsize=2)
 def _grounder(models_json: str, masks_json: str) -> GroundedSam:
-    # One model load per process, shared by every shard task it runs (threads take
-    # turns inside GroundedSam); Dask worker processes load their own.
+    # Loaded once per process (loaded_once), shared by every shard task it runs (threads
+    # take turns inside GroundedSam); Dask worker processes load their own.
     models, masks = ModelsConfig.model_validate_json(models_json), MasksConfig.model_validate_json(masks_json)
     return GroundedSam.from_config(models, masks)
 
@@ -51,7 +50,7 @@ def mask_shard_task(nouns_uri: str, cache_uri: str, shard_name: str, image_ids: 
         rows,
         cache_uri,
         shard_name,
-        lambda: _grounder(models_json, masks_json),
+        lambda: loaded_once(_grounder, models_json, masks_json),
         fingerprint,
         retry_batch_size(masks.batch_size),
         masks.max_image_pixels,

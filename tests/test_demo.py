@@ -21,6 +21,26 @@ def test_profiles_load_and_differ_only_in_size() -> None:
     assert demo.load_demo_config(True, "/tmp/elsewhere").storage.root == "/tmp/elsewhere"
 
 
+def test_the_gpu_profile_asks_the_demos_question_at_a_larger_budget() -> None:
+    """demo-gpu is the demo with the GPU budget (docs/RESULTS.md, History) on the machine's GPUs:
+    the same world, prompts, losses, held-out seeds and intervals."""
+    def flat(config: PipelineConfig) -> dict[str, object]:
+        dumped = config.model_dump(mode="json")
+        return {f"{section}.{field}": value for section, fields in dumped.items() if isinstance(fields, dict)
+                for field, value in fields.items()}
+
+    cpu, gpu = flat(load_config("demo")), flat(demo.load_demo_config(profile="demo-gpu"))
+    assert {key for key in cpu if cpu[key] != gpu[key]} == {
+        "storage.root", "orchestration.gpus", "sample.num_inference_steps", "sample.device", "score.device",
+        "demo.base", "demo.finetune"}
+    assert (gpu["demo.base"]["steps"], gpu["demo.finetune"]["steps"], gpu["train.batch_size"]) == (1200, 400, 32)
+    assert gpu["demo.finetune_seeds"] == [3, 4] and gpu["sample.num_inference_steps"] == 25
+    with pytest.raises(ValueError, match="no demo section"):
+        demo.load_demo_config(profile="tiny")
+    with pytest.raises(ValueError, match="--quick or --profile"):
+        demo.load_demo_config(True, profile="demo-gpu")
+
+
 def _run(config_overrides: list[str], model: str, base_run: str | None = "/runs/base") -> "PipelineConfig":
     """The demo profile as the recipe trains ``model``."""
     config = load_config("demo", config_overrides)
@@ -169,11 +189,14 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
     assert html.index("Did grounding help?") < html.index("Comparison") and results["verdict"] in html
     assert "grounded-s1" in html and "loss_curves.png" in html
     # Through the command a user types: change the grounding weight, then go back.
-    def cli(*overrides: str) -> dict[str, list[str]]:
+    def cli_run(options: list[str], overrides: list[str]) -> dict[str, list[str]]:
         from flows.cli import main
 
-        assert main(["demo", "--quick", "--out", str(out), *seeds, *overrides]) == 0
+        assert main(["demo", *options, "--out", str(out), *overrides, *seeds]) == 0
         return _demo_task_states()
+
+    def cli(*overrides: str) -> dict[str, list[str]]:
+        return cli_run(["--quick"], list(overrides))
 
     written = [Path(reports["results_json"]), *(Path(r["index_uri"]) for r in results["scores"].values()),
                *(Path(run["train"]) / "metrics.jsonl" for run in runs.values())]
@@ -191,6 +214,27 @@ def test_quick_demo_end_to_end_and_cached(prefect_harness, tmp_path: Path) -> No
     assert all(names == ["Cached"] * len(names) for names in states.values()), sorted(states.items())
     assert [(str(path), path.stat().st_mtime_ns) for path in written] == stamps
     assert Path(reports["results_md"]).read_bytes() == report
+    # The GPU profile through the command, given the quick profile's settings: the same recipe and
+    # claim, so every run is a cache hit; only its results (named after its settings) are new.
+    states = cli_run(["--profile", "demo-gpu"], _settings_of("demo-quick"))
+    assert {task: names for task, names in states.items() if names != ["Cached"] * len(names)} == {
+        "write_results": ["Completed"]}
+    (gpu_results,) = [folder for folder in (out / "reports").glob("demo-*")
+                      if "Profile `demo-gpu`" in (folder / "results.md").read_text()]
+    again = json.loads((gpu_results / "results.json").read_text())
+    assert (again["verdict"], again["conclusions"]) == (results["verdict"], results["conclusions"])
+
+
+def _settings_of(profile: str) -> list[str]:
+    """Every setting of a profile's YAML as overrides (``section.field=value``), but its name and
+    where and how it runs (``storage``, ``orchestration``)."""
+    import yaml
+
+    from tokencompose_core.config import profile_path
+
+    data = yaml.safe_load(profile_path(profile).read_text())
+    return [f"{section}.{field}={json.dumps(value)}" for section, fields in data.items()
+            if section not in ("name", "storage", "orchestration") for field, value in fields.items()]
 
 
 def _demo_task_states() -> dict[str, list[str]]:

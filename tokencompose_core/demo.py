@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 
 from tokencompose_core import outputs, reports, storage, synthetic
-from tokencompose_core.config import PipelineConfig, WorldConfig, load_config
+from tokencompose_core.config import ConfigError, PipelineConfig, WorldConfig, load_config
 from tokencompose_core.evaluation import read_image
 from tokencompose_core.identity import uri_identity, value_hash
 from tokencompose_core.reports import Claim, RunScores, load_run_scores, markdown_table, pyplot, save_figure
 
+# The CPU demo (``make demo``) and its toy-size smoke version (``--quick``).
 PROFILES = {False: "demo", True: "demo-quick"}
 INTERVAL_RESAMPLES = 10_000
 PROMPTS_FILE = "test-prompts.jsonl"
@@ -43,9 +44,23 @@ def demo_overrides(out: str | None = None, overrides: list[str] | None = None) -
     return [*(overrides or []), *([f"storage.root={json.dumps(out)}"] if out else [])]
 
 
-def load_demo_config(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """The demo profile (``configs/demo.yaml`` or ``demo-quick.yaml``) with ``overrides``, rooted at ``out``."""
-    return load_config(PROFILES[quick], demo_overrides(out, overrides))
+def demo_profile(quick: bool = False, profile: str | None = None) -> str:
+    """The profile a demo runs: ``profile`` (another demo profile, e.g. ``demo-gpu``), else the
+    quick or the CPU demo."""
+    if quick and profile:
+        raise ConfigError(f"--quick is the {PROFILES[True]} profile: give --quick or --profile {profile}, not both")
+    return profile or PROFILES[quick]
+
+
+def load_demo_config(quick: bool = False, out: str | None = None, overrides: list[str] | None = None,
+                     profile: str | None = None) -> PipelineConfig:
+    """The demo profile (:func:`demo_profile`) with ``overrides``, rooted at ``out``; a profile
+    without a ``demo`` section is refused (it would run the demo on defaults)."""
+    name = demo_profile(quick, profile)
+    config = load_config(name, demo_overrides(out, overrides))
+    if "demo" not in config.model_fields_set:
+        raise ConfigError(f"profile {name!r} has no demo section; demo profiles: demo, demo-quick, demo-gpu")
+    return config
 
 
 def model_names(config: PipelineConfig) -> list[str]:

@@ -9,7 +9,9 @@ workers never share one.
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+from functools import lru_cache
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -37,3 +39,36 @@ def gpu_count() -> int:
     """The CUDA devices this process sees. torch counts them without initialising CUDA
     here, and Dask spawns its workers, so each still starts CUDA on its own GPU."""
     return torch.cuda.device_count()
+
+
+# Held while a model is loaded (by loaded_once).
+_LOADING = threading.Lock()
+
+
+def loaded_once(load: Callable[..., Any], *settings: Hashable) -> Any:
+    """``load(*settings)``, once per process: a worker keeps the models of the units it ran
+    (a grounder, a detector, Inception, CLIP), so the next shard or samples folder it gets
+    reuses them instead of reading the weights again. Callers pass settings as plain values
+    (config sections as JSON), which are the key. Threads load one at a time (building a
+    model is not thread-safe, :func:`device_turn`), and a second thread asking for the same
+    model waits for the first one's."""
+    with _LOADING:
+        return _loaded(load, *settings)
+
+
+@lru_cache(maxsize=4)
+def _loaded(load: Callable[..., Any], *settings: Hashable) -> Any:
+    return load(*settings)
+
+
+# Held by the unit of work that is using this process's device now.
+_DEVICE_TURN = threading.Lock()
+
+
+def device_turn() -> threading.Lock:
+    """The lock units of one process take turns on its device with (``with device_turn():``).
+    Two threads gain nothing from one device, and building models is not thread-safe: seeded
+    random-init models draw from torch's global generator, and loaders that build on the meta
+    device patch torch for the whole process. Units spread over processes (one Dask worker
+    per GPU) run at once."""
+    return _DEVICE_TURN

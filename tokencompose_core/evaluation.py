@@ -20,7 +20,7 @@ from PIL import Image
 from tokencompose_core import storage
 from tokencompose_core.conditioning import TextEmbeddings, square_time_ids, unet_kwargs
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, SampleConfig, ScoreConfig
-from tokencompose_core.devices import resolve_device
+from tokencompose_core.devices import loaded_once, resolve_device
 from tokencompose_core.identity import seed_from
 from tokencompose_core.manifest import ImageError, decode_image
 from tokencompose_core.sampling import (
@@ -63,9 +63,7 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
     """Run OWLv2 on every image of a sample index with its prompt's categories as queries;
     writes ``out_uri/detections.parquet`` (one row per kept box) and returns its URI.
     ``backend``: the image processor's (:func:`tokencompose_core.models.load_owlv2`)."""
-    from tokencompose_core.models import load_owlv2
-
-    model, processor = load_owlv2(models, device=resolve_device(device), backend=backend)
+    model, processor = loaded_once(_owlv2, models.model_dump_json(), str(resolve_device(device)), backend)
     # OWLv2 pads images to a square at the bottom/right: boxes are relative to the padded side.
     return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (max(im.size), max(im.size)),
                                   out_uri, store_threshold, batch_size)
@@ -74,12 +72,22 @@ def detect_owlv2(index_uri: str, prompts: list[Prompt], models: ModelsConfig, ou
 def detect_owlvit(index_uri: str, prompts: list[Prompt], models: ModelsConfig, out_uri: str,
                   store_threshold: float = 0.01, batch_size: int = 8, device: str = "cpu") -> str:
     """:func:`detect_owlv2` with OWL-ViT (``models.owlvit``), the detector VISOR scores with."""
-    from tokencompose_core.models import load_owlvit
-
-    model, processor = load_owlvit(models, device=resolve_device(device))
+    model, processor = loaded_once(_owlvit, models.model_dump_json(), str(resolve_device(device)))
     # OWL-ViT stretches images to its square input: boxes are relative to the image itself.
     return detect_open_vocabulary(index_uri, prompts, model, processor, lambda im: (im.height, im.width),
                                   out_uri, store_threshold, batch_size)
+
+
+def _owlv2(models_json: str, device: str, backend: str) -> tuple[Any, Any]:
+    from tokencompose_core.models import load_owlv2
+
+    return load_owlv2(ModelsConfig.model_validate_json(models_json), device=device, backend=backend)
+
+
+def _owlvit(models_json: str, device: str) -> tuple[Any, Any]:
+    from tokencompose_core.models import load_owlvit
+
+    return load_owlvit(ModelsConfig.model_validate_json(models_json), device=device)
 
 
 @torch.no_grad()

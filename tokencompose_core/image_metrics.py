@@ -159,8 +159,9 @@ def fid_score(index_uri: str, stats_uri: str, inception: torch.nn.Module, out_ur
 
 
 @torch.no_grad()
-def clip_scores(index_uri: str, model: Any, processor: Any, batch_size: int) -> pd.DataFrame:
-    """Per image: (prompt_id, image_index, clip_score) with 100 x max(cos, 0)."""
+def clip_scores(index_uri: str, model: Any, processor: Any, batch_size: int,
+                device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Per image: (prompt_id, image_index, clip_score) with 100 x max(cos, 0); ``model`` on ``device``."""
     index = storage.read_parquet(index_uri)
     rows = []
     records = index.to_dict("records")
@@ -168,7 +169,7 @@ def clip_scores(index_uri: str, model: Any, processor: Any, batch_size: int) -> 
         batch = records[start:start + batch_size]
         images = [read_image(r["image_uri"]) for r in batch]
         inputs = processor(text=[r["prompt"] for r in batch], images=images, return_tensors="pt",
-                           padding=True, truncation=True)
+                           padding=True, truncation=True).to(device)
         out = model(**inputs)
         image = torch.nn.functional.normalize(out.image_embeds, dim=-1)
         text = torch.nn.functional.normalize(out.text_embeds, dim=-1)

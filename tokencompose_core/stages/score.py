@@ -20,7 +20,7 @@ import pandas as pd
 
 from tokencompose_core import image_metrics, outputs, storage, visor
 from tokencompose_core.config import GroundingLayersConfig, ModelsConfig, PipelineConfig, SampleConfig, ScoreConfig
-from tokencompose_core.devices import resolve_device
+from tokencompose_core.devices import loaded_once, resolve_device
 from tokencompose_core.evaluation import (
     detect_owlv2,
     detect_owlvit,
@@ -111,16 +111,26 @@ def seal_reference(config: PipelineConfig, reference: FidReference) -> None:
                   "images": config.score.fid_reference_images})
 
 
-def seal(config: PipelineConfig, plan: ScoreStagePlan, report: tuple[ReportPlan, dict[str, str]]) -> None:
+@dataclass(frozen=True)
+class ScoreResults:
+    """What the units of a score stage run made: the report, and every unit's run."""
+
+    report: ReportPlan
+    uris: dict[str, str]  # the report's files: md, html, png_*
+    # Per unit: step, the folder it wrote in, its output URI, seconds, device and the GPUs its process saw.
+    units: list[dict[str, Any]]
+
+
+def seal(config: PipelineConfig, plan: ScoreStagePlan, results: ScoreResults) -> None:
     """The report's record (each scores folder was sealed before the report was planned)."""
-    report_plan, _ = report
-    outputs.seal(report_plan.out_uri, config, "score", plan.fingerprint, report_plan.inputs)
+    outputs.seal(results.report.out_uri, config, "score", plan.fingerprint, results.report.inputs)
 
 
-def summary(plan: ScoreStagePlan, report: tuple[ReportPlan, dict[str, str]]) -> dict[str, Any]:
-    report_plan, uris = report
-    return {"output_uri": report_plan.out_uri, "scores": [folder.out_uri for folder in plan.folders], "report": uris,
-            "runs": sorted(report_plan.runs)}
+def summary(plan: ScoreStagePlan, results: ScoreResults) -> dict[str, Any]:
+    return {"output_uri": results.report.out_uri, "scores": [folder.out_uri for folder in plan.folders],
+            "report": results.uris, "runs": sorted(results.report.runs),
+            "unit_runs": [{key: unit[key] for key in ("step", "folder", "seconds", "device", "visible_gpus")}
+                          for unit in results.units]}
 
 
 @dataclass(frozen=True)
@@ -241,19 +251,21 @@ def reference_statistics(reference: FidReference, score: ScoreConfig, seed: int,
                          max_image_pixels: int) -> str:
     """The reference set's Inception statistics -> reference_stats.safetensors URI; its images are
     read as stages 1-2 read them (``paths``, ``max_image_pixels``), and those that cannot be are skipped."""
-    from tokencompose_core.models.scorers import load_inception
-
-    inception = load_inception(score.inception_weights, seed, score.fid_features)
+    inception = loaded_once(_inception, score.inception_weights, seed, score.fid_features)
     return image_metrics.reference_statistics(reference.manifest_uri, score.fid_reference_images, inception,
                                               reference.out_uri, score.metrics_batch_size, reference.accepted_uri,
                                               paths, max_image_pixels, resolve_device(score.device))
 
 
-def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:
-    """FID of one samples folder against the reference statistics -> fid.json URI."""
+def _inception(weights: str, seed: int, features: int) -> Any:
     from tokencompose_core.models.scorers import load_inception
 
-    inception = load_inception(score.inception_weights, seed, score.fid_features)
+    return load_inception(weights, seed, features)
+
+
+def score_fid(index_uri: str, stats_uri: str, score: ScoreConfig, seed: int, out_uri: str) -> str:
+    """FID of one samples folder against the reference statistics -> fid.json URI."""
+    inception = loaded_once(_inception, score.inception_weights, seed, score.fid_features)
     return image_metrics.fid_score(index_uri, stats_uri, inception, out_uri, score.metrics_batch_size,
                                    resolve_device(score.device))
 
@@ -262,8 +274,9 @@ def score_clip(index_uri: str, score: ScoreConfig, seed: int, prompt_set: str, o
     """CLIP score of one samples folder -> clip.json URI (+ per-prompt values for intervals)."""
     from tokencompose_core.models.scorers import load_clip
 
-    model, processor = load_clip(score.clip_model, seed)
-    per_image = image_metrics.clip_scores(index_uri, model, processor, score.metrics_batch_size)
+    device = resolve_device(score.device)
+    model, processor = loaded_once(load_clip, score.clip_model, seed)
+    per_image = image_metrics.clip_scores(index_uri, model.to(device), processor, score.metrics_batch_size, device)
     per_prompt = per_image.groupby("prompt_id")["clip_score"].mean()
     write_per_unit(pd.DataFrame({"unit": [f"prompt {i}" for i in per_prompt.index], "metric": "CLIP score",
                                  "value": per_prompt.to_numpy(dtype=float)}), out_uri, "clip")
