@@ -20,8 +20,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(VENV)/bin/tokencompose demo --quick
 
+# Two test processes (pytest-xdist), each with its own Prefect server, a test file at a time:
+# the CLI tests wait on Prefect as much as they compute, so two share two cores well.
 test: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m pytest -q
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache
