@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tokencompose_core.models.weights import require_weights, vae_dtype
+from tokencompose_core.models.weights import require_weights
 
 # Family -> its stock diffusers pipeline, the ``_class_name`` of its model_index.json.
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -193,9 +193,9 @@ def load_mmdit(
             tokenizers[name] = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         elif library == "diffusers":
             model_class = getattr(diffusers, class_name)
-            # SD 3's and FLUX's VAEs say force_upcast: fp32 under fp16.
-            module_dtype = vae_dtype(model_class.load_config(folder), dtype) if name == "vae" else dtype
-            modules[name] = model_class.from_pretrained(require_weights(folder), torch_dtype=module_dtype,
+            # Every module in ``dtype``, the VAE too, as the stock pipelines load them (their decode
+            # does not cast the latents); training upcasts its frozen VAE itself (models.vae_dtype).
+            modules[name] = model_class.from_pretrained(require_weights(folder), torch_dtype=dtype,
                                                         local_files_only=True).to(device)
         else:
             modules[name] = getattr(transformers, class_name).from_pretrained(
