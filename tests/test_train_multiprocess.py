@@ -1,4 +1,4 @@
-"""Training on two CPU processes (gloo) from the pipeline: a process killed, the run resumed, then cached."""
+"""Training on two CPU processes (gloo) from `tokencompose run`: a process killed, the run resumed, then cached."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from helpers import cli_summary, flow_task_states, make_cache
+from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline, stage_folders
 from tokencompose_core.checkpoints import checkpoint_dir, checkpoint_steps
 from tokencompose_core.launch import LOG_FILE
 
@@ -34,31 +34,24 @@ def _kill_the_training_processes_after_a_checkpoint(root: Path, killed: dict) ->
         time.sleep(0.05)
 
 
-def _latest_train_states() -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        (latest,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
-                                          sort=FlowRunSort.START_TIME_DESC, limit=1)
-    return flow_task_states(latest.id)
-
-
 @pytest.mark.slow
 def test_two_process_training_survives_a_killed_process_and_is_then_cached(prefect_harness, tmp_path):
-    """`tokencompose train train.num_processes=2` on the CPU: both processes train (rng state per
-    rank), a kill of every training process fails the task, whose retry resumes from the newest
-    checkpoint rather than restarting, and the same command again is a cache hit."""
+    """`tokencompose run -p tiny train.num_processes=2` on the CPU: both processes train (rng state
+    per rank), a kill of every training process fails the train task, whose retry resumes from the
+    newest checkpoint rather than restarting, the rest of the DAG follows, and the same command
+    again is all cache hits."""
     root = tmp_path / "root"
-    argv = ["train", "-p", "tiny", "--input", make_cache(tmp_path / "data"), f"storage.root={root}",
-            "train.num_processes=2", "train.max_steps=12", "train.checkpoint_every=2",
-            "train.checkpoints_total_limit=2", "train.batch_size=1", "train.log_every=1"]
+    manifest = photo_manifest(tmp_path)
+    overrides = [f"storage.root={root}", *PIPELINE_SETTINGS, "score.heldout_images=1", "train.num_processes=2",
+                 "train.max_steps=12", "train.checkpoint_every=2", "train.checkpoints_total_limit=2",
+                 "train.batch_size=1", "train.log_every=1"]
     killed: dict = {}
     killer = threading.Thread(target=_kill_the_training_processes_after_a_checkpoint, args=(root, killed))
     killer.start()
-    summary = cli_summary(argv)
+    pipeline, states = run_pipeline(manifest, overrides)
+    assert all("Completed" in names for names in states.values()), states
     killer.join()
+    summary = pipeline["stages"]["train"]["summary"]
     run = Path(summary["output_uri"])
     log = (run / LOG_FILE).read_text()
     assert killed and killed["step"] < 12, log[-3000:]  # it really was interrupted
@@ -78,5 +71,5 @@ def test_two_process_training_survives_a_killed_process_and_is_then_cached(prefe
     changed = [name for name, p in final.state_dict().items() if not torch.equal(p, at_kill.state_dict()[name])]
     assert changed  # the steps after the kill trained the model further
 
-    again = cli_summary(argv)
-    assert again["output_uri"] == summary["output_uri"] and _latest_train_states() == ["Cached"]
+    again, states = run_pipeline(manifest, overrides)
+    assert states == {stage: {"Cached"} for stage in states} and stage_folders(again) == stage_folders(pipeline)
