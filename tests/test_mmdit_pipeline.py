@@ -2,7 +2,8 @@
 
 Per profile, through the CLI: a full fine-tune run; then LoRA rank 4 with a grounding setting
 changed (nouns and masks are hits, the rest runs); then back to the first settings, which is
-all cache hits on the very same folders. Around it: the LoRA folder loads with the stock
+all cache hits on the very same folders; then the transformer's weights file deleted, which
+only training repairs. Around it: the LoRA folder loads with the stock
 pipeline's ``load_lora_weights`` and gives our transformer's output; our sampler gives the stock
 pipeline's images; flow-matching noise levels follow each family's convention.
 """
@@ -46,7 +47,7 @@ def _stock_pipeline(model_dir: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
-def test_whole_dag_full_then_lora_with_a_grounding_change_then_back(profile, prefect_harness, tmp_path):
+def test_whole_dag_full_then_lora_with_a_grounding_change_then_back_then_a_lost_weights_file(profile, prefect_harness, tmp_path):
     manifest = photo_manifest(tmp_path)
     base = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
     stages = list(STAGES)
@@ -96,6 +97,15 @@ def test_whole_dag_full_then_lora_with_a_grounding_change_then_back(profile, pre
     again, states = run_pipeline(manifest, base, profile)
     assert states == {stage: {"Cached"} for stage in stages}, states
     assert stage_folders(again) == original
+
+    # A lost weights file: training publishes it again from its final checkpoint, bit for bit,
+    # and everything downstream stays a cache hit.
+    weights = run / "transformer" / "diffusion_pytorch_model.safetensors"
+    published = weights.read_bytes()
+    weights.unlink()
+    repaired, states = run_pipeline(manifest, base, profile)
+    assert weights.read_bytes() == published and stage_folders(repaired) == original
+    assert {stage: names for stage, names in states.items() if names != {"Cached"}} == {"train": {"Completed"}}, states
 
 
 def _transformer_inputs(transformer: torch.nn.Module, model_dir: str) -> dict:
