@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from flows.reevaluate import reevaluate_flow
-from helpers import PIPELINE_SETTINGS, photo_manifest, run_pipeline, stage_folders
+from helpers import PIPELINE_SETTINGS, photo_manifest, resume_after_kill, run_pipeline, stage_folders, train_run
 from tokencompose_core import lora, outputs
 from tokencompose_core.attention import mmdit_blocks
 from tokencompose_core.conditioning import encode_mmdit
@@ -159,3 +159,19 @@ def test_flow_matching_noise_levels_follow_each_family():
     # FLUX shifts by image length: the same draws are noisier for a larger image.
     assert flux_shift(flux.scheduler, 64 * 64) > flux_shift(flux.scheduler, 8 * 8)
     assert (large > small).all() and (small > 0).all() and (large < 1).all()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_killed_mmdit_run_resumes_to_the_uninterrupted_weights(profile, monkeypatch, tmp_path, cache_uri):
+    """Flow matching's draws (noise, levels) resume with the run: killed after checkpoint 2 of 4 and
+    rerun, the transformer is bit for bit the one an uninterrupted run publishes."""
+    from safetensors.torch import load_file
+
+    settings = [f"storage.root={tmp_path}", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2"]
+    config = load_config(profile, settings)
+    straight = train_run(config, cache_uri, str(tmp_path / "straight"))
+    resumed = resume_after_kill(monkeypatch, config, cache_uri, str(tmp_path / "resumed"), 2)
+    ours, theirs = (load_file(str(Path(result.unet_uri) / "diffusion_pytorch_model.safetensors"))
+                    for result in (resumed, straight))
+    assert Path(straight.unet_uri).name == "transformer" and ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
