@@ -28,7 +28,7 @@ from tokencompose_core.config import FlowMatchingConfig, load_config
 from tokencompose_core.flow_matching import draw_noise, flux_shift, training_sigmas
 from tokencompose_core.models import load_mmdit, resolve_diffusion_dir
 from tokencompose_core.prompts import Prompt
-from tokencompose_core.sampling import load_parts, sample
+from tokencompose_core.sampling import load_parts, merge_shards, sample
 from tokencompose_core.stages import STAGES
 
 PROFILES = ["tiny-sd3", "tiny-flux"]
@@ -47,7 +47,8 @@ def _stock_pipeline(model_dir: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
-def test_whole_dag_full_then_lora_with_a_grounding_change_then_back_then_a_lost_weights_file(profile, prefect_harness, tmp_path):
+def test_whole_dag_full_then_lora_with_a_grounding_change_then_back_then_a_lost_weights_file(
+        profile, prefect_harness, tmp_path):
     manifest = photo_manifest(tmp_path)
     base = [f"storage.root={tmp_path / 'root'}", *PIPELINE_SETTINGS]
     stages = list(STAGES)
@@ -67,7 +68,8 @@ def test_whole_dag_full_then_lora_with_a_grounding_change_then_back_then_a_lost_
     assert 0 <= segmentation["overall"]["miou_fixed"] <= 100, segmentation
     assert all(Path(scores, name).is_file() for name in ("multigen.json", "clip.json", "fid.json"))
 
-    adapted, states = run_pipeline(manifest, [*base, "train.lora.rank=4", "train.grounding.text_keys_only=true"], profile)
+    changed = [*base, "train.lora.rank=4", "train.grounding.text_keys_only=true"]
+    adapted, states = run_pipeline(manifest, changed, profile)
     for stage in stages:
         expected = {"Cached"} if stage in ("nouns", "masks") else {"Completed"}
         assert states[stage] == expected or (expected == {"Completed"} and "Completed" in states[stage]), states
@@ -90,7 +92,7 @@ def test_whole_dag_full_then_lora_with_a_grounding_change_then_back_then_a_lost_
         torch.testing.assert_close(merged(**inputs)[0], stock, rtol=1e-5, atol=1e-5)
 
     # The nightly re-evaluation finds the newest trained weights (the adapter) and scores them.
-    nightly = reevaluate_flow(profile, [*base, "train.lora.rank=4", "train.grounding.text_keys_only=true"])
+    nightly = reevaluate_flow(profile, changed)
     assert nightly["checkpoint"].startswith(str(lora_dir.parent)), nightly["checkpoint"]
     assert {row["metric"] for row in nightly["comparison"]} >= {"coco MG2"}
 
@@ -128,6 +130,7 @@ def _transformer_inputs(transformer: torch.nn.Module, model_dir: str) -> dict:
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_our_sampler_gives_the_stock_pipelines_images(profile, tmp_path):
+    """Batched (a short batch padded) and sharded, each image is the stock pipeline's for its seed."""
     config = load_config(profile, ["sample.images_per_prompt=1", "sample.batch_size=2", "sample.num_inference_steps=3"])
     model_dir = _model_dir(profile)
     prompts = [Prompt(0, "a red square and a blue circle", ("square", "circle")),
@@ -143,6 +146,13 @@ def test_our_sampler_gives_the_stock_pipelines_images(profile, tmp_path):
                      max_sequence_length=config.models.max_sequence_length, output_type="np").images[0]
         ours = np.asarray(Image.open(row.image_uri)).astype(np.float32) / 255
         assert np.abs(ours - stock).max() <= 1 / 255 + 1e-6, (profile, row.prompt)
+    # Sharded over two workers, every image is the unsharded one, byte for byte.
+    sharded = str(tmp_path / "sharded")
+    for shard in ((0, 2), (1, 2)):
+        sample(config.sample, config.models, model_dir, sharded, prompts, shard=shard)
+    merged = pd.read_parquet(merge_shards(sharded, 2))
+    images = [Path(uri).read_bytes() for uri in rows["image_uri"]]
+    assert [Path(uri).read_bytes() for uri in merged["image_uri"]] == images
 
 
 def test_flow_matching_noise_levels_follow_each_family():

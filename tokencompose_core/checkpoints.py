@@ -6,7 +6,8 @@ Layout of ``<root>/train/<run>`` (see tokencompose_core.train)::
     unet/                        final U-Net (EMA weights when EMA is on), safetensors
     transformer/                 instead of unet/ for an MMDiT model (SD 3.5, FLUX)
     lora/                        instead of either when train.lora.rank > 0: the adapter (tokencompose_core.lora)
-    checkpoints/checkpoint-<N>/  unet/ (or transformer/ or lora/), optimizer.pt, lr_scheduler.pt, ema.pt, rng-<rank>.pt, state.json,
+    checkpoints/checkpoint-<N>/  unet/ (or transformer/ or lora/), optimizer.pt, lr_scheduler.pt, ema.pt,
+                                 rng-<rank>.pt, state.json,
                                  _manifest.json (sizes and sha256 of the others, written last)
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a
