@@ -138,7 +138,7 @@ def test_segmentation_miou_perfect_maps_give_full_score(monkeypatch: pytest.Monk
         def remove(self) -> None: ...
 
     class Parts:
-        unet, sample_size, vae_scale_factor = None, side, 1
+        unet, denoiser, is_mmdit, sample_size, vae_scale_factor = None, None, False, side, 1
 
     import tokencompose_core.attention as attention
     import tokencompose_core.mask_cache as mask_cache

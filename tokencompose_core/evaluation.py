@@ -302,8 +302,8 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
     side = sample.resolution or parts.sample_size
     groups, supervised = _scored_groups(parts, grounding, side)
     cache = MaskCache(cache_uri)
-    mmdit = {"text_only": grounding.text_keys_only} if hasattr(parts, "transformer") else {}
-    capture = AttentionCapture(_denoiser(parts), groups, **mmdit)
+    mmdit = {"text_only": grounding.text_keys_only} if parts.is_mmdit else {}
+    capture = AttentionCapture(parts.denoiser, groups, **mmdit)
     ious: dict[str, list[np.ndarray]] = {name: [] for name in [*groups, "overall"]}
     fixed_k = int(np.argmin(np.abs(SWEEP_THRESHOLDS - score.segmentation_threshold)))
     per_image: dict[str, list[float]] = {}  # image id -> its nouns' IoU (overall maps, fixed threshold), percent
@@ -331,10 +331,6 @@ def segmentation_miou(score: ScoreConfig, sample: SampleConfig, grounding: Groun
             "timestep": score.segmentation_timestep, "overlays": overlays, "per_image": per_image}
 
 
-def _denoiser(parts: Any) -> torch.nn.Module:
-    return parts.transformer if hasattr(parts, "transformer") else parts.unet
-
-
 def _scored_groups(parts: Any, grounding: GroundingLayersConfig, side: int) -> tuple[dict[str, list[str]], list[str]]:
     """The attention groups scored, and those whose average is the overall map (the supervised ones).
 
@@ -344,7 +340,7 @@ def _scored_groups(parts: Any, grounding: GroundingLayersConfig, side: int) -> t
     """
     from tokencompose_core.attention import mmdit_blocks, mmdit_groups, supervised_groups
 
-    if hasattr(parts, "transformer"):
+    if parts.is_mmdit:
         groups = mmdit_groups(parts.transformer, mmdit_blocks(parts.transformer))
         return groups, list(grounding.blocks) or list(groups)
     groups = supervised_groups(parts.unet, list(grounding.layers), side // parts.vae_scale_factor)
@@ -360,26 +356,24 @@ def _denoise_once(parts: Any, pixels: torch.Tensor, seed: int, timestep: int, te
     An MMDiT's noise level is timestep / 1000 on the flow-matching path, the level the
     transformer's timestep embedding reads as ``timestep``."""
     device, dtype = pixels.device, pixels.dtype
-    if not hasattr(parts, "transformer"):
+    if not parts.is_mmdit:
         # An fp32 VAE (SDXL's under fp16) hands back fp32 latents: the U-Net takes its own dtype.
         noisy = _noised_inputs(parts, pixels, [seed], timestep).to(dtype)
         t = torch.full((1,), timestep, dtype=torch.long, device=device)
         parts.unet(noisy, t, **unet_kwargs(text, square_time_ids(side, 1)))
         return
-    from tokencompose_core.flow_matching import predict_velocity
+    from tokencompose_core.flow_matching import encode_latents, noised, predict_velocity
 
-    latent = parts.vae.encode(pixels.to(parts.vae.dtype)).latent_dist.mean.float()
-    x0 = (latent - parts.shift_factor) * parts.scaling_factor
+    x0 = encode_latents(parts, pixels, None)
     noise = torch.randn(x0.shape[1:], generator=torch.Generator("cpu").manual_seed(seed)).to(device)
-    level = timestep / 1000
-    noisy = (1.0 - level) * x0 + level * noise[None]
-    predict_velocity(parts, parts.transformer, noisy, torch.full((1,), level, device=device), text, guidance)
+    level = torch.full((1,), timestep / 1000, device=device)
+    predict_velocity(parts, parts.transformer, noised(x0, noise[None], level), level, text, guidance)
 
 
 def _image_attention(parts: Any, capture: Any, item: Any, side: int, timestep: int, device: torch.device,
                      supervised: list[str], guidance: float) -> dict[str, torch.Tensor]:
     """Normalised per-noun maps (N, side, side) per group, and ``overall``: the supervised groups' average."""
-    dtype = next(_denoiser(parts).parameters()).dtype
+    dtype = next(parts.denoiser.parameters()).dtype
     pixels = _pixels(item.image_uri, side)[None].to(device, dtype)
     text = encode_prompts(parts, [item.caption]).to(device, dtype)
     capture.clear()

@@ -42,11 +42,18 @@ class NoisedLatents:
 
 
 @torch.no_grad()
-def encode_latents(parts: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Pixels in [-1, 1] -> the latents the transformer denoises (fp32)."""
-    posterior = parts.vae.encode(pixels).latent_dist
-    latents = posterior.sample(generator=generator).float()
+def encode_latents(parts: Any, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the latents the transformer denoises (fp32): a draw from the VAE's
+    posterior with ``generator`` (training), its mean without one (scoring)."""
+    posterior = parts.vae.encode(pixels.to(parts.vae.dtype)).latent_dist
+    latents = (posterior.mean if generator is None else posterior.sample(generator=generator)).float()
     return (latents - parts.shift_factor) * parts.scaling_factor
+
+
+def noised(latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """x_s = (1 - s) x0 + s n, ``levels`` s broadcast over each latent."""
+    levels = levels.view(-1, *[1] * (latents.ndim - 1))
+    return (1.0 - levels) * latents + levels * noise
 
 
 def image_token_side(parts: Any, resolution: int) -> int:
@@ -89,10 +96,9 @@ def draw_noise(scheduler: Any, settings: FlowMatchingConfig, latents: torch.Tens
         generator=generator,
     )
     sigmas = training_sigmas(scheduler, draws, tuple(latents.shape[-2:])).to(latents.device)
-    levels = sigmas.view(size, 1, 1, 1)
-    weighting = compute_loss_weighting_for_sd3(settings.weighting_scheme, levels).float()
-    return NoisedLatents(noisy=(1.0 - levels) * latents + levels * noise, target=noise - latents,
-                         sigmas=sigmas, weighting=weighting)
+    weighting = compute_loss_weighting_for_sd3(settings.weighting_scheme, sigmas.view(size, 1, 1, 1)).float()
+    return NoisedLatents(noisy=noised(latents, noise, sigmas), target=noise - latents, sigmas=sigmas,
+                         weighting=weighting)
 
 
 def predict_velocity(parts: Any, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor,

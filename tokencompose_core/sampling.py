@@ -218,14 +218,14 @@ def load_parts(model_dir: str, unet_dir: str | None, device: torch.device, dtype
         if is_mmdit(model_dir):
             parts = load_mmdit(model_dir, transformer_dir=weights, device=device, dtype=dtype,
                                max_sequence_length=models.max_sequence_length)
-            denoiser, encoders = parts.transformer, list(parts.text_encoders.values())
+            encoders = list(parts.text_encoders.values())
         else:
             parts = load_diffusion(model_dir, unet_dir=weights, device=device, dtype=dtype,
                                    vae_dir=resolve_vae_dir(models))
-            denoiser, encoders = parts.unet, [parts.text_encoder, parts.text_encoder_2]
+            encoders = [parts.text_encoder, parts.text_encoder_2]
         if adapter:
-            lora.merge_lora(denoiser, adapter)
-    for module in (denoiser, parts.vae, *encoders):
+            lora.merge_lora(parts.denoiser, adapter)
+    for module in (parts.denoiser, parts.vae, *encoders):
         if module is not None:
             module.eval()
     return parts
@@ -252,7 +252,7 @@ class SampleItem:
 def encode_prompts(parts: Any, texts: list[str]) -> TextEmbeddings:
     """Text embeddings of ``texts`` (SDXL: both encoders' and the pooled one), padded to 77 tokens;
     an MMDiT's: its pipeline's own prompt encoding."""
-    if hasattr(parts, "transformer"):
+    if parts.is_mmdit:
         return encode_mmdit(parts, texts)
     return encode_text(parts.text_encoders, texts)
 
@@ -479,7 +479,7 @@ def _padded_batches(items: list[SampleItem], size: int) -> Iterator[tuple[list[S
 def generate_images(parts: Any, cfg: SampleConfig, items: list[SampleItem], device: torch.device,
                     checker: SafetyChecker | None = None) -> float:
     """Sample ``items`` in batches, writing each PNG as soon as its batch is done."""
-    if hasattr(parts, "transformer"):
+    if parts.is_mmdit:
         return generate_mmdit_images(parts, cfg, items, device)
     resolution = cfg.resolution or parts.sample_size
     side = resolution // parts.vae_scale_factor

@@ -50,7 +50,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -155,10 +155,10 @@ class _Model:
     caption_dropout: float
     weight_dtype: torch.dtype
     normalize_by_layers: bool = False  # train.grounding.normalize_by_layers
-    # An MMDiT model (SD 3.5, FLUX) trains by flow matching (tokencompose_core.flow_matching):
-    # its loaded parts and train.flow_matching. None: a U-Net with noise_scheduler's objective.
-    flow: FlowMatchingConfig | None = None
+    # An MMDiT model's loaded parts (SD 3.5, FLUX): it trains by flow matching with ``flow``
+    # (tokencompose_core.flow_matching). None: a U-Net with noise_scheduler's objective.
     mmdit: Any = None
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
 
 
 def _targets(model: _Model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
     pixel_dtype = model.vae.dtype if model.vae is not None else model.weight_dtype
     pixels = batch.pixel_values.to(device, dtype=pixel_dtype, non_blocking=True)
     with torch.no_grad():
-        if model.flow is not None:
+        if model.mmdit is not None:
             latents = encode_latents(model.mmdit, pixels, generator)
         elif model.vae is None:
             latents = pixels.float()
@@ -186,7 +186,7 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
             posterior = model.vae.encode(pixels).latent_dist
             latents = posterior.sample(generator=generator).float() * model.latent_scaling
     size = latents.shape[0]
-    if model.flow is None:
+    if model.mmdit is None:
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
     else:
@@ -200,7 +200,7 @@ def step_losses(model: _Model, batch, generator: torch.Generator, device: torch.
         model.capture.clear()
         # Only the nouns' columns are captured; positions now index those columns.
         positions = model.capture.capture_tokens(positions.to(device))
-    if model.flow is None:
+    if model.mmdit is None:
         timesteps = timesteps.to(device)
         noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
         # SDXL's size conditioning: the data path's crop when it recorded one, else an uncropped R x R.
@@ -406,7 +406,7 @@ def _train(cfg: TrainConfig, models: ModelsConfig, cache_uri: str, output_uri: s
         group_weights=dict(cfg.grounding.group_weights), token_weight=cfg.token_loss_weight,
         pixel_weight=cfg.pixel_loss_weight, caption_dropout=cfg.caption_dropout, weight_dtype=weight_dtype,
         normalize_by_layers=cfg.grounding.normalize_by_layers,
-        flow=cfg.flow_matching if loaded.mmdit is not None else None, mmdit=loaded.mmdit,
+        mmdit=loaded.mmdit, flow=cfg.flow_matching,
     )
     metrics = MetricsLog(storage.join(output_uri, "metrics.jsonl"), global_step) if accelerator.is_main_process else None
     resumed_at = global_step

@@ -84,6 +84,13 @@ class DiffusionParts:
     # ``scheduler`` above is always DDPM, the training noise schedule.
     stock_scheduler: str | None = None
 
+    # What every stage asks of a loaded model, whichever family (MMDiTParts answers too).
+    is_mmdit = False
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
     @property
     def text_encoders(self) -> list[tuple[nn.Module, CLIPTokenizer]]:
         """(encoder, tokenizer) pairs in the order their hidden states are concatenated."""

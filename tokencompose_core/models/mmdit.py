@@ -141,6 +141,13 @@ class MMDiTParts:
     max_sequence_length: int  # T5 tokens
     text_layout: tuple[TextSegment, ...]
 
+    # What every stage asks of a loaded model, whichever family (DiffusionParts answers too).
+    is_mmdit = True
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
     @property
     def encoder_tokenizers(self) -> dict[str, Any]:
         """Tokenizer of each encoder of :attr:`text_layout` ("clip", "t5")."""
